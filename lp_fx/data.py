@@ -1,0 +1,215 @@
+"""Readers for the evaluation sets under the shared data directory (see its SOURCES.md).
+
+Every multiple-choice task becomes a list of :class:`MCItem`: one ``(context, continuation)``
+request per choice and the gold index. The prompt formats follow lm-evaluation-harness
+(``Question: …\\nAnswer:`` for ARC and PIQA, the partial scoring of WinoGrande, and so on), so
+numbers are comparable in spirit with published zero-shot results. The data is read in place and
+never copied.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+WIKITEXT_RAW = "wikitext-2-raw/wiki.test.raw"
+
+
+class DataError(FileNotFoundError):
+    """A data directory or file is missing; the message names the path and what was expected."""
+
+
+@dataclass(frozen=True)
+class MCItem:
+    """One multiple-choice question: a ``(context, continuation)`` request per choice."""
+
+    requests: tuple[tuple[str, str], ...]
+    gold: int
+
+
+@dataclass(frozen=True)
+class LambadaItem:
+    """A passage whose last word (``target``, with its leading space) must be predicted."""
+
+    context: str
+    target: str
+
+
+def default_data_dir() -> Path | None:
+    """``../shared/data`` next to the repository or the working directory, if it exists."""
+    repo_root = Path(__file__).resolve().parent.parent
+    for base in (repo_root, Path.cwd()):
+        candidate = (base / ".." / "shared" / "data").resolve()
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def resolve_data_dir(data_dir: str | Path | None) -> Path:
+    """The data directory to read: the one given, else the default; errors name what was tried."""
+    if data_dir is None:
+        found = default_data_dir()
+        if found is None:
+            raise DataError(
+                "no data directory given and none found at ../shared/data (relative to the "
+                "repository or the working directory); pass --data-dir DIR, a directory holding "
+                f"{WIKITEXT_RAW}, arc_easy/, hellaswag/, … as described in its SOURCES.md"
+            )
+        return found
+    path = Path(data_dir)
+    if not path.is_dir():
+        raise DataError(
+            f"data directory {path} does not exist; expected a directory holding {WIKITEXT_RAW}, "
+            "arc_easy/, hellaswag/, … as described in its SOURCES.md"
+        )
+    return path
+
+
+def _require(data_dir: Path, relative: str, expected: str) -> Path:
+    path = data_dir / relative
+    if not path.is_file():
+        raise DataError(f"missing data file {path}; expected {expected}")
+    return path
+
+
+def _jsonl(path: Path) -> Iterator[dict]:
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                yield json.loads(line)
+
+
+def load_wikitext(data_dir: Path) -> str:
+    """The WikiText-2 raw test text with CRLF turned into LF."""
+    path = _require(data_dir, WIKITEXT_RAW, "the raw WikiText-2 test text")
+    return path.read_text(encoding="utf-8").replace("\r\n", "\n")
+
+
+def _qa_prompt(question: str) -> str:
+    return f"Question: {question}\nAnswer:"
+
+
+def _answer_keys(path: Path) -> dict[str, str]:
+    return {row["id"]: row["answerKey"] for row in _jsonl(path)}
+
+
+def load_arc_easy(data_dir: Path) -> list[MCItem]:
+    """ARC-Easy test; answer keys from the AI2 key file, the per-choice ``para`` is ignored."""
+    questions = _require(data_dir, "arc_easy/test.jsonl", "ARC-Easy test in the AI2 layout")
+    keys = _answer_keys(
+        _require(data_dir, "arc_easy/question-answers.jsonl", "AI2 ARC-Easy answer keys")
+    )
+    items = []
+    for row in _jsonl(questions):
+        choices = row["question"]["choices"]
+        labels = [choice["label"] for choice in choices]
+        prompt = _qa_prompt(row["question"]["stem"])
+        items.append(
+            MCItem(
+                tuple((prompt, " " + choice["text"]) for choice in choices),
+                labels.index(keys[row["id"]]),
+            )
+        )
+    return items
+
+
+def load_arc_challenge(data_dir: Path) -> list[MCItem]:
+    """ARC-Challenge test with the answer letter inline."""
+    path = _require(
+        data_dir, "arc_challenge/arc_challenge_test.jsonl", "ARC-Challenge test with options"
+    )
+    items = []
+    for row in _jsonl(path):
+        labels = [option["label"] for option in row["options"]]
+        prompt = _qa_prompt(row["question"])
+        items.append(
+            MCItem(
+                tuple((prompt, " " + option["text"]) for option in row["options"]),
+                labels.index(row["answer"]),
+            )
+        )
+    return items
+
+
+def load_piqa(data_dir: Path) -> list[MCItem]:
+    """PIQA validation: goal, two solutions, labels from the separate label file."""
+    rows = list(_jsonl(_require(data_dir, "piqa/valid.jsonl", "PIQA validation questions")))
+    labels_path = _require(data_dir, "piqa/valid-labels.lst", "one 0/1 label per PIQA line")
+    labels = [int(line) for line in labels_path.read_text().split()]
+    if len(labels) != len(rows):
+        raise DataError(f"{labels_path} has {len(labels)} labels for {len(rows)} questions")
+    return [
+        MCItem(tuple((_qa_prompt(row["goal"]), " " + row[key]) for key in ("sol1", "sol2")), label)
+        for row, label in zip(rows, labels)
+    ]
+
+
+def load_hellaswag(data_dir: Path) -> list[MCItem]:
+    """HellaSwag validation in the 6-lines-per-item text layout."""
+    path = _require(
+        data_dir, "hellaswag/hellaswag_val_full.txt", "6 lines per item: context, gold, 4 endings"
+    )
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if len(lines) % 6:
+        raise DataError(f"{path} has {len(lines)} lines, expected a multiple of 6")
+    return [
+        MCItem(
+            tuple((lines[start], " " + ending) for ending in lines[start + 2 : start + 6]),
+            int(lines[start + 1]),
+        )
+        for start in range(0, len(lines), 6)
+    ]
+
+
+def load_winogrande(data_dir: Path) -> list[MCItem]:
+    """WinoGrande dev with partial scoring: the contexts differ, the continuation is shared."""
+    path = _require(
+        data_dir, "winogrande/winogrande.jsonl", "context_options/continuation/gold rows"
+    )
+    return [
+        MCItem(
+            tuple((context, " " + row["continuation"]) for context in row["context_options"]),
+            row["gold"],
+        )
+        for row in _jsonl(path)
+    ]
+
+
+def load_boolq(data_dir: Path) -> list[MCItem]:
+    """BoolQ validation: ``Passage: …\\nQuestion: …?`` then ``\\nAnswer:`` and no/yes."""
+    path = _require(data_dir, "boolq/boolq.jsonl", "query/choices/gold rows")
+    return [
+        MCItem(
+            tuple((row["query"] + "\nAnswer:", " " + choice) for choice in row["choices"]),
+            row["gold"],
+        )
+        for row in _jsonl(path)
+    ]
+
+
+def load_lambada(data_dir: Path) -> list[LambadaItem]:
+    """LAMBADA (OpenAI detokenized): the passage and its final word."""
+    path = _require(data_dir, "lambada/lambada_openai.jsonl", "context/continuation rows")
+    return [LambadaItem(row["context"], " " + row["continuation"]) for row in _jsonl(path)]
+
+
+MC_TASKS: dict[str, Callable[[Path], list[MCItem]]] = {
+    "arc_easy": load_arc_easy,
+    "arc_challenge": load_arc_challenge,
+    "piqa": load_piqa,
+    "hellaswag": load_hellaswag,
+    "winogrande": load_winogrande,
+    "boolq": load_boolq,
+}
+ALL_TASKS: tuple[str, ...] = (*MC_TASKS, "lambada")
+
+
+def subset(items: list, limit: int | None, seed: int) -> list:
+    """A fixed-seed random subset of ``limit`` items in their original order (all if no limit)."""
+    if limit is None or limit >= len(items):
+        return items
+    chosen = sorted(random.Random(seed).sample(range(len(items)), limit))
+    return [items[index] for index in chosen]

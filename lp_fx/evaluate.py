@@ -1,0 +1,418 @@
+"""Accuracy cost of pairing: perplexity, zero-shot multiple choice, LAMBADA, retention.
+
+Every metric takes a ``LogitsFn`` (token ids ``(B, T)`` → logits ``(B, T, V)``), so the same code
+measures a plain model, a hand-written reference, or the model compiled with the
+``layer_parallel`` backend (:func:`compile_pairing`), which is what is served.
+
+Shapes are kept to a few fixed sizes (perplexity windows of exactly ``window`` tokens; requests
+right-padded to power-of-two length buckets and a fixed batch size) so that Dynamo compiles a
+handful of graphs rather than one per example. Right padding is exact for a causal model: no
+position attends to the padding after it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from lp_fx import data
+
+log = logging.getLogger(__name__)
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+Pair = tuple[int, int]
+
+MIN_BUCKET = 32
+
+
+# --------------------------------------------------------------------------- pairings and compile
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """A named set of layer pairs to evaluate; no pairs is the baseline."""
+
+    name: str
+    pairs: tuple[Pair, ...] = ()
+    modes: tuple[str, ...] | None = None
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.pairs)
+
+    def to_json(self) -> dict:
+        out: dict = {"name": self.name, "pairs": [list(pair) for pair in self.pairs]}
+        if self.modes is not None:
+            out["modes"] = list(self.modes)
+        return out
+
+
+BASELINE = Pairing("baseline")
+
+
+def contiguous_pairs(start: int, end: int) -> tuple[Pair, ...]:
+    """Pairs ``(start, start+1), (start+2, start+3), …`` covering layers ``start..end-1``."""
+    if (end - start) % 2 or end <= start or start < 0:
+        raise ValueError(f"range {start}:{end} must be non-empty with an even length Δ = end - start")
+    return tuple((layer, layer + 1) for layer in range(start, end, 2))
+
+
+def compile_pairing(
+    model: torch.nn.Module, pairing: Pairing, mode: str = "lp", inner: str = "eager"
+) -> LogitsFn:
+    """``model`` through ``torch.compile`` with the layer_parallel backend for ``pairing``.
+
+    Dynamo's caches are reset first, so that each pairing gets fresh graphs. The first call checks
+    the backend's reports and raises if a requested pair was not rewritten: a silently unpaired
+    model would be measured as the baseline.
+    """
+    from lp_fx import LayerParallel
+
+    torch._dynamo.reset()
+    options: dict = {"pairs": [list(pair) for pair in pairing.pairs], "mode": mode, "inner": inner}
+    if pairing.modes is not None:
+        options["modes"] = list(pairing.modes)
+    backend = LayerParallel(**options)
+    compiled = torch.compile(model, backend=backend)
+    checked = False
+
+    def logits_fn(input_ids: torch.Tensor) -> torch.Tensor:
+        nonlocal checked
+        logits = compiled(input_ids=input_ids, use_cache=False).logits
+        if not checked:
+            _check_rewritten(backend, pairing)
+            checked = True
+        return logits
+
+    return logits_fn
+
+
+def _check_rewritten(backend: object, pairing: Pairing) -> None:
+    rewritten = {tuple(pair) for report in backend.reports for pair in report.pairs_rewritten}
+    missing = [pair for pair in pairing.pairs if tuple(pair) not in rewritten]
+    if missing:
+        raise RuntimeError(
+            f"pairing {pairing.name!r}: the backend did not rewrite {missing}; "
+            f"reports: {backend.reports}"
+        )
+
+
+def eager_logits(model: torch.nn.Module) -> LogitsFn:
+    """The plain model as a ``LogitsFn`` (no compile)."""
+    return lambda input_ids: model(input_ids=input_ids, use_cache=False).logits
+
+
+# --------------------------------------------------------------------------------------- perplexity
+
+
+def make_windows(token_ids: Sequence[int] | torch.Tensor, window: int) -> torch.Tensor:
+    """Non-overlapping windows ``(N, window)`` of the token stream; the remainder is dropped."""
+    ids = torch.as_tensor(token_ids, dtype=torch.long)
+    count = ids.numel() // window
+    if count == 0:
+        raise ValueError(f"{ids.numel()} tokens make no window of {window}")
+    return ids[: count * window].view(count, window)
+
+
+def split_windows(windows: torch.Tensor, split: str, count: int | None = None) -> torch.Tensor:
+    """The ``calib`` (first half), ``heldout`` (second half) or ``all`` windows.
+
+    With ``count``, ``count`` windows evenly spaced over that part (deterministic).
+    """
+    half = windows.shape[0] // 2
+    parts = {"all": windows, "calib": windows[:half], "heldout": windows[half:]}
+    if split not in parts:
+        raise ValueError(f"split {split!r}: expected one of {sorted(parts)}")
+    part = parts[split]
+    if count is None or count >= part.shape[0]:
+        return part
+    index = torch.linspace(0, part.shape[0] - 1, count).round().long()
+    return part[index]
+
+
+def wikitext_windows(
+    tokenizer: object, data_dir: Path, window: int = 512, split: str = "all", count: int | None = None
+) -> torch.Tensor:
+    """WikiText-2 raw test tokenized once, cut into windows, one part selected."""
+    ids = tokenizer.encode(data.load_wikitext(data_dir), add_special_tokens=False)
+    return split_windows(make_windows(ids, window), split, count)
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    ppl: float
+    nll: float
+    tokens: int
+    windows: int
+
+    def to_json(self) -> dict:
+        return {"ppl": self.ppl, "nll": self.nll, "tokens": self.tokens, "windows": self.windows}
+
+
+@torch.no_grad()
+def perplexity(
+    logits_fn: LogitsFn, windows: torch.Tensor, desc: str = "perplexity", progress: bool = True
+) -> Perplexity:
+    """exp(mean next-token NLL) over every window; each window predicts its last ``T - 1`` tokens."""
+    total = 0.0
+    for row in tqdm(windows, desc=desc, disable=not progress, leave=False):
+        ids = row.unsqueeze(0)
+        logits = logits_fn(ids).float()
+        total += torch.nn.functional.cross_entropy(
+            logits[0, :-1], ids[0, 1:], reduction="sum"
+        ).item()
+    tokens = windows.shape[0] * (windows.shape[1] - 1)
+    return Perplexity(math.exp(total / tokens), total, tokens, windows.shape[0])
+
+
+# ------------------------------------------------------------------------ log-likelihood requests
+
+
+@dataclass(frozen=True)
+class TokenRequest:
+    """Token ids of a context and of the continuation whose log-likelihood is scored."""
+
+    context: tuple[int, ...]
+    continuation: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Score:
+    loglikelihood: float
+    greedy: bool
+
+
+def encode_request(
+    tokenizer: object, context: str, continuation: str, max_length: int = 1024
+) -> TokenRequest:
+    """Tokenize as lm-evaluation-harness does: encode ``context + continuation`` whole and split.
+
+    Trailing spaces of the context move to the continuation; the context is cut from the left so
+    that the model input (all tokens but the last) fits ``max_length``.
+    """
+    stripped = context.rstrip(" ")
+    continuation = context[len(stripped) :] + continuation
+    whole = tokenizer.encode(stripped + continuation, add_special_tokens=False)
+    context_ids = tokenizer.encode(stripped, add_special_tokens=False)
+    cont_ids = whole[len(context_ids) :]
+    if not cont_ids:
+        raise ValueError(f"continuation {continuation!r} encodes to no tokens")
+    keep = max(max_length + 1 - len(cont_ids), 1)
+    return TokenRequest(tuple(whole[: len(context_ids)][-keep:]), tuple(cont_ids))
+
+
+def _bucket(length: int) -> int:
+    return max(MIN_BUCKET, 1 << (length - 1).bit_length())
+
+
+@torch.no_grad()
+def score_requests(
+    logits_fn: LogitsFn,
+    requests: Sequence[TokenRequest],
+    batch_size: int = 8,
+    pad_id: int = 0,
+    desc: str = "loglikelihood",
+    progress: bool = True,
+) -> list[Score]:
+    """Log-likelihood of each continuation given its context, and whether it is the greedy one.
+
+    Requests are sorted by length, batched and right-padded to a power-of-two bucket and to a full
+    batch, so the input shapes repeat.
+    """
+    order = sorted(range(len(requests)), key=lambda i: -_input_length(requests[i]))
+    scores: list[Score | None] = [None] * len(requests)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        batch_requests = [requests[i] for i in batch]
+        ids = _padded_batch(batch_requests, batch_size, pad_id)
+        logprobs = torch.log_softmax(logits_fn(ids).float(), dim=-1)
+        for row, (index, request) in enumerate(zip(batch, batch_requests)):
+            scores[index] = _score_row(logprobs[row], request)
+    return scores  # type: ignore[return-value]
+
+
+def _input_length(request: TokenRequest) -> int:
+    return len(request.context) + len(request.continuation) - 1
+
+
+def _padded_batch(requests: Sequence[TokenRequest], batch_size: int, pad_id: int) -> torch.Tensor:
+    length = _bucket(max(_input_length(request) for request in requests))
+    ids = torch.full((batch_size, length), pad_id, dtype=torch.long)
+    for row, request in enumerate(requests):
+        tokens = (request.context + request.continuation)[:-1]
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+    return ids
+
+
+def _score_row(logprobs: torch.Tensor, request: TokenRequest) -> Score:
+    end = _input_length(request)
+    start = end - len(request.continuation)
+    target = torch.tensor(request.continuation)
+    rows = logprobs[start:end]
+    loglikelihood = rows.gather(1, target.unsqueeze(1)).sum().item()
+    greedy = bool((rows.argmax(dim=-1) == target).all())
+    return Score(loglikelihood, greedy)
+
+
+# -------------------------------------------------------------------------------- task metrics
+
+
+def mc_metrics(items: Sequence[data.MCItem], scores: Sequence[Score]) -> dict:
+    """``acc`` (highest log-likelihood) and ``acc_norm`` (per character of the choice)."""
+    flat = iter(scores)
+    correct = correct_norm = 0
+    for item in items:
+        lls = [next(flat).loglikelihood for _ in item.requests]
+        lengths = [len(continuation.lstrip(" ")) or 1 for _, continuation in item.requests]
+        normed = [ll / length for ll, length in zip(lls, lengths)]
+        correct += _argmax(lls) == item.gold
+        correct_norm += _argmax(normed) == item.gold
+    n = len(items)
+    return {"acc": correct / n, "acc_norm": correct_norm / n, "n": n}
+
+
+def _argmax(values: Sequence[float]) -> int:
+    return max(range(len(values)), key=values.__getitem__)
+
+
+def lambada_metrics(scores: Sequence[Score]) -> dict:
+    """Last-word accuracy (every target token greedy) and perplexity of the target."""
+    n = len(scores)
+    return {
+        "acc": sum(score.greedy for score in scores) / n,
+        "ppl": math.exp(-sum(score.loglikelihood for score in scores) / n),
+        "n": n,
+    }
+
+
+@dataclass
+class EvalSpec:
+    """What to evaluate; the same spec gives the same numbers."""
+
+    data_dir: Path
+    tasks: tuple[str, ...] = data.ALL_TASKS
+    limit: int | None = None
+    seed: int = 1234
+    ppl_split: str = "all"
+    ppl_windows: int | None = None
+    window: int = 512
+    batch_size: int = 8
+    max_length: int = 1024
+
+
+@dataclass
+class PreparedEval:
+    """Everything tokenized once, reused for each pairing."""
+
+    windows: torch.Tensor | None
+    mc: dict[str, tuple[list[data.MCItem], list[TokenRequest]]] = field(default_factory=dict)
+    lambada: list[TokenRequest] | None = None
+    batch_size: int = 8
+    pad_id: int = 0
+
+    def sizes(self) -> dict[str, int]:
+        out = {task: len(items) for task, (items, _) in self.mc.items()}
+        if self.lambada is not None:
+            out["lambada"] = len(self.lambada)
+        if self.windows is not None:
+            out["wikitext"] = int(self.windows.shape[0])
+        return out
+
+
+def prepare(tokenizer: object, spec: EvalSpec) -> PreparedEval:
+    """Read and tokenize the data that ``spec`` asks for (``wikitext`` is perplexity)."""
+    unknown = set(spec.tasks) - {"wikitext", *data.ALL_TASKS}
+    if unknown:
+        raise ValueError(f"unknown tasks {sorted(unknown)}; expected some of wikitext, {', '.join(data.ALL_TASKS)}")
+    prepared = PreparedEval(windows=None, batch_size=spec.batch_size, pad_id=_pad_id(tokenizer))
+    if "wikitext" in spec.tasks:
+        prepared.windows = wikitext_windows(
+            tokenizer, spec.data_dir, spec.window, spec.ppl_split, spec.ppl_windows
+        )
+    for task, loader in data.MC_TASKS.items():
+        if task in spec.tasks:
+            items = data.subset(loader(spec.data_dir), spec.limit, spec.seed)
+            requests = _encode_all(tokenizer, _flatten(items), spec.max_length)
+            prepared.mc[task] = (items, requests)
+    if "lambada" in spec.tasks:
+        items = data.subset(data.load_lambada(spec.data_dir), spec.limit, spec.seed)
+        pairs = [(item.context, item.target) for item in items]
+        prepared.lambada = _encode_all(tokenizer, pairs, spec.max_length)
+    return prepared
+
+
+def _flatten(items: Iterable[data.MCItem]) -> list[tuple[str, str]]:
+    return [request for item in items for request in item.requests]
+
+
+def _encode_all(
+    tokenizer: object, pairs: Sequence[tuple[str, str]], max_length: int
+) -> list[TokenRequest]:
+    return [encode_request(tokenizer, context, cont, max_length) for context, cont in pairs]
+
+
+def _pad_id(tokenizer: object) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return 0 if pad is None else int(pad)
+
+
+def run_eval(logits_fn: LogitsFn, prepared: PreparedEval, progress: bool = True) -> dict:
+    """Every prepared metric for one model: ``{"wikitext": {...}, "arc_easy": {...}, …}``."""
+    results: dict = {}
+    if prepared.windows is not None:
+        results["wikitext"] = perplexity(logits_fn, prepared.windows, "wikitext", progress).to_json()
+    for task, (items, requests) in prepared.mc.items():
+        scores = score_requests(
+            logits_fn, requests, prepared.batch_size, prepared.pad_id, task, progress
+        )
+        results[task] = mc_metrics(items, scores)
+    if prepared.lambada is not None:
+        scores = score_requests(
+            logits_fn, prepared.lambada, prepared.batch_size, prepared.pad_id, "lambada", progress
+        )
+        results["lambada"] = lambada_metrics(scores)
+    log.info("results: %s", results)
+    return results
+
+
+# ---------------------------------------------------------------------------------- retention
+
+HIGHER_IS_BETTER = {"acc", "acc_norm"}
+
+
+def metric_values(results: dict) -> dict[tuple[str, str], float]:
+    """``{(task, metric): value}`` for every reported metric (sizes left out)."""
+    return {
+        (task, metric): float(value)
+        for task, metrics in results.items()
+        for metric, value in metrics.items()
+        if metric in HIGHER_IS_BETTER or metric == "ppl"
+    }
+
+
+def retention(results: dict, baseline: dict) -> dict:
+    """Per-metric ratio ``LP / baseline`` and the mean over the accuracy metrics.
+
+    For perplexity the ratio is reported as is (above 1 is worse); the mean ``acc`` retention
+    averages the tasks' ``acc``, as DESIGN.md §5 asks.
+    """
+    ours, base = metric_values(results), metric_values(baseline)
+    ratios = {
+        f"{task}/{metric}": value / base[(task, metric)]
+        for (task, metric), value in ours.items()
+        if base.get((task, metric))
+    }
+    accs = [value for key, value in ratios.items() if key.endswith("/acc")]
+    norms = [value for key, value in ratios.items() if key.endswith("/acc_norm")]
+    summary = {"per_metric": ratios}
+    if accs:
+        summary["mean_acc"] = sum(accs) / len(accs)
+    if norms:
+        summary["mean_acc_norm"] = sum(norms) / len(norms)
+    return summary

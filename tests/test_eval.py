@@ -1,0 +1,160 @@
+"""Metric code on tiny random models: perplexity, log-likelihood scoring, accuracy, data errors."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lp_fx import data, evaluate
+from tiny_models import CharTokenizer, tiny_llama
+
+SHARED_DATA = data.default_data_dir()
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return tiny_llama()
+
+
+def _reference_perplexity(model: torch.nn.Module, windows: torch.Tensor) -> float:
+    """An independent plain-PyTorch loop: log-softmax, gather, mean, exp."""
+    nlls = []
+    with torch.no_grad():
+        for window in windows:
+            logits = model(window[None]).logits[0]
+            logprobs = torch.log_softmax(logits.double(), dim=-1)[:-1]
+            nlls.append(-logprobs.gather(1, window[1:, None]).squeeze(1))
+    return math.exp(torch.cat(nlls).mean().item())
+
+
+def test_perplexity_matches_plain_loop(model: torch.nn.Module) -> None:
+    torch.manual_seed(1)
+    windows = evaluate.make_windows(torch.randint(0, 97, (5 * 64 + 17,)), 64)
+    assert windows.shape == (5, 64)
+    result = evaluate.perplexity(evaluate.eager_logits(model), windows, progress=False)
+    assert result.tokens == 5 * 63 and result.windows == 5
+    assert result.ppl == pytest.approx(_reference_perplexity(model, windows), rel=1e-5)
+
+
+def test_split_windows_halves_and_even_spacing() -> None:
+    windows = torch.arange(10 * 4).view(10, 4)
+    calib = evaluate.split_windows(windows, "calib")
+    heldout = evaluate.split_windows(windows, "heldout")
+    assert torch.equal(torch.cat([calib, heldout]), windows)
+    picked = evaluate.split_windows(windows, "heldout", 3)
+    assert picked[:, 0].tolist() == [20, 28, 36]
+    with pytest.raises(ValueError, match="calib"):
+        evaluate.split_windows(windows, "train")
+
+
+def test_encode_request_moves_trailing_space_and_truncates_left() -> None:
+    tok = CharTokenizer()
+    request = evaluate.encode_request(tok, "Answer: ", "yes")
+    assert request.context == tuple(tok.encode("Answer:"))
+    assert request.continuation == tuple(tok.encode(" yes"))
+    short = evaluate.encode_request(tok, "abcdefgh", " xy", max_length=4)
+    assert short.context == tuple(tok.encode("gh")) and len(short.continuation) == 3
+
+
+def _unpadded_score(model: torch.nn.Module, request: evaluate.TokenRequest) -> evaluate.Score:
+    tokens = torch.tensor(request.context + request.continuation)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(tokens[None, :-1]).logits[0], dim=-1)
+    n = len(request.continuation)
+    rows, target = logprobs[-n:], tokens[-n:]
+    return evaluate.Score(
+        rows.gather(1, target[:, None]).sum().item(), bool((rows.argmax(-1) == target).all())
+    )
+
+
+def test_scores_match_unpadded_single_requests(model: torch.nn.Module) -> None:
+    tok = CharTokenizer()
+    texts = [("The cat sat", " on the mat"), ("Q: 2+2?\nA:", " 4"), ("x" * 40, " yz"), ("ab", " c")]
+    requests = [evaluate.encode_request(tok, c, x) for c, x in texts]
+    scores = evaluate.score_requests(
+        evaluate.eager_logits(model), requests, batch_size=3, progress=False
+    )
+    for request, score in zip(requests, scores):
+        expected = _unpadded_score(model, request)
+        assert score.loglikelihood == pytest.approx(expected.loglikelihood, abs=1e-4)
+        assert score.greedy == expected.greedy
+
+
+def test_mc_metrics_acc_and_acc_norm() -> None:
+    items = [
+        data.MCItem((("q", " a"), ("q", " bbbb")), gold=1),
+        data.MCItem((("q", " a"), ("q", " b")), gold=0),
+    ]
+    scores = [evaluate.Score(ll, False) for ll in (-1.0, -2.0, -3.0, -1.0)]
+    # item 1: acc picks 0 (wrong); per character -1 vs -0.5 picks 1 (right). item 2: both wrong.
+    assert evaluate.mc_metrics(items, scores) == {"acc": 0.0, "acc_norm": 0.5, "n": 2}
+
+
+def test_lambada_metrics() -> None:
+    scores = [evaluate.Score(-1.0, True), evaluate.Score(-3.0, False)]
+    metrics = evaluate.lambada_metrics(scores)
+    assert metrics["acc"] == 0.5 and metrics["ppl"] == pytest.approx(math.exp(2.0))
+
+
+def test_retention_ratios_and_means() -> None:
+    base = {"wikitext": {"ppl": 10.0}, "piqa": {"acc": 0.5, "acc_norm": 0.6, "n": 9}}
+    ours = {"wikitext": {"ppl": 12.0}, "piqa": {"acc": 0.4, "acc_norm": 0.6, "n": 9}}
+    summary = evaluate.retention(ours, base)
+    assert summary["per_metric"] == pytest.approx(
+        {"wikitext/ppl": 1.2, "piqa/acc": 0.8, "piqa/acc_norm": 1.0}
+    )
+    assert summary["mean_acc"] == pytest.approx(0.8)
+
+
+def test_contiguous_pairs() -> None:
+    assert evaluate.contiguous_pairs(14, 18) == ((14, 15), (16, 17))
+    with pytest.raises(ValueError, match="even"):
+        evaluate.contiguous_pairs(14, 17)
+
+
+def test_subset_is_fixed_by_seed() -> None:
+    items = list(range(100))
+    assert data.subset(items, 10, seed=3) == data.subset(items, 10, seed=3)
+    assert data.subset(items, 10, seed=3) != data.subset(items, 10, seed=4)
+    assert data.subset(items, None, seed=3) is items
+
+
+def test_missing_data_dir_names_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(data.DataError, match=str(missing)) as info:
+        data.resolve_data_dir(missing)
+    assert "wiki.test.raw" in str(info.value)
+
+
+def test_missing_data_file_names_path_and_format(tmp_path: Path) -> None:
+    with pytest.raises(data.DataError) as info:
+        data.load_piqa(tmp_path)
+    message = str(info.value)
+    assert str(tmp_path / "piqa" / "valid.jsonl") in message and "PIQA" in message
+
+
+def test_prepare_and_run_eval_end_to_end(tmp_path: Path, model: torch.nn.Module) -> None:
+    (tmp_path / "wikitext-2-raw").mkdir()
+    (tmp_path / "wikitext-2-raw" / "wiki.test.raw").write_text("hello world. " * 60)
+    (tmp_path / "winogrande").mkdir()
+    (tmp_path / "winogrande" / "winogrande.jsonl").write_text(
+        '{"context_options": ["A so A", "A so B"], "continuation": "won.", "gold": 1}\n' * 3
+    )
+    spec = evaluate.EvalSpec(tmp_path, tasks=("wikitext", "winogrande"), window=64)
+    prepared = evaluate.prepare(CharTokenizer(), spec)
+    assert prepared.sizes() == {"winogrande": 3, "wikitext": 12}
+    results = evaluate.run_eval(evaluate.eager_logits(model), prepared, progress=False)
+    again = evaluate.run_eval(evaluate.eager_logits(model), prepared, progress=False)
+    assert results == again
+    assert results["winogrande"]["n"] == 3 and results["wikitext"]["ppl"] > 1
+
+
+@pytest.mark.skipif(SHARED_DATA is None, reason="no ../shared/data")
+@pytest.mark.parametrize("task", data.MC_TASKS)
+def test_shared_data_readers(task: str) -> None:
+    items = data.MC_TASKS[task](SHARED_DATA)
+    assert len(items) > 1000
+    assert all(0 <= item.gold < len(item.requests) for item in items)
