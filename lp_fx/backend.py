@@ -1,0 +1,161 @@
+"""The ``layer_parallel`` torch.compile backend.
+
+``torch.compile(model, backend="layer_parallel", options={...})`` reaches :func:`layer_parallel`
+through the ``torch_dynamo_backends`` entry point (so this module must not register the name
+itself: torch would raise "duplicate name"). ``LayerParallel(**options)`` is the same backend as
+an object that keeps one :class:`GraphReport` per compiled graph.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import fx
+
+from .config import LayerParallelError, LPConfig, Pair, config_from_options
+from .find_layers import LayerStack, available_stacks, find_layers
+from .report import GraphReport, LayerInfo
+from .rewrite import pair_problem, rewrite_pairs
+
+logger = logging.getLogger("lp_fx")
+
+
+class LayerParallel:
+    """A configurable ``torch.compile`` backend; ``reports`` holds one report per graph."""
+
+    def __init__(self, options: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        self.config: LPConfig = config_from_options(options, **kwargs)
+        self.reports: list[GraphReport] = []
+        self._said: set[str] = set()
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable:
+        if kwargs.get("options") or kwargs.get("mode"):
+            raise LayerParallelError(
+                "this LayerParallel object already has its options; pass them to LayerParallel(...), "
+                "not to torch.compile"
+            )
+        report = GraphReport(graph=len(self.reports))
+        self.reports.append(report)
+        stack = find_layers(gm, self.config.stack)
+        if stack is None:
+            self._no_layers(gm, report)
+        else:
+            self._rewrite(gm, stack, report)
+        if self.config.mesh is not None:
+            from .placement import place
+
+            gm = place(gm, self.config, report, self._say)
+        logger.debug("%s", report.summary())
+        return compile_inner(gm, example_inputs, self.config.inner)
+
+    def _no_layers(self, gm: fx.GraphModule, report: GraphReport) -> None:
+        if not self.config.pairs:
+            return
+        if self.config.stack is not None:
+            found = available_stacks(gm)
+            msg = f"no layer stack {self.config.stack!r} in this graph; stacks found: {found or 'none'}"
+        else:
+            msg = "no decoder layers found in this graph (no module list of same-class children); compiled without pairing"
+        report.notes.append(msg)
+        self._say(msg)
+
+    def _rewrite(self, gm: fx.GraphModule, stack: LayerStack, report: GraphReport) -> None:
+        report.stack = stack.path
+        report.layers = [
+            LayerInfo(index=l.index, path=l.path, cls=l.cls, sub_blocks=len(l.blocks), note=l.problem)
+            for l in stack.layers.values()
+        ]
+        present = {i for i, layer in stack.layers.items() if layer.nodes}
+        complete = _holds_whole_stack(stack, present)
+        self._check_plan_matches(stack, complete)
+        todo: list[tuple[Pair, str]] = []
+        for pair in self.config.pairs:
+            mode = self.config.mode_of(pair)
+            reason = self._why_not(stack, pair, mode, present, complete)
+            if reason is None:
+                todo.append((pair, mode))
+            elif reason:
+                report.pairs_skipped.append((pair, reason))
+                self._say(f"pair {pair} not rewritten: {reason}")
+        rewrite_pairs(gm, stack, todo)
+        report.pairs_rewritten = todo
+
+    def _why_not(self, stack: LayerStack, pair: Pair, mode: str, present: set[int], complete: bool) -> str | None:
+        """None: rewrite it. "": not in this graph, nothing to say. Otherwise the reason to skip."""
+        i, j = pair
+        if i in present and j in present:
+            return pair_problem(stack.layers[i], stack.layers[j], mode)
+        if i in present or j in present:
+            here, missing = (i, j) if i in present else (j, i)
+            return f"split by a graph break: layer {here} is in this graph, layer {missing} is not"
+        if complete and j >= len(stack):
+            raise LayerParallelError(
+                f"pair {pair} is out of range: {stack.path} has {len(stack)} layers, valid indices 0..{len(stack) - 1}"
+            )
+        return ""
+
+    def _check_plan_matches(self, stack: LayerStack, complete: bool) -> None:
+        wanted = self.config.plan_num_layers
+        if complete and wanted is not None and wanted != len(stack):
+            raise LayerParallelError(
+                f"the plan was made for a model with {wanted} layers, but {stack.path} has {len(stack)}: "
+                "make a plan for this model with `lp-fx plan`"
+            )
+
+    def _say(self, msg: str) -> None:
+        """Raise with ``strict=True``; otherwise log the message once per backend object."""
+        if self.config.strict:
+            raise LayerParallelError(msg)
+        if msg not in self._said:
+            self._said.add(msg)
+            logger.warning("lp_fx: %s", msg)
+
+
+def _holds_whole_stack(stack: LayerStack, present: set[int]) -> bool:
+    """Whether the graph holds every layer of the stack, so an index past the end is an error.
+
+    True when layers 0..n-1 are all here and the last one's output feeds the rest of the model
+    (not only the graph's output, which a graph break right after the loop would cause).
+    """
+    if present != set(range(len(stack))):
+        return False
+    last = stack.layers[len(stack) - 1].output
+    return last is not None and any(u.op != "output" for u in last.users)
+
+
+def compile_inner(gm: fx.GraphModule, example_inputs: Sequence[Any], inner: str | Callable) -> Callable:
+    """Hand the (rewritten) graph to the inner compiler."""
+    if callable(inner):
+        return inner(gm, example_inputs)
+    if inner == "eager":
+        return gm.forward
+    if inner == "aot_eager":
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs)
+
+
+_BY_OPTIONS: dict[str, LayerParallel] = {}
+
+
+def layer_parallel(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None = None, mode: str | None = None
+) -> Callable:
+    """The backend behind ``backend="layer_parallel"``; ``torch.compile``'s ``mode=`` is the LP mode.
+
+    One :class:`LayerParallel` is kept per distinct set of options, so each message is logged
+    once however many graphs Dynamo compiles.
+    """
+    opts = dict(options or {})
+    if mode is not None:
+        if "mode" in opts:
+            raise LayerParallelError("'mode' given both to torch.compile and in options")
+        opts["mode"] = mode
+    key = repr(sorted(opts.items(), key=lambda kv: kv[0]))
+    if key not in _BY_OPTIONS:
+        _BY_OPTIONS[key] = LayerParallel(opts)
+    return _BY_OPTIONS[key](gm, example_inputs)

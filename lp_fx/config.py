@@ -1,0 +1,162 @@
+"""Backend options -> a validated :class:`LPConfig`.
+
+Every check here is about the options alone; what depends on the model (a pair past the last
+layer, a post-norm layer) is checked when a graph arrives, in the backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+MODES = ("lp", "block")
+INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+OPTION_NAMES = ("pairs", "start", "end", "plan", "mode", "inner", "stack", "strict", "mesh", "tp")
+
+Pair = tuple[int, int]
+
+
+class LayerParallelError(ValueError):
+    """Bad options, or (with ``strict=True``) a pairing that cannot be applied to a graph."""
+
+
+@dataclass(frozen=True)
+class LPConfig:
+    """What the user asked for, checked. ``pairs`` is sorted; empty means no rewrite."""
+
+    pairs: tuple[Pair, ...] = ()
+    mode: str = "lp"
+    inner: str | Callable = "inductor"
+    stack: str | None = None
+    strict: bool = False
+    mesh: Any = None
+    tp: bool = True
+    plan_num_layers: int | None = None
+    pair_modes: Mapping[Pair, str] = field(default_factory=dict)
+
+    def mode_of(self, pair: Pair) -> str:
+        """The mode for one pair: the plan's choice for it, else the global ``mode``."""
+        return self.pair_modes.get(pair, self.mode)
+
+
+def config_from_options(options: Mapping[str, Any] | None = None, **kwargs: Any) -> LPConfig:
+    """Validate backend options (a dict and/or keywords, same names) into an :class:`LPConfig`."""
+    opts = dict(options or {})
+    for key, value in kwargs.items():
+        if key in opts:
+            raise LayerParallelError(f"option {key!r} given twice (in options and as a keyword)")
+        opts[key] = value
+    unknown = sorted(set(opts) - set(OPTION_NAMES))
+    if unknown:
+        raise LayerParallelError(
+            f"unknown option(s) {', '.join(map(repr, unknown))}; valid options: {', '.join(OPTION_NAMES)}"
+        )
+    pairs, plan_num_layers, pair_modes = _pairs_from_options(opts)
+    return LPConfig(
+        pairs=pairs,
+        mode=_choice(opts.get("mode", "lp"), MODES, "mode"),
+        inner=_inner(opts.get("inner", "inductor")),
+        stack=_optional_str(opts.get("stack"), "stack"),
+        strict=_bool(opts.get("strict", False), "strict"),
+        mesh=opts.get("mesh"),
+        tp=_bool(opts.get("tp", True), "tp"),
+        plan_num_layers=plan_num_layers,
+        pair_modes=pair_modes,
+    )
+
+
+def _pairs_from_options(opts: dict) -> tuple[tuple[Pair, ...], int | None, dict[Pair, str]]:
+    given = [k for k in ("pairs", "start", "plan") if opts.get(k) is not None]
+    if "end" in opts and opts["end"] is not None and "start" not in given:
+        given.append("start")
+    if len(given) > 1:
+        raise LayerParallelError(
+            "give the layers to pair one way only: 'pairs', 'start'/'end', or 'plan' (got "
+            + ", ".join(given) + ")"
+        )
+    if "plan" in given:
+        return _pairs_from_plan(opts["plan"])
+    if "start" in given:
+        return pairs_from_range(opts.get("start"), opts.get("end")), None, {}
+    return validate_pairs(opts.get("pairs") or ()), None, {}
+
+
+def pairs_from_range(start: Any, end: Any) -> tuple[Pair, ...]:
+    """The paper's contiguous range: (start, start+1), (start+2, start+3), ... below ``end``."""
+    if not _is_int(start) or not _is_int(end):
+        raise LayerParallelError(f"'start' and 'end' must both be integers (got start={start!r}, end={end!r})")
+    if start < 0 or end <= start:
+        raise LayerParallelError(f"need 0 <= start < end (got start={start}, end={end})")
+    delta = end - start
+    if delta % 2:
+        raise LayerParallelError(
+            f"end - start = {delta} is odd: Δ must be even so that layers pair up "
+            f"(e.g. end={end - 1} or end={end + 1})"
+        )
+    return tuple((i, i + 1) for i in range(start, end, 2))
+
+
+def validate_pairs(pairs: Any) -> tuple[Pair, ...]:
+    """Check a list of ``(i, i + 1)`` pairs: consecutive, non-negative, no layer used twice."""
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
+        raise LayerParallelError(f"'pairs' must be a list of (i, i + 1) layer indices, got {pairs!r}")
+    checked: list[Pair] = []
+    for p in pairs:
+        if isinstance(p, (str, bytes)) or not isinstance(p, Sequence) or len(p) != 2 or not all(map(_is_int, p)):
+            raise LayerParallelError(f"each pair must be two layer indices (i, i + 1), got {p!r}")
+        a, b = int(p[0]), int(p[1])
+        if a < 0:
+            raise LayerParallelError(f"pair {(a, b)}: layer indices must be >= 0")
+        if b != a + 1:
+            raise LayerParallelError(
+                f"pair {(a, b)} is not two consecutive layers: valid pairs look like (i, i + 1), e.g. {(a, a + 1)}"
+            )
+        checked.append((a, b))
+    checked.sort()
+    for (a0, b0), (a1, b1) in zip(checked, checked[1:]):
+        if a1 <= b0:
+            raise LayerParallelError(f"pairs {(a0, b0)} and {(a1, b1)} overlap: each layer can be in one pair only")
+    return tuple(checked)
+
+
+def _pairs_from_plan(path: Any) -> tuple[tuple[Pair, ...], int | None, dict[Pair, str]]:
+    from .planner import load_plan
+
+    plan = load_plan(path)
+    pairs = validate_pairs(plan["pairs"])
+    modes = plan.get("modes") or []
+    if modes and len(modes) != len(plan["pairs"]):
+        raise LayerParallelError(f"plan {path}: 'modes' must have one entry per pair ({len(plan['pairs'])})")
+    pair_modes = {
+        (int(p[0]), int(p[1])): _choice(m, MODES, f"plan mode of pair {tuple(p)}") for p, m in zip(plan["pairs"], modes)
+    }
+    return pairs, plan.get("num_layers"), pair_modes
+
+
+def _inner(value: Any) -> str | Callable:
+    if callable(value):
+        return value
+    return _choice(value, INNER_COMPILERS, "inner")
+
+
+def _choice(value: Any, valid: Sequence[str], name: str) -> str:
+    if value not in valid:
+        raise LayerParallelError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, valid))}")
+    return value
+
+
+def _bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise LayerParallelError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _optional_str(value: Any, name: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise LayerParallelError(f"{name} must be a module path string such as 'model.layers', got {value!r}")
+    return value
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)

@@ -1,0 +1,254 @@
+"""Find the decoder layers in a Dynamo FX graph, and the residual stream through each.
+
+Nothing here knows a model class by name. Layers are the children of a module container
+(``ModuleList``/``ModuleDict``) as recorded in ``node.meta["nn_module_stack"]``; the residual
+stream through a layer is found by walking back from its output through ``add`` nodes to the
+tensor that entered the layer.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_CHILD = re.compile(r"^(?P<prefix>.+?)(?:\.(?P<attr>[A-Za-z0-9_]+)|\[['\"]?(?P<item>[^\]'\"]+)['\"]?\])$")
+_ROOT = re.compile(r"^L\[['\"][A-Za-z_][A-Za-z0-9_]*['\"]\]\.?")
+
+
+@dataclass
+class SubBlock:
+    """One residual update ``out = stream + sum(deltas)`` inside a layer."""
+
+    stream: fx.Node
+    add: fx.Node
+    deltas: list[fx.Node]
+
+
+@dataclass
+class Layer:
+    """One decoder layer as it appears in the graph."""
+
+    index: int
+    path: str
+    cls: str
+    nodes: set[fx.Node]
+    input: fx.Node | None = None
+    output: fx.Node | None = None
+    blocks: list[SubBlock] = field(default_factory=list)
+    problem: str | None = None
+
+    @property
+    def residual(self) -> bool:
+        """True when the stream passes through the layer as ``x + f1(x) + ...`` (pre-norm)."""
+        return bool(self.blocks)
+
+
+@dataclass
+class LayerStack:
+    """The decoder layers of one container, in the order the user indexes them."""
+
+    path: str
+    layers: dict[int, Layer]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
+def normalize_path(path: str) -> str:
+    """``L['self'].model.layers['3']`` -> ``model.layers.3``: the path as the user writes it."""
+    path = _ROOT.sub("", path, count=1)
+    return re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path).lstrip(".")
+
+
+def find_layers(gm: fx.GraphModule, stack: str | None = None) -> LayerStack | None:
+    """The layer stack of ``gm`` (the longest, or the one under module path ``stack``), or None."""
+    stacks = _candidate_stacks(gm.graph)
+    if stack is not None:
+        wanted = normalize_path(stack)
+        stacks = {p: c for p, c in stacks.items() if normalize_path(p) == wanted}
+    if not stacks:
+        return None
+    prefix = max(stacks, key=lambda p: (len(stacks[p]), -len(p)))
+    return _build_stack(gm.graph, prefix, stacks[prefix])
+
+
+def available_stacks(gm: fx.GraphModule) -> list[str]:
+    """Module paths of every layer container seen in ``gm`` (for error messages)."""
+    return sorted(normalize_path(p) for p in _candidate_stacks(gm.graph))
+
+
+def _candidate_stacks(graph: fx.Graph) -> dict[str, dict[str, tuple[str, str]]]:
+    """Containers whose children are all of one class: prefix -> {key: (path, class name)}.
+
+    Numbered children (``layers.0``, ``h.3``, torchtitan's ``layers['0']``) are preferred: a
+    block with two same-class children (two norms, three Linears) is not a layer list.
+    """
+    children: dict[str, dict[str, tuple[str, type]]] = defaultdict(dict)
+    for node in graph.nodes:
+        for path, cls in (node.meta.get("nn_module_stack") or {}).values():
+            m = _CHILD.match(path)
+            if m:
+                key = m.group("attr") or m.group("item")
+                children[m.group("prefix")][key] = (path, cls)
+    same_class = {
+        p: c for p, c in children.items() if len(c) >= 2 and len({_class_name(cls) for _, cls in c.values()}) == 1
+    }
+    numbered = {p: c for p, c in same_class.items() if all(k.isdigit() for k in c)}
+    chosen = numbered or same_class
+    return {p: {k: (path, _class_name(cls)) for k, (path, cls) in c.items()} for p, c in chosen.items()}
+
+
+def _class_name(cls: object) -> str:
+    return getattr(cls, "__qualname__", None) or str(cls)
+
+
+def _build_stack(graph: fx.Graph, prefix: str, children: dict[str, tuple[str, str]]) -> LayerStack:
+    nodes_by_path: dict[str, set[fx.Node]] = defaultdict(set)
+    first_seen: dict[str, int] = {}
+    layer_paths = {path for path, _ in children.values()}
+    for i, node in enumerate(graph.nodes):
+        if node.op in ("placeholder", "get_attr", "output"):
+            continue
+        for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+            if path in layer_paths:
+                nodes_by_path[path].add(node)
+                first_seen.setdefault(path, i)
+    keys = sorted(children, key=lambda k: (0, int(k)) if k.isdigit() else (1, first_seen.get(children[k][0], 0)))
+    layers = {}
+    for position, key in enumerate(keys):
+        path, cls = children[key]
+        index = int(key) if key.isdigit() else position
+        layer = Layer(index=index, path=normalize_path(path), cls=cls, nodes=nodes_by_path.get(path, set()))
+        _find_stream(layer)
+        layers[index] = layer
+    return LayerStack(path=normalize_path(prefix), layers=layers)
+
+
+def _find_stream(layer: Layer) -> None:
+    """Fill ``layer.input/output/blocks``; set ``layer.problem`` when the stream is not found."""
+    if not layer.nodes:
+        layer.problem = "no computation of this layer in the graph"
+        return
+    order = {n: i for i, n in enumerate(_graph_of(layer).nodes)}
+    outputs = sorted(
+        (n for n in layer.nodes if any(u not in layer.nodes for u in n.users) and _is_float_tensor(n)),
+        key=order.__getitem__,
+        reverse=True,
+    )
+    for out in outputs:
+        walked = _walk_residual(out, layer.nodes)
+        if walked is not None:
+            layer.input, layer.blocks = walked
+            layer.output = out
+            return
+    for out in outputs:
+        inp = _same_shape_input(out, layer.nodes, order)
+        if inp is not None:
+            layer.input, layer.output = inp, out
+            layer.problem = (
+                "the residual stream does not pass through the layer as x + f(x) "
+                "(post-norm or non-residual layer): only mode='block' can pair it"
+            )
+            return
+    layer.problem = "no output of the layer has the shape of one of its inputs"
+
+
+def _walk_residual(out: fx.Node, nodes: set[fx.Node]) -> tuple[fx.Node, list[SubBlock]] | None:
+    """From the layer output back through residual adds to the layer input, or None."""
+    blocks: list[SubBlock] = []
+    cur = out
+    while cur in nodes:
+        split = _split_residual_add(cur, nodes)
+        if split is None:
+            return None
+        stream, delta = split
+        blocks.append(SubBlock(stream=stream, add=cur, deltas=[delta]))
+        cur = stream
+    if not blocks or _shape(cur) != _shape(out):
+        return None
+    blocks.reverse()
+    return cur, _merge_blocks_not_reading_their_stream(blocks, nodes)
+
+
+def _split_residual_add(node: fx.Node, nodes: set[fx.Node]) -> tuple[fx.Node, fx.Node] | None:
+    """``(stream, delta)`` when ``node`` is ``stream + delta`` with delta computed from the stream."""
+    if not is_add(node):
+        return None
+    a, b = node.args[0], node.args[1]
+    if not isinstance(a, fx.Node) or not isinstance(b, fx.Node) or _shape(a) != _shape(b):
+        return None
+    if _reaches(b, a, nodes):
+        return a, b
+    if _reaches(a, b, nodes):
+        return b, a
+    # ``x + f(x) + g(x)`` written left to right: the running sum is the stream operand.
+    streamish = [n for n in (a, b) if n not in nodes or is_add(n)]
+    if len(streamish) == 1:
+        stream = streamish[0]
+        return stream, (b if stream is a else a)
+    return None
+
+
+def _merge_blocks_not_reading_their_stream(blocks: list[SubBlock], nodes: set[fx.Node]) -> list[SubBlock]:
+    """``x + f(x) + g(x)`` (parallel attention) is one sub-block with two deltas, not two."""
+    merged = [blocks[0]]
+    for block in blocks[1:]:
+        if any(_reaches(d, block.stream, nodes) for d in block.deltas):
+            merged.append(block)
+        else:
+            prev = merged[-1]
+            merged[-1] = SubBlock(stream=prev.stream, add=block.add, deltas=prev.deltas + block.deltas)
+    return merged
+
+
+def _reaches(node: fx.Node, ancestor: fx.Node, nodes: set[fx.Node]) -> bool:
+    """Whether ``node`` depends on ``ancestor``, following inputs inside ``nodes`` only."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n is ancestor:
+            return True
+        if n in seen or n not in nodes:
+            continue
+        seen.add(n)
+        todo.extend(n.all_input_nodes)
+    return False
+
+
+def _same_shape_input(out: fx.Node, nodes: set[fx.Node], order: dict[fx.Node, int]) -> fx.Node | None:
+    """The latest external input of the layer with the output's shape that the output depends on."""
+    external = {a for n in nodes for a in n.all_input_nodes if a not in nodes}
+    fits = [a for a in external if _shape(a) == _shape(out) and _is_float_tensor(a) and _reaches(out, a, nodes)]
+    return max(fits, key=order.__getitem__) if fits else None
+
+
+def is_add(node: fx.Node) -> bool:
+    """A tensor ``a + b`` in any of the spellings Dynamo records, without ``alpha``."""
+    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
+        return len(node.args) == 2 and not node.kwargs
+    return node.op == "call_method" and node.target == "add" and len(node.args) == 2 and not node.kwargs
+
+
+def example_value(node: fx.Node):
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def _shape(node: object) -> tuple | None:
+    value = example_value(node) if isinstance(node, fx.Node) else None
+    # Compared as text: equality of symbolic sizes would add guards to a graph already traced.
+    return tuple(str(d) for d in value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def _is_float_tensor(node: fx.Node) -> bool:
+    value = example_value(node)
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
+def _graph_of(layer: Layer) -> fx.Graph:
+    return next(iter(layer.nodes)).graph

@@ -1,0 +1,44 @@
+"""Per-graph reports: what the backend found in each compiled graph and what it did."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .config import Pair
+
+
+@dataclass
+class LayerInfo:
+    """One decoder layer found in a graph."""
+
+    index: int
+    path: str
+    cls: str
+    sub_blocks: int
+    note: str | None = None
+
+
+@dataclass
+class GraphReport:
+    """What happened to one graph Dynamo handed to the backend."""
+
+    graph: int
+    stack: str | None = None
+    layers: list[LayerInfo] = field(default_factory=list)
+    pairs_rewritten: list[tuple[Pair, str]] = field(default_factory=list)
+    pairs_skipped: list[tuple[Pair, str]] = field(default_factory=list)
+    rank: int | None = None
+    collectives: int | None = None
+    param_bytes: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """A few human-readable lines."""
+        lines = [f"graph {self.graph}: " + (f"{len(self.layers)} layers in {self.stack}" if self.stack else "no layers")]
+        if self.pairs_rewritten:
+            lines.append("  rewritten: " + ", ".join(f"{p} {m}" for p, m in self.pairs_rewritten))
+        lines += [f"  skipped {p}: {why}" for p, why in self.pairs_skipped]
+        if self.collectives is not None:
+            lines.append(f"  rank {self.rank}: {self.collectives} collectives, {self.param_bytes} parameter bytes")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)

@@ -1,0 +1,121 @@
+"""Rewrite chosen layer pairs so both layers read the same input and their updates are summed.
+
+For a pair (A, B) with residual sub-blocks ``s_{j+1} = s_j + f_j(s_j)``:
+
+- ``lp``:    ``s_{j+1} = s_j + (fA_j(s_j) + fB_j(s_j))`` for each sub-block j (the paper's form);
+- ``block``: ``out = x + ((A(x) - x) + (B(x) - x))``.
+
+Every ``(branch A delta) + (branch B delta)`` node is recorded in :class:`PairRewrite` with the
+nodes of each branch, so that placement can compute one branch per device and replace the sum by
+a collective. Placeholders, the other layers and each layer's KV-cache writes are left as they were.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+from torch import fx
+
+from .config import Pair
+from .find_layers import Layer, LayerStack, example_value
+from .fx_utils import erase_unused, stable_topological_sort
+
+
+@dataclass
+class PairRewrite:
+    """What one rewritten pair left in the graph."""
+
+    pair: Pair
+    mode: str
+    branches: tuple[set[fx.Node], set[fx.Node]]
+    combines: list[fx.Node]
+
+
+def pair_problem(a: Layer, b: Layer, mode: str) -> str | None:
+    """Why the pair (a, b) cannot be rewritten in ``mode``, or None when it can."""
+    for layer in (a, b):
+        if layer.input is None or layer.output is None:
+            return f"layer {layer.index} ({layer.path}): {layer.problem}"
+        if mode == "lp" and not layer.residual:
+            return f"layer {layer.index} ({layer.path}): {layer.problem}"
+    if b.input is not a.output:
+        return f"layer {b.index} does not read the output of layer {a.index} in this graph"
+    if mode == "lp" and len(a.blocks) != len(b.blocks):
+        return (
+            f"layers {a.index} and {b.index} have {len(a.blocks)} and {len(b.blocks)} residual sub-blocks; "
+            "mode='lp' sums them one to one, use mode='block'"
+        )
+    return None
+
+
+def rewrite_pairs(gm: fx.GraphModule, stack: LayerStack, pairs: list[tuple[Pair, str]]) -> list[PairRewrite]:
+    """Rewrite each ``(pair, mode)`` (already checked with :func:`pair_problem`) and tidy the graph."""
+    graph = gm.graph
+    done = []
+    for (i, j), mode in pairs:
+        a, b = stack.layers[i], stack.layers[j]
+        rewrite = _rewrite_lp(graph, a, b) if mode == "lp" else _rewrite_block(graph, a, b)
+        done.append(rewrite)
+    if done:
+        stable_topological_sort(graph)
+        erase_unused(set().union(*(r.branches[0] | r.branches[1] for r in done)))
+        live = set(graph.nodes)
+        for r in done:
+            r.branches = (r.branches[0] & live, r.branches[1] & live)
+        graph.lint()
+        gm.recompile()
+    return done
+
+
+def _rewrite_lp(graph: fx.Graph, a: Layer, b: Layer) -> PairRewrite:
+    stream = a.input
+    branch_a, branch_b = set(a.nodes), set(b.nodes)
+    combines = []
+    for block_a, block_b in zip(a.blocks, b.blocks):
+        for layer, block in ((a, block_a), (b, block_b)):
+            if block.stream is not stream:
+                _rewire(layer.nodes - {block.add}, block.stream, stream)
+        with graph.inserting_after(block_b.add):
+            delta_a = _sum(graph, block_a.deltas, branch_a)
+            delta_b = _sum(graph, block_b.deltas, branch_b)
+            combine = _new(graph, operator.add, delta_a, delta_b, like=block_b.add)
+            stream = _new(graph, operator.add, stream, combine, like=block_b.add)
+        combines.append(combine)
+    b.output.replace_all_uses_with(stream, delete_user_cb=lambda user: user not in b.nodes)
+    return PairRewrite(pair=(a.index, b.index), mode="lp", branches=(branch_a, branch_b), combines=combines)
+
+
+def _rewrite_block(graph: fx.Graph, a: Layer, b: Layer) -> PairRewrite:
+    x = a.input
+    _rewire(b.nodes, b.input, x)
+    with graph.inserting_after(b.output):
+        delta_a = _new(graph, operator.sub, a.output, x, like=a.output)
+        delta_b = _new(graph, operator.sub, b.output, x, like=b.output)
+        combine = _new(graph, operator.add, delta_a, delta_b, like=b.output)
+        out = _new(graph, operator.add, x, combine, like=b.output)
+    b.output.replace_all_uses_with(out, delete_user_cb=lambda user: user not in b.nodes and user is not delta_b)
+    branches = (set(a.nodes) | {delta_a}, set(b.nodes) | {delta_b})
+    return PairRewrite(pair=(a.index, b.index), mode="block", branches=branches, combines=[combine])
+
+
+def _rewire(users: set[fx.Node], old: fx.Node, new: fx.Node) -> None:
+    for user in users:
+        if old in user.all_input_nodes:
+            user.replace_input_with(old, new)
+
+
+def _sum(graph: fx.Graph, deltas: list[fx.Node], branch: set[fx.Node]) -> fx.Node:
+    total = deltas[0]
+    for d in deltas[1:]:
+        total = _new(graph, operator.add, total, d, like=d)
+        branch.add(total)
+    return total
+
+
+def _new(graph: fx.Graph, fn, lhs: fx.Node, rhs: fx.Node, like: fx.Node) -> fx.Node:
+    node = graph.call_function(fn, (lhs, rhs))
+    value = example_value(like)
+    if value is not None:
+        node.meta["example_value"] = value
+    return node
