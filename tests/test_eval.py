@@ -9,14 +9,26 @@ import pytest
 import torch
 
 from lp_fx import data, evaluate
-from tiny_models import CharTokenizer, tiny_llama
+from lp_fx.evaluate import Pairing
+
+from .models import VOCAB, hf_model
+from .reference import eager_pairing
 
 SHARED_DATA = data.default_data_dir()
 
 
+class CharTokenizer:
+    """One token per character: enough for the harness-style context/continuation split."""
+
+    pad_token_id = 0
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [1 + ord(char) % (VOCAB - 1) for char in text]
+
+
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
-    return tiny_llama()
+    return hf_model("llama", layers=6)
 
 
 def _reference_perplexity(model: torch.nn.Module, windows: torch.Tensor) -> float:
@@ -32,7 +44,7 @@ def _reference_perplexity(model: torch.nn.Module, windows: torch.Tensor) -> floa
 
 def test_perplexity_matches_plain_loop(model: torch.nn.Module) -> None:
     torch.manual_seed(1)
-    windows = evaluate.make_windows(torch.randint(0, 97, (5 * 64 + 17,)), 64)
+    windows = evaluate.make_windows(torch.randint(0, VOCAB, (5 * 64 + 17,)), 64)
     assert windows.shape == (5, 64)
     result = evaluate.perplexity(evaluate.eager_logits(model), windows, progress=False)
     assert result.tokens == 5 * 63 and result.windows == 5
@@ -109,12 +121,6 @@ def test_retention_ratios_and_means() -> None:
     assert summary["mean_acc"] == pytest.approx(0.8)
 
 
-def test_contiguous_pairs() -> None:
-    assert evaluate.contiguous_pairs(14, 18) == ((14, 15), (16, 17))
-    with pytest.raises(ValueError, match="even"):
-        evaluate.contiguous_pairs(14, 17)
-
-
 def test_subset_is_fixed_by_seed() -> None:
     items = list(range(100))
     assert data.subset(items, 10, seed=3) == data.subset(items, 10, seed=3)
@@ -158,3 +164,28 @@ def test_shared_data_readers(task: str) -> None:
     items = data.MC_TASKS[task](SHARED_DATA)
     assert len(items) > 1000
     assert all(0 <= item.gold < len(item.requests) for item in items)
+
+
+@pytest.mark.parametrize("mode", ["lp", "block"])
+def test_perplexity_through_backend_matches_eager_reference(model: torch.nn.Module, mode: str) -> None:
+    """What the evaluator measures is the compiled, paired model, and it is the paired model."""
+    torch.manual_seed(2)
+    windows = evaluate.make_windows(torch.randint(0, VOCAB, (3 * 32,)), 32)
+    pairing = Pairing("p", ((1, 2), (3, 4)))
+    compiled = evaluate.perplexity(
+        evaluate.compile_pairing(model, pairing, mode=mode), windows, progress=False
+    )
+    with eager_pairing(model, pairing.pairs, mode):
+        expected = _reference_perplexity(model, windows)
+    plain = _reference_perplexity(model, windows)
+    assert compiled.ppl == pytest.approx(expected, rel=1e-4)
+    assert abs(compiled.ppl - plain) > 1e-3 * plain
+
+
+def test_baseline_through_backend_matches_plain(model: torch.nn.Module) -> None:
+    torch.manual_seed(3)
+    windows = evaluate.make_windows(torch.randint(0, VOCAB, (2 * 32,)), 32)
+    compiled = evaluate.perplexity(
+        evaluate.compile_pairing(model, evaluate.BASELINE), windows, progress=False
+    )
+    assert compiled.ppl == pytest.approx(_reference_perplexity(model, windows), rel=1e-5)
