@@ -84,10 +84,10 @@ def available_stacks(gm: fx.GraphModule) -> list[str]:
 
 
 def _candidate_stacks(graph: fx.Graph) -> dict[str, dict[str, tuple[str, str]]]:
-    """Containers whose children are all of one class: prefix -> {key: (path, class name)}.
+    """Outermost containers of numbered children all of one class: prefix -> {key: (path, class)}.
 
-    Numbered children (``layers.0``, ``h.3``, torchtitan's ``layers['0']``) are preferred: a
-    block with two same-class children (two norms, three Linears) is not a layer list.
+    ``layers.0``, ``h.3``, torchtitan's ``layers['0']``. Named same-class children (two norms,
+    three Linears of an MLP) are not a layer list.
     """
     children: dict[str, dict[str, tuple[str, type]]] = defaultdict(dict)
     for node in graph.nodes:
@@ -96,12 +96,14 @@ def _candidate_stacks(graph: fx.Graph) -> dict[str, dict[str, tuple[str, str]]]:
             if m:
                 key = m.group("attr") or m.group("item")
                 children[m.group("prefix")][key] = (path, cls)
-    same_class = {
-        p: c for p, c in children.items() if len(c) >= 2 and len({_class_name(cls) for _, cls in c.values()}) == 1
+    lists = {
+        p: {k: (path, _class_name(cls)) for k, (path, cls) in c.items()}
+        for p, c in children.items()
+        if all(k.isdigit() for k in c) and len({_class_name(cls) for _, cls in c.values()}) == 1
     }
-    numbered = {p: c for p, c in same_class.items() if all(k.isdigit() for k in c)}
-    chosen = numbered or same_class
-    return {p: {k: (path, _class_name(cls)) for k, (path, cls) in c.items()} for p, c in chosen.items()}
+    # A numbered list inside a layer (MoE experts) is not the layer list.
+    inner = {p for p in lists for q in lists if p != q and any(p.startswith(path) for path, _ in lists[q].values())}
+    return {p: c for p, c in lists.items() if p not in inner}
 
 
 def _class_name(cls: object) -> str:
@@ -110,20 +112,17 @@ def _class_name(cls: object) -> str:
 
 def _build_stack(graph: fx.Graph, prefix: str, children: dict[str, tuple[str, str]]) -> LayerStack:
     nodes_by_path: dict[str, set[fx.Node]] = defaultdict(set)
-    first_seen: dict[str, int] = {}
     layer_paths = {path for path, _ in children.values()}
-    for i, node in enumerate(graph.nodes):
+    for node in graph.nodes:
         if node.op in ("placeholder", "get_attr", "output"):
             continue
         for path, _ in (node.meta.get("nn_module_stack") or {}).values():
             if path in layer_paths:
                 nodes_by_path[path].add(node)
-                first_seen.setdefault(path, i)
-    keys = sorted(children, key=lambda k: (0, int(k)) if k.isdigit() else (1, first_seen.get(children[k][0], 0)))
     layers = {}
-    for position, key in enumerate(keys):
+    for key in sorted(children, key=int):
         path, cls = children[key]
-        index = int(key) if key.isdigit() else position
+        index = int(key)
         layer = Layer(index=index, path=normalize_path(path), cls=cls, nodes=nodes_by_path.get(path, set()))
         _find_stream(layer)
         layers[index] = layer

@@ -1,0 +1,165 @@
+"""What each of the 2 gloo ranks runs for tests/test_distributed.py (spawned, so importable by name).
+
+Every check compares the placed graph on this rank with the single-device backend on the same
+model and pairing, and returns plain numbers; the test process asserts on them.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lp_fx.backend import LayerParallel
+from lp_fx.config import LayerParallelError
+
+PROMPT = torch.tensor([[3, 14, 15, 9, 26, 5, 35]])
+
+
+def tiny_llama(layers: int = 6, kv_heads: int = 2, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=kv_heads, vocab_size=61, max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+class Block(nn.Module):
+    """A hand-written pre-norm block: LayerNorm with bias, biased linears, manual attention, GELU MLP."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.up, self.down = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        h = self.ln1(x)
+        q, k, v = (p(h).view(b, t, self.heads, c // self.heads).transpose(1, 2) for p in (self.q, self.k, self.v))
+        att = (q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5
+        att = att.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf")).softmax(dim=-1)
+        y = (att @ v).transpose(1, 2).reshape(b, t, c)
+        x = x + self.o(y)
+        return x + self.down(nn.functional.gelu(self.up(self.ln2(x))))
+
+
+class TinyGPT(nn.Module):
+    def __init__(self, layers: int = 4, dim: int = 32, heads: int = 4, vocab: int = 61, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
+        self.ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.emb(ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln(x))
+
+
+def _logits(model: nn.Module, backend: LayerParallel) -> torch.Tensor:
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        out = compiled(PROMPT) if isinstance(model, TinyGPT) else compiled(PROMPT, use_cache=False)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def logits_case(mesh, make_model: Callable[[], nn.Module], pairs, mode: str, tp: bool) -> dict:
+    """Max |placed - single device| and the placed report's collectives and parameter bytes."""
+    model = make_model()
+    reference = _logits(model, LayerParallel(pairs=pairs, mode=mode, inner="eager"))
+    placed = LayerParallel(pairs=pairs, mode=mode, inner="aot_eager", mesh=mesh, tp=tp)
+    logits = _logits(model, placed)
+    report = placed.reports[-1]
+    full = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"diff": _diff(logits, reference), "collectives": report.collectives, "param_bytes": report.param_bytes,
+            "full_bytes": full, "rank": report.rank}
+
+
+def generate_case(mesh) -> dict:
+    """Greedy tokens with a static cache, TP + LP on 2 ranks vs single-device LP."""
+    def tokens(backend: LayerParallel) -> list[int]:
+        torch._dynamo.reset()
+        model = tiny_llama()
+        model.forward = torch.compile(model.forward, backend=backend)
+        out = model.generate(PROMPT, max_new_tokens=8, do_sample=False, cache_implementation="static")
+        return out[0].tolist()
+
+    pairs = [(2, 3)]
+    placed = LayerParallel(pairs=pairs, inner="aot_eager", mesh=mesh)
+    return {"single": tokens(LayerParallel(pairs=pairs, inner="eager")), "placed": tokens(placed),
+            "collectives": [r.collectives for r in placed.reports]}
+
+
+def gradient_case(mesh, tp: bool) -> float:
+    """Largest gradient error: owned parameters summed over ranks, replicated ones per rank."""
+    def grads(backend: LayerParallel) -> dict[str, torch.Tensor]:
+        torch._dynamo.reset()
+        model = TinyGPT()
+        torch.compile(model, backend=backend)(PROMPT).square().mean().backward()
+        return {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+
+    pairs = [(1, 2)]
+    reference = grads(LayerParallel(pairs=pairs, inner="eager"))
+    mine = grads(LayerParallel(pairs=pairs, inner="aot_eager", mesh=mesh, tp=tp))
+    worst = 0.0
+    for name, g in mine.items():
+        split = name.startswith(("blocks.1.", "blocks.2.")) or (tp and "blocks." in name and ".ln" not in name)
+        if split:
+            g = g.clone()
+            dist.all_reduce(g)
+        worst = max(worst, _diff(g, reference[name]))
+    return worst
+
+
+def error_case(fn: Callable[[], object]) -> str:
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the message is what is checked
+        cause = e
+        while cause.__cause__ is not None and not isinstance(cause, LayerParallelError):
+            cause = cause.__cause__
+        return f"{type(cause).__name__}: {cause}"
+    return "no error"
+
+
+def run_all(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    results: dict = {}
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        llama, gpt = tiny_llama, TinyGPT
+        for tp in (False, True):
+            for mode in ("lp", "block"):
+                results[f"llama_{mode}_tp{tp}"] = logits_case(mesh, llama, [(2, 3)], mode, tp)
+                results[f"gpt_{mode}_tp{tp}"] = logits_case(mesh, gpt, [(1, 2)], mode, tp)
+        results["llama_tp_only"] = logits_case(mesh, llama, [], "lp", True)
+        results["gpt_tp_only"] = logits_case(mesh, gpt, [], "lp", True)
+        results["generate"] = generate_case(mesh)
+        results["grad_tp"] = gradient_case(mesh, tp=True)
+        results["grad_lp"] = gradient_case(mesh, tp=False)
+        one = init_device_mesh("cpu", (world, 1), mesh_dim_names=("outer", "inner"))["inner"]
+        results["mesh_of_one"] = logits_case(one, llama, [(2, 3)], "lp", True)
+        results["kv_heads_error"] = error_case(lambda: logits_case(mesh, lambda: tiny_llama(kv_heads=1), [], "lp", True))
+    except Exception:  # noqa: BLE001 - reported to the test process
+        results["error"] = traceback.format_exc()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
