@@ -18,7 +18,7 @@ from torch import fx
 from .config import LayerParallelError, LPConfig, Pair, config_from_options
 from .find_layers import LayerStack, available_stacks, find_layers
 from .report import GraphReport, LayerInfo
-from .rewrite import pair_problem, rewrite_pairs
+from .rewrite import PairRewrite, pair_problem, rewrite_pairs
 
 logger = logging.getLogger("lp_fx")
 
@@ -40,14 +40,15 @@ class LayerParallel:
         report = GraphReport(graph=len(self.reports))
         self.reports.append(report)
         stack = find_layers(gm, self.config.stack)
+        rewrites: list[PairRewrite] = []
         if stack is None:
             self._no_layers(gm, report)
         else:
-            self._rewrite(gm, stack, report)
+            rewrites = self._rewrite(gm, stack, report)
         if self.config.mesh is not None:
             from .placement import place
 
-            gm = place(gm, self.config, report, self._say)
+            gm = place(gm, example_inputs, stack, rewrites, self.config, report, self._say)
         logger.debug("%s", report.summary())
         return compile_inner(gm, example_inputs, self.config.inner)
 
@@ -62,7 +63,7 @@ class LayerParallel:
         report.notes.append(msg)
         self._say(msg)
 
-    def _rewrite(self, gm: fx.GraphModule, stack: LayerStack, report: GraphReport) -> None:
+    def _rewrite(self, gm: fx.GraphModule, stack: LayerStack, report: GraphReport) -> list[PairRewrite]:
         report.stack = stack.path
         report.layers = [
             LayerInfo(index=l.index, path=l.path, cls=l.cls, sub_blocks=len(l.blocks), note=l.problem)
@@ -80,8 +81,8 @@ class LayerParallel:
             elif reason:
                 report.pairs_skipped.append((pair, reason))
                 self._say(f"pair {pair} not rewritten: {reason}")
-        rewrite_pairs(gm, stack, todo)
         report.pairs_rewritten = todo
+        return rewrite_pairs(gm, stack, todo)
 
     def _why_not(self, stack: LayerStack, pair: Pair, mode: str, present: set[int], complete: bool) -> str | None:
         """None: rewrite it. "": not in this graph, nothing to say. Otherwise the reason to skip."""
