@@ -12,8 +12,10 @@ position attends to the padding after it.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -22,13 +24,14 @@ import torch
 from tqdm.auto import tqdm
 
 from lp_fx import data
+from lp_fx.config import Pair
 
 log = logging.getLogger(__name__)
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
-Pair = tuple[int, int]
 
 MIN_BUCKET = 32
+TASKS: tuple[str, ...] = ("wikitext", *data.ALL_TASKS)
 
 
 # --------------------------------------------------------------------------- pairings and compile
@@ -56,29 +59,17 @@ class Pairing:
 BASELINE = Pairing("baseline")
 
 
-def contiguous_pairs(start: int, end: int) -> tuple[Pair, ...]:
-    """Pairs ``(start, start+1), (start+2, start+3), …`` covering layers ``start..end-1``."""
-    if (end - start) % 2 or end <= start or start < 0:
-        raise ValueError(f"range {start}:{end} must be non-empty with an even length Δ = end - start")
-    return tuple((layer, layer + 1) for layer in range(start, end, 2))
-
-
 def compile_pairing(
     model: torch.nn.Module, pairing: Pairing, mode: str = "lp", inner: str = "eager"
 ) -> LogitsFn:
     """``model`` through ``torch.compile`` with the layer_parallel backend for ``pairing``.
 
-    Dynamo's caches are reset first, so that each pairing gets fresh graphs. The first call checks
-    the backend's reports and raises if a requested pair was not rewritten: a silently unpaired
-    model would be measured as the baseline.
+    ``mode`` applies to pairs without a mode of their own. Dynamo's caches are reset first so
+    that each pairing gets fresh graphs. The backend runs with ``strict=True`` and the first call
+    checks its reports: a silently unpaired model would be measured as the baseline.
     """
-    from lp_fx import LayerParallel
-
     torch._dynamo.reset()
-    options: dict = {"pairs": [list(pair) for pair in pairing.pairs], "mode": mode, "inner": inner}
-    if pairing.modes is not None:
-        options["modes"] = list(pairing.modes)
-    backend = LayerParallel(**options)
+    backend = _make_backend(model, pairing, mode, inner)
     compiled = torch.compile(model, backend=backend)
     checked = False
 
@@ -86,21 +77,38 @@ def compile_pairing(
         nonlocal checked
         logits = compiled(input_ids=input_ids, use_cache=False).logits
         if not checked:
-            _check_rewritten(backend, pairing)
+            _check_rewritten(backend.reports, pairing, mode)
             checked = True
         return logits
 
     return logits_fn
 
 
-def _check_rewritten(backend: object, pairing: Pairing) -> None:
-    rewritten = {tuple(pair) for report in backend.reports for pair in report.pairs_rewritten}
-    missing = [pair for pair in pairing.pairs if tuple(pair) not in rewritten]
-    if missing:
-        raise RuntimeError(
-            f"pairing {pairing.name!r}: the backend did not rewrite {missing}; "
-            f"reports: {backend.reports}"
-        )
+def _make_backend(model: torch.nn.Module, pairing: Pairing, mode: str, inner: str) -> object:
+    """The backend for one pairing; per-pair modes travel as a plan file, as a user passes them."""
+    from lp_fx import LayerParallel
+
+    options = {"mode": mode, "inner": inner, "strict": True}
+    if pairing.modes is None or set(pairing.modes) <= {mode}:
+        return LayerParallel(options, pairs=[list(pair) for pair in pairing.pairs])
+    plan = {
+        "num_layers": model.config.num_hidden_layers,
+        "pairs": [list(pair) for pair in pairing.pairs],
+        "modes": list(pairing.modes),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "plan.json"
+        path.write_text(json.dumps(plan))
+        return LayerParallel(options, plan=str(path))  # the plan is read here
+
+
+def _check_rewritten(reports: Sequence, pairing: Pairing, mode: str) -> None:
+    done = {tuple(pair): how for report in reports for pair, how in report.pairs_rewritten}
+    wanted = zip(pairing.pairs, pairing.modes or (mode,) * pairing.num_pairs)
+    wrong = [(pair, how) for pair, how in wanted if done.get(tuple(pair)) != how]
+    if wrong:
+        summary = "; ".join(report.summary() for report in reports)
+        raise RuntimeError(f"pairing {pairing.name!r}: not rewritten as asked: {wrong} ({summary})")
 
 
 def eager_logits(model: torch.nn.Module) -> LogitsFn:
@@ -222,44 +230,42 @@ def score_requests(
 ) -> list[Score]:
     """Log-likelihood of each continuation given its context, and whether it is the greedy one.
 
-    Requests are sorted by length, batched and right-padded to a power-of-two bucket and to a full
-    batch, so the input shapes repeat.
+    Requests with the same model input (e.g. one-token answers " no" / " yes" to one passage)
+    share a forward pass. Inputs are sorted by length, batched and right-padded to a power-of-two
+    bucket and to a full batch, so the input shapes repeat.
     """
-    order = sorted(range(len(requests)), key=lambda i: -_input_length(requests[i]))
+    by_input: dict[tuple[int, ...], list[int]] = {}
+    for index, request in enumerate(requests):
+        by_input.setdefault(_model_input(request), []).append(index)
+    inputs = sorted(by_input, key=len, reverse=True)
     scores: list[Score | None] = [None] * len(requests)
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [inputs[i : i + batch_size] for i in range(0, len(inputs), batch_size)]
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        batch_requests = [requests[i] for i in batch]
-        ids = _padded_batch(batch_requests, batch_size, pad_id)
-        logprobs = torch.log_softmax(logits_fn(ids).float(), dim=-1)
-        for row, (index, request) in enumerate(zip(batch, batch_requests)):
-            scores[index] = _score_row(logprobs[row], request)
+        logprobs = torch.log_softmax(logits_fn(_padded_batch(batch, batch_size, pad_id)).float(), -1)
+        for row, tokens in enumerate(batch):
+            for index in by_input[tokens]:
+                scores[index] = _score_row(logprobs[row, : len(tokens)], requests[index])
     return scores  # type: ignore[return-value]
 
 
-def _input_length(request: TokenRequest) -> int:
-    return len(request.context) + len(request.continuation) - 1
+def _model_input(request: TokenRequest) -> tuple[int, ...]:
+    return (request.context + request.continuation)[:-1]
 
 
-def _padded_batch(requests: Sequence[TokenRequest], batch_size: int, pad_id: int) -> torch.Tensor:
-    length = _bucket(max(_input_length(request) for request in requests))
-    ids = torch.full((batch_size, length), pad_id, dtype=torch.long)
-    for row, request in enumerate(requests):
-        tokens = (request.context + request.continuation)[:-1]
+def _padded_batch(inputs: Sequence[tuple[int, ...]], batch_size: int, pad_id: int) -> torch.Tensor:
+    ids = torch.full((batch_size, _bucket(max(map(len, inputs)))), pad_id, dtype=torch.long)
+    for row, tokens in enumerate(inputs):
         ids[row, : len(tokens)] = torch.tensor(tokens)
     return ids
 
 
 def _score_row(logprobs: torch.Tensor, request: TokenRequest) -> Score:
-    end = _input_length(request)
-    start = end - len(request.continuation)
+    """Score from the log-probabilities of the request's (unpadded) input positions."""
     target = torch.tensor(request.continuation)
-    rows = logprobs[start:end]
+    rows = logprobs[-len(target) :]
     loglikelihood = rows.gather(1, target.unsqueeze(1)).sum().item()
     greedy = bool((rows.argmax(dim=-1) == target).all())
     return Score(loglikelihood, greedy)
-
-
 # -------------------------------------------------------------------------------- task metrics
 
 
@@ -296,7 +302,7 @@ class EvalSpec:
     """What to evaluate; the same spec gives the same numbers."""
 
     data_dir: Path
-    tasks: tuple[str, ...] = data.ALL_TASKS
+    tasks: tuple[str, ...] = TASKS
     limit: int | None = None
     seed: int = 1234
     ppl_split: str = "all"
@@ -327,9 +333,9 @@ class PreparedEval:
 
 def prepare(tokenizer: object, spec: EvalSpec) -> PreparedEval:
     """Read and tokenize the data that ``spec`` asks for (``wikitext`` is perplexity)."""
-    unknown = set(spec.tasks) - {"wikitext", *data.ALL_TASKS}
+    unknown = set(spec.tasks) - set(TASKS)
     if unknown:
-        raise ValueError(f"unknown tasks {sorted(unknown)}; expected some of wikitext, {', '.join(data.ALL_TASKS)}")
+        raise ValueError(f"unknown tasks {sorted(unknown)}; expected some of {', '.join(TASKS)}")
     prepared = PreparedEval(windows=None, batch_size=spec.batch_size, pad_id=_pad_id(tokenizer))
     if "wikitext" in spec.tasks:
         prepared.windows = wikitext_windows(
