@@ -30,6 +30,7 @@ class PairRewrite:
     mode: str
     branches: tuple[set[fx.Node], set[fx.Node]]
     combines: list[fx.Node]
+    output: fx.Node
 
 
 def pair_problem(a: Layer, b: Layer, mode: str) -> str | None:
@@ -55,8 +56,10 @@ def rewrite_pairs(gm: fx.GraphModule, stack: LayerStack, pairs: list[tuple[Pair,
     done = []
     for (i, j), mode in pairs:
         a, b = stack.layers[i], stack.layers[j]
+        old_output = b.output
         rewrite = _rewrite_lp(graph, a, b) if mode == "lp" else _rewrite_block(graph, a, b)
         done.append(rewrite)
+        _follow_new_output(stack.layers.get(j + 1), old_output, rewrite.output)
     if done:
         stable_topological_sort(graph)
         erase_unused(set().union(*(r.branches[0] | r.branches[1] for r in done)))
@@ -66,6 +69,16 @@ def rewrite_pairs(gm: fx.GraphModule, stack: LayerStack, pairs: list[tuple[Pair,
         graph.lint()
         gm.recompile()
     return done
+
+
+def _follow_new_output(next_layer: Layer | None, old: fx.Node, new: fx.Node) -> None:
+    """The layer after a rewritten pair now reads the pair's new output; update what we know of it
+    so that a pair starting there (adjacent pairs) rewires from the right node."""
+    if next_layer is None or next_layer.input is not old:
+        return
+    next_layer.input = new
+    if next_layer.blocks:
+        next_layer.blocks[0].stream = new
 
 
 def _rewrite_lp(graph: fx.Graph, a: Layer, b: Layer) -> PairRewrite:
@@ -83,7 +96,9 @@ def _rewrite_lp(graph: fx.Graph, a: Layer, b: Layer) -> PairRewrite:
             stream = _new(graph, operator.add, stream, combine, like=block_b.add)
         combines.append(combine)
     b.output.replace_all_uses_with(stream, delete_user_cb=lambda user: user not in b.nodes)
-    return PairRewrite(pair=(a.index, b.index), mode="lp", branches=(branch_a, branch_b), combines=combines)
+    return PairRewrite(
+        pair=(a.index, b.index), mode="lp", branches=(branch_a, branch_b), combines=combines, output=stream
+    )
 
 
 def _rewrite_block(graph: fx.Graph, a: Layer, b: Layer) -> PairRewrite:
@@ -96,7 +111,7 @@ def _rewrite_block(graph: fx.Graph, a: Layer, b: Layer) -> PairRewrite:
         out = _new(graph, operator.add, x, combine, like=b.output)
     b.output.replace_all_uses_with(out, delete_user_cb=lambda user: user not in b.nodes and user is not delta_b)
     branches = (set(a.nodes) | {delta_a}, set(b.nodes) | {delta_b})
-    return PairRewrite(pair=(a.index, b.index), mode="block", branches=branches, combines=[combine])
+    return PairRewrite(pair=(a.index, b.index), mode="block", branches=branches, combines=[combine], output=out)
 
 
 def _rewire(users: set[fx.Node], old: fx.Node, new: fx.Node) -> None:
