@@ -291,5 +291,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def add_bench(subparsers: argparse._SubParsersAction) -> None:
+    """``lp-fx bench``: decode tokens/s of TP, TP + LP and one device (lp_fx/bench.py)."""
+    from lp_fx import bench
+
+    bench.register(subparsers)
+
+
+SUBCOMMANDS.append(add_bench)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -166,7 +166,7 @@ def _heads_of(linear: fx.Node) -> int:
     for user in linear.users:
         if _method_or_function(user) in _VIEWS:
             out = _shape(user)
-            if len(out) >= 2 and out[-2] * out[-1] == features and out[-1] != features:
+            if len(out) == len(_shape(linear)) + 1 and out[-2] * out[-1] == features:
                 return out[-2]
     return features
 
@@ -201,7 +201,7 @@ def _plan(
             splits[node], args = result
             if args is not None:
                 new_args[node] = args
-    _check_contained(region, splits, rows)
+    _check_contained(region, {n: s for n, s in splits.items() if n not in caches}, rows)
     return _Plan(splits=splits, new_args=new_args, caches=caches, columns=columns, rows=rows)
 
 
@@ -214,7 +214,8 @@ def _row(node: fx.Node, splits: dict[fx.Node, Split]) -> fx.Node:
 
 
 def _check_contained(region: set[fx.Node], splits: dict[fx.Node, Split], rows: list[fx.Node]) -> None:
-    for node, split in splits.items():
+    """Split tensors stay inside the sub-block (a KV cache stays whole: only its uses are narrowed)."""
+    for node in splits:
         outside = [u for u in node.users if u not in region]
         if outside:
             raise CannotShard(f"{node.name} is split but used outside its sub-block by {outside[0].name}")
@@ -240,6 +241,8 @@ def _propagate(node: fx.Node, splits: dict[fx.Node, Split]) -> tuple[Split, tupl
         return _reorder(node, kind, splits[x]), None
     if kind == "getitem" and x in splits:
         return _index(node, splits[x]), None
+    if kind == "scaled_dot_product_attention" and node.kwargs.get("enable_gqa"):
+        return _gqa_attention(node, splits), None
     return _pointwise(node, splits), None
 
 
@@ -380,6 +383,21 @@ def _index(node: fx.Node, split: Split) -> Split:
         in_dim += 1
         out_dim += isinstance(item, slice)
     raise CannotShard(f"{node.name}: indexing not understood")
+
+
+def _gqa_attention(node: fx.Node, splits: dict[fx.Node, Split]) -> Split:
+    """``sdpa(q, k, v, enable_gqa=True)``: q holds ``group`` times the heads of k and v."""
+    q, k, v = node.args[:3]
+    if not all(t in splits and splits[t].dim == 1 for t in (q, k, v)) or splits[k] != splits[v]:
+        raise CannotShard(f"{node.name}: query/key/value heads not split alike")
+    group = _shape(q)[1] // _shape(k)[1]
+    sq, sk = splits[q], splits[k]
+    if (sq.start, sq.size) != (sk.start * group, sk.size * group):
+        raise CannotShard(f"{node.name}: query heads do not follow their key/value group")
+    mask = node.kwargs.get("attn_mask")
+    if isinstance(mask, fx.Node) and (mask in splits or len(_shape(mask)) != 4 or _shape(mask)[1] != 1):
+        raise CannotShard(f"{node.name}: an attention mask with a head dim")
+    return sq
 
 
 def _pointwise(node: fx.Node, splits: dict[fx.Node, Split]) -> Split:

@@ -1,0 +1,212 @@
+"""Decode speed of TP only, TP + LP (``lp``, ``block``) and one device, measured in one run.
+
+``python -m lp_fx.bench`` (or ``lp-fx bench``) relaunches itself under ``torchrun`` with
+``--nproc`` processes. Every rank loads the model, compiles one copy per variant (same prompt,
+static cache, batch 1, greedy), warms each up, then times the variants interleaved, round after
+round, so that noise from other load on the machine hits them alike. The single-device variant
+runs on rank 0 while the other ranks wait. Decode tokens/s is taken from the time between the
+first and the last generated token (prefill excluded). Rank 0 prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+PROMPT = "The capital of France is"
+
+
+@dataclass
+class Variant:
+    """One way of compiling the model; ``options`` go to the ``layer_parallel`` backend."""
+
+    name: str
+    options: dict
+    distributed: bool = True
+    tokens_per_s: list[float] = field(default_factory=list)
+    collectives: list[int | None] = field(default_factory=list)
+    param_bytes: list[int | None] = field(default_factory=list)
+
+
+class _TokenClock:
+    """A ``generate`` streamer that notes when each generated token arrives."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self._prompt_seen:
+            self.times.append(time.perf_counter())
+        self._prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+    def decode_tokens_per_s(self) -> float:
+        return (len(self.times) - 1) / (self.times[-1] - self.times[0])
+
+
+def variants(start: int, end: int, modes: Sequence[str], inner: str, single: bool) -> list[Variant]:
+    """TP only, TP + LP per mode, and (optionally) one device, all through the same backend."""
+    out = [Variant("TP", {"mesh": "auto", "inner": inner})]
+    out += [Variant(f"TP+LP {m}", {"mesh": "auto", "inner": inner, "start": start, "end": end, "mode": m}) for m in modes]
+    if single:
+        out.append(Variant("1 device", {"inner": inner}, distributed=False))
+    return out
+
+
+def compile_variant(model: torch.nn.Module, variant: Variant):
+    """A copy of ``model`` whose forward is compiled with this variant's backend."""
+    from .backend import LayerParallel
+
+    backend = LayerParallel(variant.options)
+    copy_ = copy.deepcopy(model)
+    copy_.forward = torch.compile(copy_.forward, backend=backend)
+    return copy_, backend
+
+
+def generate(model: torch.nn.Module, ids: torch.Tensor, tokens: int) -> tuple[torch.Tensor, float]:
+    """Greedy generation with a static cache; returns the ids and the decode tokens/s."""
+    clock = _TokenClock()
+    with torch.no_grad():
+        out = model.generate(
+            ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+            cache_implementation="static", streamer=clock,
+        )
+    return out, clock.decode_tokens_per_s()
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def measure(model: torch.nn.Module, ids: torch.Tensor, todo: list[Variant], tokens: int, rounds: int) -> dict:
+    """Compile and warm up every variant, then time them interleaved; returns rank 0's texts."""
+    rank = torch.distributed.get_rank()
+    compiled = {}
+    for v in todo:
+        if v.distributed or rank == 0:
+            compiled[v.name] = compile_variant(model, v)
+            generate(compiled[v.name][0], ids, tokens)  # compile + warm-up
+            report = compiled[v.name][1].reports[-1]
+            v.collectives, v.param_bytes = [r.collectives for r in compiled[v.name][1].reports], [report.param_bytes]
+        _barrier()
+    texts = {}
+    for _ in range(rounds):
+        for v in todo:
+            if v.distributed or rank == 0:
+                out, speed = generate(compiled[v.name][0], ids, tokens)
+                v.tokens_per_s.append(speed)
+                texts[v.name] = out
+            _barrier()
+    return texts
+
+
+def table(todo: list[Variant], num_layers: int, delta: int) -> str:
+    """Median decode tokens/s per variant, its ratio to TP, and the ideal ratio L / (L - Δ/2)."""
+    base = statistics.median(todo[0].tokens_per_s)
+    ideal = num_layers / (num_layers - delta / 2)
+    lines = [f"{'variant':<14}{'tok/s':>9}{'vs TP':>8}{'ideal':>8}  all-reduces/graph  runs"]
+    for v in todo:
+        med = statistics.median(v.tokens_per_s)
+        lp = v.name.startswith("TP+LP")
+        runs = " ".join(f"{t:.1f}" for t in v.tokens_per_s)
+        lines.append(
+            f"{v.name:<14}{med:>9.2f}{med / base:>8.3f}{(f'{ideal:.3f}' if lp else ''):>8}  {str(v.collectives):<17}  {runs}"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> None:
+    """The body of the benchmark, on every rank (inside torchrun)."""
+    from .models import load_model
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    torch.distributed.init_process_group("gloo")
+    torch._dynamo.config.cache_size_limit = 64
+    torch._dynamo.config.accumulated_cache_size_limit = 1024
+    rank = torch.distributed.get_rank()
+    loaded = load_model(args.model)
+    ids = loaded.tokenizer(args.prompt, return_tensors="pt").input_ids
+    todo = variants(args.start, args.end, args.modes, args.inner, not args.no_single)
+    texts = measure(loaded.model, ids, todo, args.tokens, args.rounds)
+    if rank == 0:
+        delta = args.end - args.start
+        print(f"{loaded.name}: {loaded.num_layers} layers, Δ={delta} (start={args.start}, end={args.end}), "
+              f"world={torch.distributed.get_world_size()}, inner={args.inner}, {args.tokens} tokens, "
+              f"{args.rounds} rounds, batch 1, static cache; median decode tokens/s")
+        print(table(todo, loaded.num_layers, delta))
+        for name, out in texts.items():
+            print(f"[{name}] {loaded.tokenizer.decode(out[0], skip_special_tokens=True)!r}")
+        result = {"model": loaded.name, "layers": loaded.num_layers, "start": args.start, "end": args.end,
+                  "ideal": loaded.num_layers / (loaded.num_layers - delta / 2), "args": vars(args),
+                  "variants": [asdict(v) for v in todo]}
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        print(f"wrote {args.json}")
+    torch.distributed.destroy_process_group()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2", help="'smollm2', a .gguf file or a Hugging Face directory")
+    parser.add_argument("--start", type=int, default=14)
+    parser.add_argument("--end", type=int, default=28)
+    parser.add_argument("--modes", nargs="+", default=["lp", "block"], choices=["lp", "block"])
+    parser.add_argument("--inner", default="inductor", choices=["inductor", "aot_eager", "eager"])
+    parser.add_argument("--tokens", type=int, default=32, help="new tokens per generation")
+    parser.add_argument("--rounds", type=int, default=3, help="timed generations per variant, interleaved")
+    parser.add_argument("--prompt", default=PROMPT)
+    parser.add_argument("--nproc", type=int, default=2, help="processes (devices) torchrun starts")
+    parser.add_argument("--no-single", action="store_true", help="skip the single-device variant")
+    parser.add_argument("--json", default="bench.json", help="where rank 0 writes the results")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="lp-fx bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    bench(parser.parse_args(argv))
+
+
+def bench(args: argparse.Namespace) -> None:
+    """Run inside torchrun, or start torchrun with ``args.nproc`` processes running this module."""
+    if "LOCAL_RANK" in os.environ:
+        run(args)
+        return
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
+           "--master_addr", "127.0.0.1", "--master_port", "0", "-m", "lp_fx.bench", *_argv(args)]
+    code = subprocess.call(cmd)
+    if code:
+        raise RuntimeError(f"torchrun exited with status {code}")
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    """The command line that gives back ``args`` (for the processes torchrun starts)."""
+    names = ("model", "start", "end", "inner", "tokens", "rounds", "prompt", "nproc", "json")
+    out = [part for name in names for part in (f"--{name}", str(getattr(args, name)))]
+    out += ["--modes", *args.modes] + ["--no-single"] * args.no_single + ["--verbose"] * args.verbose
+    return out
+
+
+def register(subparsers) -> None:
+    """Add ``bench`` to the ``lp-fx`` command line (``subparsers`` from ``add_subparsers``)."""
+    parser = subparsers.add_parser("bench", help="decode tokens/s: TP vs TP+LP vs one device")
+    add_arguments(parser)
+    parser.set_defaults(func=bench)
+
+
+if __name__ == "__main__":
+    main()
