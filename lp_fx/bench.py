@@ -15,6 +15,7 @@ import copy
 import json
 import logging
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 PROMPT = "The capital of France is"
+_ARGS_VAR = "LP_FX_BENCH_ARGS"
 
 
 @dataclass
@@ -178,6 +180,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="lp-fx bench", description=__doc__.splitlines()[0])
     add_arguments(parser)
+    if argv is None and _ARGS_VAR in os.environ:
+        argv = shlex.split(os.environ[_ARGS_VAR])
     bench(parser.parse_args(argv))
 
 
@@ -187,8 +191,9 @@ def bench(args: argparse.Namespace) -> None:
         run(args)
         return
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-           "--master_addr", "127.0.0.1", "--master_port", "0", "-m", "lp_fx.bench", *_argv(args)]
-    code = subprocess.call(cmd)
+           "--master_addr", "127.0.0.1", "--master_port", "0", "-m", "lp_fx.bench"]
+    # Passed by environment: torchrun's own parser would claim --start (as --start-method).
+    code = subprocess.call(cmd, env={**os.environ, _ARGS_VAR: shlex.join(_argv(args))})
     if code:
         raise RuntimeError(f"torchrun exited with status {code}")
 

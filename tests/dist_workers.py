@@ -19,6 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lp_fx.backend import LayerParallel
 from lp_fx.config import LayerParallelError
 
+GPT_CASES = (("lp", True), ("block", False))
 PROMPT = torch.tensor([[3, 14, 15, 9, 26, 5, 35]])
 
 
@@ -150,7 +151,8 @@ def run_all(rank: int, world: int, port: int, out_dir: str) -> None:
         for tp in (False, True):
             for mode in ("lp", "block"):
                 results[f"llama_{mode}_tp{tp}"] = logits_case(mesh, llama, [(2, 3)], mode, tp)
-                results[f"gpt_{mode}_tp{tp}"] = logits_case(mesh, gpt, [(1, 2)], mode, tp)
+        for mode, tp in GPT_CASES:
+            results[f"gpt_{mode}_tp{tp}"] = logits_case(mesh, gpt, [(1, 2)], mode, tp)
         results["llama_tp_only"] = logits_case(mesh, llama, [], "lp", True)
         results["gpt_tp_only"] = logits_case(mesh, gpt, [], "lp", True)
         results["generate"] = generate_case(mesh)

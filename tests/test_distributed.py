@@ -43,9 +43,11 @@ def _expected_collectives(layers: int, mode: str, tp: bool, pairs: int = 1) -> i
     return pairs * per_pair + (2 * (layers - 2 * pairs) if tp else 0)
 
 
-@pytest.mark.parametrize("model,layers", [("llama", LLAMA_LAYERS), ("gpt", GPT_LAYERS)])
-@pytest.mark.parametrize("mode", ["lp", "block"])
-@pytest.mark.parametrize("tp", [False, True])
+CASES = [("llama", LLAMA_LAYERS, mode, tp) for mode in ("lp", "block") for tp in (False, True)]
+CASES += [("gpt", GPT_LAYERS, mode, tp) for mode, tp in dist_workers.GPT_CASES]
+
+
+@pytest.mark.parametrize("model,layers,mode,tp", CASES)
 def test_placed_logits_equal_single_device(ranks, model, layers, mode, tp):
     for rank, res in enumerate(ranks):
         case = res[f"{model}_{mode}_tp{tp}"]
