@@ -191,7 +191,7 @@ def bench(args: argparse.Namespace) -> None:
         run(args)
         return
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-           "--master_addr", "127.0.0.1", "--master_port", "0", "-m", "lp_fx.bench"]
+           "--standalone", "-m", "lp_fx.bench"]
     # Passed by environment: torchrun's own parser would claim --start (as --start-method).
     code = subprocess.call(cmd, env={**os.environ, _ARGS_VAR: shlex.join(_argv(args))})
     if code:

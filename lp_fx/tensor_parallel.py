@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from .collectives import insert_after
 from .config import LayerParallelError
 from .find_layers import Layer, SubBlock, example_value, is_add
 from .fx_utils import mutated_input
@@ -463,7 +464,7 @@ def _apply(plan: _Plan, rank: int, sum_target: Callable, copy_target: Callable) 
         _narrow_arg(row, 1, 1, plan.splits[row.args[0]])
         if len(row.args) > 2 and row.args[2] is not None and rank != 0:
             row.args = (*row.args[:2], None)
-        _insert_sum(row, sum_target)
+        insert_after(row, sum_target)
 
 
 def _position(node: fx.Node) -> int:
@@ -490,8 +491,3 @@ def _narrow_uses(cache: fx.Node, split: Split, splits: dict[fx.Node, Split]) -> 
     for user in users:
         user.replace_input_with(cache, narrowed)
 
-
-def _insert_sum(row: fx.Node, sum_target: Callable) -> None:
-    from .collectives import insert_after
-
-    insert_after(row, sum_target)
