@@ -138,6 +138,7 @@ def run(args: argparse.Namespace) -> None:
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     torch.distributed.init_process_group("gloo")
+    torch._dynamo.config.automatic_dynamic_shapes = False  # each variant: its own static graphs
     torch._dynamo.config.cache_size_limit = 64
     torch._dynamo.config.accumulated_cache_size_limit = 1024
     rank = torch.distributed.get_rank()

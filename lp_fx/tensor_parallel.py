@@ -307,17 +307,22 @@ def _view(node: fx.Node, split: Split) -> tuple[Split, tuple]:
 def _groups(src: tuple, dst: tuple) -> list[tuple[list[int], list[int]]]:
     """Pair up runs of dims with equal products: ``(1, 1, 576) / (1, 1, 9, 64)`` ->
     ``[([0], [0]), ([1], [1]), ([2], [2, 3])]``."""
-    if any(not isinstance(d, int) for d in (*src, *dst)):
-        raise CannotShard("reshape with symbolic sizes")
     groups, i, j = [], 0, 0
     while i < len(src) and j < len(dst):
         gi, gj, pi, pj = [i], [j], src[i], dst[j]
+        if not isinstance(pi, int) or not isinstance(pj, int):
+            # A symbolic size (a dynamic sequence length) only maps onto the same symbol.
+            if str(pi) != str(pj):
+                raise CannotShard("reshape with symbolic sizes")
+            groups.append((gi, gj))
+            i, j = i + 1, j + 1
+            continue
         while pi != pj:
-            if pi < pj and i + 1 < len(src):
+            if pi < pj and i + 1 < len(src) and isinstance(src[i + 1], int):
                 i += 1
                 gi.append(i)
                 pi *= src[i]
-            elif pj < pi and j + 1 < len(dst):
+            elif pj < pi and j + 1 < len(dst) and isinstance(dst[j + 1], int):
                 j += 1
                 gj.append(j)
                 pj *= dst[j]
@@ -418,9 +423,9 @@ def _pointwise(node: fx.Node, splits: dict[fx.Node, Split]) -> Split:
         src = _shape(i)
         k = split.dim - (len(dst) - len(src))
         if i in splits:
-            if k < 0 or src[k] != dst[split.dim]:
+            if k < 0 or str(src[k]) != str(dst[split.dim]):
                 raise CannotShard(f"{node.name}: changes the size of the split dim")
-        elif k >= 0 and src[k] != 1:
+        elif k >= 0 and str(src[k]) != "1":
             if i is mutated_input(node):
                 raise _CacheIsSplit(i, Split(k, split.start, split.size))
             raise CannotShard(f"{node.name}: mixes a split tensor with a whole one ({i.name})")
