@@ -172,17 +172,12 @@ def test_shared_data_readers(task: str) -> None:
     assert all(0 <= item.gold < len(item.requests) for item in items)
 
 
-BLOCK_ADJACENT = pytest.mark.xfail(
-    reason="backend: block mode with adjacent pairs (1,2),(3,4) differs from the eager reference"
-)
-
-
 @pytest.mark.parametrize(
     ("mode", "pairs"),
     [
         ("lp", ((1, 2), (3, 4))),
         ("block", ((1, 2), (4, 5))),
-        pytest.param("block", ((1, 2), (3, 4)), marks=BLOCK_ADJACENT),
+        ("block", ((1, 2), (3, 4))),
     ],
 )
 def test_perplexity_through_backend_matches_eager_reference(
