@@ -106,24 +106,25 @@ def _write_json(payload: dict, path: str) -> None:
 
 
 def format_table(names: Sequence[str], results: dict[str, dict]) -> str:
-    """Metrics as rows, pairings as columns; after the baseline, ``value (LP/baseline)``."""
-    baseline = results[names[0]]
-    width = max(24, *(len(name) + 2 for name in names))
-    lines = ["metric".ljust(22) + "".join(name.rjust(width) for name in names)]
-    for task, metric in evaluate.metric_values(baseline):
-        cells = []
-        for name in names:
-            value = evaluate.metric_values(results[name]).get((task, metric))
-            base = evaluate.metric_values(baseline)[(task, metric)]
-            text = "n/a" if value is None else f"{value:.4g}"
-            if name != names[0] and value is not None and base:
-                text += f" ({value / base:.3f})"
-            cells.append(text.rjust(width))
-        n = baseline[task].get("n", baseline[task].get("windows"))
-        lines.append(f"{task}/{metric} [{n}]".ljust(22) + "".join(cells))
+    """Metrics as rows (``[n]`` = items or windows), pairings as columns; after the baseline,
+    ``value (LP/baseline)``; then the mean accuracy retention."""
+    values = {name: evaluate.metric_values(results[name]) for name in names}
+    baseline = values[names[0]]
+    rows: list[tuple[str, list[str]]] = []
+    for task, metric in baseline:
+        size = results[names[0]][task].get("n", results[names[0]][task].get("windows"))
+        cells = [f"{baseline[(task, metric)]:.4g}"]
+        for name in names[1:]:
+            value = values[name].get((task, metric))
+            cells.append("n/a" if value is None else f"{value:.4g} ({value / baseline[(task, metric)]:.3f})")
+        rows.append((f"{task}/{metric} [{size}]", cells))
     for key in ("mean_acc", "mean_acc_norm"):
-        cells = [""] + [f"{evaluate.retention(results[n], baseline).get(key, float('nan')):.3f}" for n in names[1:]]
-        lines.append(f"retention {key}".ljust(22) + "".join(cell.rjust(width) for cell in cells))
+        means = [evaluate.retention(results[name], results[names[0]]).get(key) for name in names[1:]]
+        rows.append((f"retention {key}", ["", *("n/a" if m is None else f"{m:.3f}" for m in means)]))
+    label = max(len(row[0]) for row in rows) + 2
+    width = max(18, *(len(name) + 2 for name in names), *(len(c) + 2 for _, cells in rows for c in cells))
+    lines = ["metric".ljust(label) + "".join(name.rjust(width) for name in names)]
+    lines += [text.ljust(label) + "".join(cell.rjust(width) for cell in cells) for text, cells in rows]
     return "\n".join(lines)
 
 

@@ -1,0 +1,36 @@
+"""Real-model checks on the bundled SmolLM2-135M-Instruct (slow: run with -m slow)."""
+
+from __future__ import annotations
+
+import pytest
+
+from lp_fx import data, evaluate, models
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> models.LoadedModel:
+    return models.load_model("smollm2")
+
+
+def test_baseline_perplexity_is_plausible_and_reproducible(smollm2: models.LoadedModel) -> None:
+    data_dir = data.resolve_data_dir(None)
+    windows = evaluate.wikitext_windows(smollm2.tokenizer, data_dir, 512, "heldout", 2)
+    logits_fn = evaluate.compile_pairing(smollm2.model, evaluate.BASELINE)
+    first = evaluate.perplexity(logits_fn, windows, progress=False)
+    second = evaluate.perplexity(logits_fn, windows, progress=False)
+    assert first == second
+    assert 10 < first.ppl < 60  # a 135M model on WikiText-2, dequantized Q4_1
+
+
+def test_contiguous_pairing_costs_perplexity(smollm2: models.LoadedModel) -> None:
+    data_dir = data.resolve_data_dir(None)
+    windows = evaluate.wikitext_windows(smollm2.tokenizer, data_dir, 512, "heldout", 1)
+    base = evaluate.perplexity(evaluate.eager_logits(smollm2.model), windows, progress=False)
+    paired = evaluate.perplexity(
+        evaluate.compile_pairing(smollm2.model, evaluate.Pairing("14:28", ((14, 15), (16, 17)))),
+        windows,
+        progress=False,
+    )
+    assert base.ppl < paired.ppl < 3 * base.ppl
