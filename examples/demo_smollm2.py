@@ -16,7 +16,7 @@ import torch
 
 from lp_fx import LayerParallel
 from lp_fx.data import load_wikitext, resolve_data_dir
-from lp_fx.evaluate import make_windows
+from lp_fx.evaluate import make_windows, perplexity
 from lp_fx.models import load_model
 
 PROMPT = "What is the capital of France?"
@@ -36,15 +36,6 @@ def parse_args() -> argparse.Namespace:
 
 
 @torch.no_grad()
-def perplexity(forward, windows: torch.Tensor) -> float:
-    nll = sum(
-        torch.nn.functional.cross_entropy(forward(input_ids=w[None], use_cache=False).logits[0, :-1], w[1:], reduction="sum")
-        for w in windows
-    )
-    return float(torch.exp(nll / (windows.numel() - windows.shape[0])))
-
-
-@torch.no_grad()
 def answer(model, tokenizer, new_tokens: int) -> str:
     text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, return_tensors="pt").input_ids
@@ -58,7 +49,7 @@ def run(name: str, loaded, backend: LayerParallel, windows: torch.Tensor, new_to
     t0 = time.perf_counter()
     model.forward = torch.compile(plain_forward, backend=backend)
     try:
-        ppl = perplexity(model.forward, windows)
+        ppl = perplexity(lambda ids: model.forward(input_ids=ids, use_cache=False).logits, windows).ppl
         text = answer(model, loaded.tokenizer, new_tokens)
     finally:
         model.forward = plain_forward

@@ -130,17 +130,8 @@ def erase_unused(nodes: Iterable[fx.Node]) -> int:
     return erased
 
 
-def erase_all(nodes: Iterable[fx.Node]) -> None:
-    """Erase ``nodes`` whatever they do; they must be used only by each other."""
-    nodes = set(nodes)
-    outside = {u for n in nodes for u in n.users} - nodes
-    if outside:
-        raise RuntimeError(f"cannot erase nodes still used by {sorted(u.name for u in outside)[:5]}")
-    for n in reversed(_in_graph_order(nodes)):
-        n.graph.erase_node(n)
-
-
-def _in_graph_order(nodes: set[fx.Node]) -> list[fx.Node]:
+def in_graph_order(nodes: set[fx.Node]) -> list[fx.Node]:
+    """``nodes`` in the order they stand in their graph."""
     if not nodes:
         return []
     graph = next(iter(nodes)).graph

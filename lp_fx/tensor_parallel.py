@@ -32,7 +32,7 @@ from torch import fx
 from .collectives import insert_after
 from .config import LayerParallelError
 from .find_layers import Layer, SubBlock, example_value, is_add
-from .fx_utils import mutated_input
+from .fx_utils import in_graph_order, mutated_input
 
 _LINEAR = torch._C._nn.linear
 _VIEWS = {"view", "reshape"}
@@ -78,7 +78,7 @@ def shard_sub_block(
     block = layer.blocks[block_index]
     allowed = layer.nodes - _descendants(block.add, layer.nodes) - {block.add}
     region = _descendants(_stream_of(block, layer), allowed)
-    linears = [n for n in _in_order(region) if _is_linear(n)]
+    linears = [n for n in in_graph_order(region) if _is_linear(n)]
     if not linears:
         return 0
     columns = _column_linears(linears, region)
@@ -106,13 +106,6 @@ def _descendants(node: fx.Node, within: set[fx.Node]) -> set[fx.Node]:
     return seen
 
 
-def _in_order(nodes: set[fx.Node]) -> list[fx.Node]:
-    if not nodes:
-        return []
-    graph = next(iter(nodes)).graph
-    return [n for n in graph.nodes if n in nodes]
-
-
 def _is_linear(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is _LINEAR
 
@@ -121,7 +114,7 @@ def _column_linears(linears: list[fx.Node], region: set[fx.Node]) -> list[fx.Nod
     """Linears whose input does not depend on another linear of the sub-block."""
     after_linear: set[fx.Node] = set()
     columns = []
-    for n in _in_order(region):
+    for n in in_graph_order(region):
         if any(i in after_linear or _is_linear(i) for i in n.all_input_nodes if i in region):
             after_linear.add(n)
         elif _is_linear(n):
@@ -184,7 +177,7 @@ def _plan(
     splits = dict(seeds) | dict(caches)
     new_args: dict[fx.Node, tuple] = {}
     rows = []
-    for node in _in_order(region):
+    for node in in_graph_order(region):
         if node in seeds:
             continue
         split_inputs = [i for i in node.all_input_nodes if i in splits]
