@@ -7,6 +7,9 @@
 
 Both become ``call_function`` nodes whose target closes over the mesh; AOTAutograd traces them
 to ``_c10d_functional.all_reduce`` + ``wait_tensor`` (forward of ``sum_over`` only).
+
+:func:`branch_mesh` views a mesh of 2k ranks as 2 x k for pairs whose branches are
+tensor-parallel over k ranks each.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate
 from .config import LayerParallelError
 
 _AUTO_MESHES: dict[tuple[str, int], DeviceMesh] = {}
+_BRANCH_MESHES: dict[tuple[str, tuple[int, ...]], DeviceMesh] = {}
 
 
 def resolve_mesh(mesh: Any, example_inputs: Sequence[Any]) -> DeviceMesh:
@@ -47,6 +51,21 @@ def _auto_mesh(example_inputs: Sequence[Any]) -> DeviceMesh:
     if key not in _AUTO_MESHES:
         _AUTO_MESHES[key] = init_device_mesh(device, (key[1],))
     return _AUTO_MESHES[key]
+
+
+def branch_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The 1-D ``mesh`` of 2k ranks as a 2-D mesh ``("branch", "shard")`` of shape (2, k).
+
+    ``["shard"]`` holds the k ranks of one branch (mesh positions ``[0, k)`` or ``[k, 2k)``),
+    ``["branch"]`` the two ranks with the same position inside their branch. Creating it creates
+    process groups, a collective call: every rank compiles the same graphs in the same order, so
+    every rank reaches it together. Cached per mesh, so later graphs reuse the groups.
+    """
+    ranks = mesh.mesh.flatten()
+    key = (mesh.device_type, tuple(ranks.tolist()))
+    if key not in _BRANCH_MESHES:
+        _BRANCH_MESHES[key] = DeviceMesh(mesh.device_type, ranks.reshape(2, -1), mesh_dim_names=("branch", "shard"))
+    return _BRANCH_MESHES[key]
 
 
 def sum_over(mesh: DeviceMesh) -> Callable[[torch.Tensor], torch.Tensor]:
