@@ -1,4 +1,4 @@
-"""What each of the 2 gloo ranks runs for tests/test_distributed.py (spawned, so importable by name).
+"""What each gloo rank runs for tests/test_distributed*.py (spawned, so importable by name).
 
 Every check compares the placed graph on this rank with the single-device backend on the same
 model and pairing, and returns plain numbers; the test process asserts on them.
@@ -7,13 +7,16 @@ model and pairing, and returns plain numbers; the test process asserts on them.
 from __future__ import annotations
 
 import os
+import socket
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lp_fx.backend import LayerParallel
@@ -23,10 +26,10 @@ GPT_CASES = (("lp", True), ("block", False))
 PROMPT = torch.tensor([[3, 14, 15, 9, 26, 5, 35]])
 
 
-def tiny_llama(layers: int = 6, kv_heads: int = 2, seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(layers: int = 6, kv_heads: int = 2, seed: int = 0, heads: int = 4) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+        hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=kv_heads, vocab_size=61, max_position_embeddings=64,
     )
     return LlamaForCausalLM(config).eval()
@@ -69,7 +72,7 @@ class TinyGPT(nn.Module):
         return self.head(self.ln(x))
 
 
-def _logits(model: nn.Module, backend: LayerParallel) -> torch.Tensor:
+def compiled_logits(model: nn.Module, backend: LayerParallel) -> torch.Tensor:
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=backend)
     with torch.no_grad():
@@ -83,13 +86,23 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def logits_case(mesh, make_model: Callable[[], nn.Module], pairs, mode: str, tp: bool) -> dict:
     """Max |placed - single device| and the placed report's collectives and parameter bytes."""
+    case = placed_case(mesh, make_model, pairs, mode, tp)
+    case["diff"] = _diff(case.pop("logits"), single_device_logits(make_model, pairs, mode))
+    return case
+
+
+def single_device_logits(make_model: Callable[[], nn.Module], pairs, mode: str) -> torch.Tensor:
+    return compiled_logits(make_model(), LayerParallel(pairs=pairs, mode=mode, inner="eager"))
+
+
+def placed_case(mesh, make_model: Callable[[], nn.Module], pairs, mode: str, tp: bool) -> dict:
+    """This rank's logits and its report's collectives and parameter bytes."""
     model = make_model()
-    reference = _logits(model, LayerParallel(pairs=pairs, mode=mode, inner="eager"))
     placed = LayerParallel(pairs=pairs, mode=mode, inner="aot_eager", mesh=mesh, tp=tp)
-    logits = _logits(model, placed)
+    logits = compiled_logits(model, placed)
     report = placed.reports[-1]
     full = sum(p.numel() * p.element_size() for p in model.parameters())
-    return {"diff": _diff(logits, reference), "collectives": report.collectives, "param_bytes": report.param_bytes,
+    return {"logits": logits, "collectives": report.collectives, "param_bytes": report.param_bytes,
             "full_bytes": full, "rank": report.rank}
 
 
@@ -140,28 +153,49 @@ def error_case(fn: Callable[[], object]) -> str:
     return "no error"
 
 
-def run_all(rank: int, world: int, port: int, out_dir: str) -> None:
+def spawn_ranks(cases: Callable[[DeviceMesh], dict], world: int, out_dir: Path) -> list[dict]:
+    """Each rank's ``cases(mesh)`` results, from ``world`` spawned gloo processes (any failure raised here)."""
+    mp.spawn(run_cases, args=(world, _free_port(), str(out_dir), cases), nprocs=world)
+    results = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    for r, res in enumerate(results):
+        assert "error" not in res, f"rank {r}:\n{res['error']}"
+    return results
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cases(rank: int, world: int, port: int, out_dir: str, cases: Callable[[DeviceMesh], dict]) -> None:
+    """One spawned rank: ``cases`` on a 1-D mesh over all ranks, saved (or its traceback) for the test process."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    results: dict = {}
     try:
-        mesh = init_device_mesh("cpu", (world,))
-        llama, gpt = tiny_llama, TinyGPT
-        for tp in (False, True):
-            for mode in ("lp", "block"):
-                results[f"llama_{mode}_tp{tp}"] = logits_case(mesh, llama, [(2, 3)], mode, tp)
-        for mode, tp in GPT_CASES:
-            results[f"gpt_{mode}_tp{tp}"] = logits_case(mesh, gpt, [(1, 2)], mode, tp)
-        results["llama_tp_only"] = logits_case(mesh, llama, [], "lp", True)
-        results["gpt_tp_only"] = logits_case(mesh, gpt, [], "lp", True)
-        results["generate"] = generate_case(mesh)
-        results["grad_tp"] = gradient_case(mesh, tp=True)
-        results["grad_lp"] = gradient_case(mesh, tp=False)
-        one = init_device_mesh("cpu", (world, 1), mesh_dim_names=("outer", "inner"))["inner"]
-        results["mesh_of_one"] = logits_case(one, llama, [(2, 3)], "lp", True)
-        results["kv_heads_error"] = error_case(lambda: logits_case(mesh, lambda: tiny_llama(kv_heads=1), [], "lp", True))
+        results = cases(init_device_mesh("cpu", (world,)))
     except Exception:  # noqa: BLE001 - reported to the test process
-        results["error"] = traceback.format_exc()
+        results = {"error": traceback.format_exc()}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
+
+
+def two_rank_cases(mesh: DeviceMesh) -> dict:
+    """Everything tests/test_distributed.py checks."""
+    results: dict = {}
+    llama, gpt = tiny_llama, TinyGPT
+    for tp in (False, True):
+        for mode in ("lp", "block"):
+            results[f"llama_{mode}_tp{tp}"] = logits_case(mesh, llama, [(2, 3)], mode, tp)
+    for mode, tp in GPT_CASES:
+        results[f"gpt_{mode}_tp{tp}"] = logits_case(mesh, gpt, [(1, 2)], mode, tp)
+    results["llama_tp_only"] = logits_case(mesh, llama, [], "lp", True)
+    results["gpt_tp_only"] = logits_case(mesh, gpt, [], "lp", True)
+    results["generate"] = generate_case(mesh)
+    results["grad_tp"] = gradient_case(mesh, tp=True)
+    results["grad_lp"] = gradient_case(mesh, tp=False)
+    one = init_device_mesh("cpu", (mesh.size(), 1), mesh_dim_names=("outer", "inner"))["inner"]
+    results["mesh_of_one"] = logits_case(one, llama, [(2, 3)], "lp", True)
+    results["kv_heads_error"] = error_case(lambda: logits_case(mesh, lambda: tiny_llama(kv_heads=1), [], "lp", True))
+    return results

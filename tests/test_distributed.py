@@ -7,11 +7,8 @@ generation with a static cache, gradients; plus the collective counts and the ba
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from . import dist_workers
 from lp_fx.backend import LayerParallel
@@ -22,20 +19,9 @@ TOL = 1e-4
 LLAMA_LAYERS, GPT_LAYERS = 6, 4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("ranks")
-    mp.spawn(dist_workers.run_all, args=(WORLD, _free_port(), str(out)), nprocs=WORLD)
-    results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    for r, res in enumerate(results):
-        assert "error" not in res, f"rank {r}:\n{res['error']}"
-    return results
+    return dist_workers.spawn_ranks(dist_workers.two_rank_cases, WORLD, tmp_path_factory.mktemp("ranks"))
 
 
 def _expected_collectives(layers: int, mode: str, tp: bool, pairs: int = 1) -> int:
