@@ -41,7 +41,7 @@ from .find_layers import Layer, LayerStack, SubBlock, example_value, is_add
 from .fx_utils import in_graph_order
 from .report import GraphReport
 from .rewrite import PairRewrite
-from .tensor_parallel import CannotShard, shard_sub_block
+from .tensor_parallel import CannotShard, TooFewHeads, mesh_sizes_for, shard_sub_block
 
 
 # A row-parallel sum, and the adds/subs (with their replicated operand) that lead from it to a delta.
@@ -133,8 +133,8 @@ def _place_pair(
     streams = _stream_inputs(mine, _shape_text(rewrite.combines[0]))
     chains: list[_Chain | None] = [None] * len(rewrite.combines)
     if branches.ranks > 1:
-        chains, added_to_other = _shard_both_branches(rewrite, stack, branches, report, say)
-        other = other | added_to_other
+        chains, added = _shard_both_branches(rewrite, stack, branches, report, say)
+        mine, other = mine | added[branches.side], other | added[1 - branches.side]
     # Before the fusion, so that the replicated terms it zeroes still pass their gradient through the copy.
     for stream in streams:
         insert_after(stream, branches.copy_pair, users=lambda user: user in mine)
@@ -156,17 +156,17 @@ def _shard_both_branches(
     branches: _Branches,
     report: GraphReport,
     say: Callable[[str], None],
-) -> tuple[list[_Chain | None], set[fx.Node]]:
+) -> tuple[list[_Chain | None], list[set[fx.Node]]]:
     """Split both branches over the ranks of a branch. Returns, per combined delta, the chain that
     fuses this rank's sums (None unless both branches have one: the two groups of ranks must issue
-    the same collectives), and the nodes the split added to the other branch (to erase with it)."""
+    the same collectives), and the nodes the split added to each branch."""
     added = [_shard_branch(rewrite, side, stack, branches, report, say) for side in (0, 1)]
     found = [
         [_row_sum_chain(c.args[side], added[side], rewrite.branches[side], branches) for c in rewrite.combines]
         for side in (0, 1)
     ]
     mine, theirs = found[branches.side], found[1 - branches.side]
-    return [m if t is not None else None for m, t in zip(mine, theirs)], added[1 - branches.side]
+    return [m if t is not None else None for m, t in zip(mine, theirs)], added
 
 
 def _shard_branch(
@@ -183,10 +183,12 @@ def _shard_branch(
     layer = _branch_as_layer(rewrite, side, stack)
     try:
         _shard_layer(layer, branches.shard, branches.ranks, branches.sum_shard, branches.copy_shard, report, say)
-    except LayerParallelError as e:
+    except TooFewHeads as e:
+        valid = ", ".join(str(2 * k) for k in mesh_sizes_for(e.units))
         raise LayerParallelError(
             f"pair {rewrite.pair} on a mesh of {2 * branches.ranks} devices runs each branch tensor-parallel "
-            f"over {branches.ranks} of them, and {e}"
+            f"over {branches.ranks} of them, but layer {layer.index} ({layer.path}) has only {e.units} key/value "
+            f"heads (or features) to share out among them; mesh sizes that fit this pair: {valid}"
         ) from e
     return set(graph.nodes) - before
 

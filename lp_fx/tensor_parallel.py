@@ -47,6 +47,19 @@ class CannotShard(Exception):
     """This sub-block cannot be split by the propagation; the layer stays replicated."""
 
 
+class TooFewHeads(LayerParallelError):
+    """The mesh cannot give every rank whole key/value heads of a layer: it has only ``units``."""
+
+    def __init__(self, message: str, units: int) -> None:
+        super().__init__(message)
+        self.units = units
+
+
+def mesh_sizes_for(units: int) -> list[int]:
+    """The mesh sizes over which ``units`` heads split (``torch.chunk`` style) with some for every rank."""
+    return [w for w in range(1, units + 1) if (w - 1) * math.ceil(units / w) < units]
+
+
 @dataclass(frozen=True)
 class Split:
     """A tensor of which this rank holds ``[start, start + size)`` along ``dim`` (global indices)."""
@@ -132,19 +145,21 @@ def _column_splits(layer: Layer, columns: list[fx.Node], rank: int, world: int) 
     heads = [_heads_of(c) for c in columns]
     units = min(heads)
     if units < world:
-        raise LayerParallelError(
+        raise TooFewHeads(
             f"a mesh of {world} devices cannot split layer {layer.index} ({layer.path}): it has only "
             f"{units} key/value heads (or features) to share out; use a mesh of at most {units} devices, "
-            "or tp=False to keep the non-paired layers replicated"
+            "or tp=False to keep the non-paired layers replicated",
+            units,
         )
     if any(h % units for h in heads):
         raise CannotShard(f"head counts {heads} are not multiples of {units}")
     chunk = math.ceil(units / world)
     first, last = min(rank * chunk, units), min((rank + 1) * chunk, units)
     if first == last:
-        raise LayerParallelError(
+        raise TooFewHeads(
             f"a mesh of {world} devices cannot split the {units} key/value heads of layer {layer.index} "
-            f"({layer.path}) so that every rank gets one; use a mesh size that divides {units}"
+            f"({layer.path}) so that every rank gets one; use a mesh size that divides {units}",
+            units,
         )
     splits = {}
     for column, n in zip(columns, heads):

@@ -76,7 +76,7 @@ def test_branch_too_small_to_split_is_refused(ranks):
     for res in ranks:
         msg = res["kv_heads_error"]
         assert "pair (2, 3) on a mesh of 4 devices runs each branch tensor-parallel over 2" in msg
-        assert "1 key/value heads" in msg
+        assert "only 1 key/value heads" in msg and "mesh sizes that fit this pair: 2" in msg
 
 
 @pytest.mark.parametrize("world", [3, 5])
