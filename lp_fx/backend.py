@@ -19,6 +19,7 @@ from .config import LayerParallelError, LPConfig, Pair, config_from_options
 from .find_layers import LayerStack, available_stacks, find_layers
 from .report import GraphReport, LayerInfo
 from .rewrite import PairRewrite, pair_problem, rewrite_pairs
+from .weights import WeightStore, keep_own_weights
 
 logger = logging.getLogger("lp_fx")
 
@@ -29,6 +30,7 @@ class LayerParallel:
     def __init__(self, options: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         self.config: LPConfig = config_from_options(options, **kwargs)
         self.reports: list[GraphReport] = []
+        self.weights = WeightStore()
         self._said: set[str] = set()
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable:
@@ -49,6 +51,11 @@ class LayerParallel:
             from .placement import place
 
             gm = place(gm, example_inputs, stack, rewrites, self.config, report, self._say)
+            if self.config.free_weights and report.collectives is not None:
+                slices, report.released_bytes = keep_own_weights(gm, example_inputs, self.weights)
+                logger.debug("%s", report.summary())
+                inputs = _replaced(example_inputs, _static_fakes(example_inputs, slices))
+                return _with_inputs_replaced(compile_inner(gm, inputs, self.config.inner), slices)
         logger.debug("%s", report.summary())
         return compile_inner(gm, example_inputs, self.config.inner)
 
@@ -138,6 +145,31 @@ def compile_inner(gm: fx.GraphModule, example_inputs: Sequence[Any], inner: str 
     from torch._inductor.compile_fx import compile_fx
 
     return compile_fx(gm, example_inputs)
+
+
+def _replaced(args: Sequence[Any], by_position: Mapping[int, Any]) -> list[Any]:
+    return [by_position.get(i, a) for i, a in enumerate(args)]
+
+
+def _static_fakes(example_inputs: Sequence[Any], tensors: Mapping[int, torch.Tensor]) -> dict[int, Any]:
+    """Fake copies of ``tensors`` with static shapes, in the fake mode Dynamo traced with.
+
+    AOTAutograd fakifies a real input it has not seen with fresh, sourceless size symbols, which
+    Dynamo cannot turn into guards; a fake tensor of its own mode is taken as it is.
+    """
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    if fake_mode is None:
+        return dict(tensors)
+    return {i: fake_mode.from_tensor(t, static_shapes=True) for i, t in tensors.items()}
+
+
+def _with_inputs_replaced(compiled: Callable, by_position: Mapping[int, Any]) -> Callable:
+    """``compiled`` called with some inputs replaced (a released parameter by this rank's slice)."""
+
+    def call(*args: Any) -> Any:
+        return compiled(*_replaced(args, by_position))
+
+    return call
 
 
 _BY_OPTIONS: dict[str, LayerParallel] = {}

@@ -12,7 +12,7 @@ from typing import Any
 
 MODES = ("lp", "block")
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
-OPTION_NAMES = ("pairs", "start", "end", "plan", "mode", "inner", "stack", "strict", "mesh", "tp")
+OPTION_NAMES = ("pairs", "start", "end", "plan", "mode", "inner", "stack", "strict", "mesh", "tp", "free_weights")
 
 Pair = tuple[int, int]
 
@@ -32,6 +32,7 @@ class LPConfig:
     strict: bool = False
     mesh: Any = None
     tp: bool = True
+    free_weights: bool = False
     plan_num_layers: int | None = None
     pair_modes: Mapping[Pair, str] = field(default_factory=dict)
 
@@ -53,6 +54,9 @@ def config_from_options(options: Mapping[str, Any] | None = None, **kwargs: Any)
             f"unknown option(s) {', '.join(map(repr, unknown))}; valid options: {', '.join(OPTION_NAMES)}"
         )
     pairs, plan_num_layers, pair_modes = _pairs_from_options(opts)
+    free_weights = _bool(opts.get("free_weights", False), "free_weights")
+    if free_weights and opts.get("mesh") is None:
+        raise LayerParallelError("free_weights=True needs a mesh: on one device every weight is computed with")
     return LPConfig(
         pairs=pairs,
         mode=_choice(opts.get("mode", "lp"), MODES, "mode"),
@@ -61,6 +65,7 @@ def config_from_options(options: Mapping[str, Any] | None = None, **kwargs: Any)
         strict=_bool(opts.get("strict", False), "strict"),
         mesh=opts.get("mesh"),
         tp=_bool(opts.get("tp", True), "tp"),
+        free_weights=free_weights,
         plan_num_layers=plan_num_layers,
         pair_modes=pair_modes,
     )

@@ -30,6 +30,7 @@ class GraphReport:
     rank: int | None = None
     collectives: int | None = None
     param_bytes: int | None = None
+    released_bytes: int | None = None
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -40,5 +41,7 @@ class GraphReport:
         lines += [f"  skipped {p}: {why}" for p, why in self.pairs_skipped]
         if self.collectives is not None:
             lines.append(f"  rank {self.rank}: {self.collectives} collectives, {self.param_bytes} parameter bytes")
+        if self.released_bytes:
+            lines.append(f"  released {self.released_bytes} bytes of parameters this rank does not compute with")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)

@@ -21,6 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lp_fx.backend import LayerParallel
 from lp_fx.config import LayerParallelError
+from lp_fx.weights import resident_bytes
 
 GPT_CASES = (("lp", True), ("block", False))
 PROMPT = torch.tensor([[3, 14, 15, 9, 26, 5, 35]])
@@ -106,19 +107,39 @@ def placed_case(mesh, make_model: Callable[[], nn.Module], pairs, mode: str, tp:
             "full_bytes": full, "rank": report.rank}
 
 
+def greedy_tokens(backend: LayerParallel) -> tuple[list[int], nn.Module]:
+    """Greedy tokens of a tiny Llama whose forward is compiled with ``backend`` (static cache)."""
+    torch._dynamo.reset()
+    model = tiny_llama()
+    model.forward = torch.compile(model.forward, backend=backend)
+    with torch.no_grad():
+        out = model.generate(PROMPT, max_new_tokens=8, do_sample=False, cache_implementation="static")
+    return out[0].tolist(), model
+
+
 def generate_case(mesh) -> dict:
     """Greedy tokens with a static cache, TP + LP on 2 ranks vs single-device LP."""
-    def tokens(backend: LayerParallel) -> list[int]:
-        torch._dynamo.reset()
-        model = tiny_llama()
-        model.forward = torch.compile(model.forward, backend=backend)
-        out = model.generate(PROMPT, max_new_tokens=8, do_sample=False, cache_implementation="static")
-        return out[0].tolist()
-
     pairs = [(2, 3)]
     placed = LayerParallel(pairs=pairs, inner="aot_eager", mesh=mesh)
-    return {"single": tokens(LayerParallel(pairs=pairs, inner="eager")), "placed": tokens(placed),
-            "collectives": [r.collectives for r in placed.reports]}
+    return {"single": greedy_tokens(LayerParallel(pairs=pairs, inner="eager"))[0],
+            "placed": greedy_tokens(placed)[0], "collectives": [r.collectives for r in placed.reports]}
+
+
+def free_weights_case(mesh) -> dict:
+    """TP + LP generation with ``free_weights=True``: tokens, and the parameter memory the rank keeps."""
+    pairs = [(2, 3)]
+    placed = LayerParallel(pairs=pairs, inner="inductor", mesh=mesh, free_weights=True)
+    tokens, model = greedy_tokens(placed)
+    full = sum(p.numel() * p.element_size() for p in tiny_llama().parameters())
+
+    def with_gradients() -> None:
+        torch._dynamo.reset()
+        torch.compile(tiny_llama(), backend=LayerParallel(mesh=mesh, free_weights=True))(PROMPT)
+
+    return {"single": greedy_tokens(LayerParallel(pairs=pairs, inner="eager"))[0], "placed": tokens,
+            "resident": resident_bytes(model, placed.weights), "full_bytes": full,
+            "param_bytes": [r.param_bytes for r in placed.reports], "released": [r.released_bytes for r in placed.reports],
+            "grad_error": error_case(with_gradients)}
 
 
 def gradient_case(mesh, tp: bool) -> float:
@@ -193,6 +214,7 @@ def two_rank_cases(mesh: DeviceMesh) -> dict:
     results["llama_tp_only"] = logits_case(mesh, llama, [], "lp", True)
     results["gpt_tp_only"] = logits_case(mesh, gpt, [], "lp", True)
     results["generate"] = generate_case(mesh)
+    results["free_weights"] = free_weights_case(mesh)
     results["grad_tp"] = gradient_case(mesh, tp=True)
     results["grad_lp"] = gradient_case(mesh, tp=False)
     one = init_device_mesh("cpu", (mesh.size(), 1), mesh_dim_names=("outer", "inner"))["inner"]

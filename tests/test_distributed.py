@@ -68,6 +68,17 @@ def test_greedy_generation_with_static_cache(ranks):
         assert case["collectives"] == [10, 10]
 
 
+def test_free_weights_keeps_only_the_weights_a_rank_computes_with(ranks):
+    for res in ranks:
+        case = res["free_weights"]
+        assert case["placed"] == case["single"]
+        # What stays in memory is exactly what the rank's graphs read: about half of the model.
+        assert case["resident"] == case["param_bytes"][0] == case["param_bytes"][1]
+        assert case["resident"] < 0.6 * case["full_bytes"]
+        assert case["released"][0] > 0 and case["released"][1] == 0  # the decode graph finds them released
+        assert "free_weights=True is for inference" in case["grad_error"]
+
+
 @pytest.mark.parametrize("tp", [True, False])
 def test_gradients_equal_single_device(ranks, tp):
     for res in ranks:
@@ -103,3 +114,8 @@ def test_config_rejects_nothing_new():
     assert LayerParallel(mesh="auto", tp=False).config.tp is False
     with pytest.raises(LayerParallelError):
         LayerParallel(tp="no")
+
+
+def test_free_weights_needs_a_mesh():
+    with pytest.raises(LayerParallelError, match="free_weights=True needs a mesh"):
+        LayerParallel(free_weights=True)
