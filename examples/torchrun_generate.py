@@ -3,7 +3,8 @@
     torchrun --nproc_per_node 2 examples/torchrun_generate.py [--start 14 --end 28 --mode lp]
 
 Each process compiles the same model twice with the ``layer_parallel`` backend: once with only
-a mesh (plain TP, the baseline), once with the pairs too. Static cache, greedy, batch 1.
+a mesh (plain TP, the baseline), once with the pairs too; with ``free_weights`` each rank then holds
+only the weights it computes with. Static cache, greedy, batch 1.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from lp_fx.bench import Variant, compile_variant, generate
 from lp_fx.models import load_model
+from lp_fx.weights import resident_bytes
 
 
 def main() -> None:
@@ -32,10 +34,11 @@ def main() -> None:
     messages = [{"role": "user", "content": args.prompt}]
     ids = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
     ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+    placed = {"mesh": "auto", "inner": args.inner, "free_weights": True}
     runs = [
-        Variant("TP", {"mesh": "auto", "inner": args.inner}),
+        Variant("TP", placed),
         Variant(f"TP+LP {args.mode} Δ={args.end - args.start}",
-                {"mesh": "auto", "inner": args.inner, "start": args.start, "end": args.end, "mode": args.mode}),
+                {**placed, "start": args.start, "end": args.end, "mode": args.mode}),
     ]
     for variant in runs:
         model, backend = compile_variant(loaded.model, variant)
@@ -45,7 +48,7 @@ def main() -> None:
             report = backend.reports[-1]
             text = loaded.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
             print(f"[{variant.name}] {speed:.2f} tokens/s, {report.collectives} all-reduces per decode step, "
-                  f"{report.param_bytes / 2**20:.0f} MiB of weights read on rank 0\n  {text!r}")
+                  f"{resident_bytes(model, backend.weights) / 2**20:.0f} MiB of weights held on rank 0\n  {text!r}")
     torch.distributed.destroy_process_group()
 
 

@@ -38,7 +38,7 @@ class Variant:
     distributed: bool = True
     tokens_per_s: list[float] = field(default_factory=list)
     collectives: list[int | None] = field(default_factory=list)
-    param_bytes: list[int | None] = field(default_factory=list)
+    resident_bytes: int | None = None
 
 
 class _TokenClock:
@@ -62,8 +62,9 @@ class _TokenClock:
 
 def variants(start: int, end: int, modes: Sequence[str], inner: str, single: bool) -> list[Variant]:
     """TP only, TP + LP per mode, and (optionally) one device, all through the same backend."""
-    out = [Variant("TP", {"mesh": "auto", "inner": inner})]
-    out += [Variant(f"TP+LP {m}", {"mesh": "auto", "inner": inner, "start": start, "end": end, "mode": m}) for m in modes]
+    placed = {"mesh": "auto", "inner": inner, "free_weights": True}
+    out = [Variant("TP", placed)]
+    out += [Variant(f"TP+LP {m}", {**placed, "start": start, "end": end, "mode": m}) for m in modes]
     if single:
         out.append(Variant("1 device", {"inner": inner}, distributed=False))
     return out
@@ -97,14 +98,17 @@ def _barrier() -> None:
 
 def measure(model: torch.nn.Module, ids: torch.Tensor, todo: list[Variant], tokens: int, rounds: int) -> dict:
     """Compile and warm up every variant, then time them interleaved; returns rank 0's texts."""
+    from .weights import resident_bytes
+
     rank = torch.distributed.get_rank()
     compiled = {}
     for v in todo:
         if v.distributed or rank == 0:
             compiled[v.name] = compile_variant(model, v)
-            generate(compiled[v.name][0], ids, tokens)  # compile + warm-up
-            report = compiled[v.name][1].reports[-1]
-            v.collectives, v.param_bytes = [r.collectives for r in compiled[v.name][1].reports], [report.param_bytes]
+            model, backend = compiled[v.name]
+            generate(model, ids, tokens)  # compile + warm-up
+            v.collectives = [r.collectives for r in backend.reports]
+            v.resident_bytes = resident_bytes(model, backend.weights)
         _barrier()
     texts = {}
     for _ in range(rounds):
@@ -121,13 +125,14 @@ def table(todo: list[Variant], num_layers: int, delta: int) -> str:
     """Median decode tokens/s per variant, its ratio to TP, and the ideal ratio L / (L - Δ/2)."""
     base = statistics.median(todo[0].tokens_per_s)
     ideal = num_layers / (num_layers - delta / 2)
-    lines = [f"{'variant':<14}{'tok/s':>9}{'vs TP':>8}{'ideal':>8}  all-reduces/graph  runs"]
+    lines = [f"{'variant':<14}{'tok/s':>9}{'vs TP':>8}{'ideal':>8}{'MiB rank 0':>12}  all-reduces/graph  runs"]
     for v in todo:
         med = statistics.median(v.tokens_per_s)
         lp = v.name.startswith("TP+LP")
         runs = " ".join(f"{t:.1f}" for t in v.tokens_per_s)
         lines.append(
-            f"{v.name:<14}{med:>9.2f}{med / base:>8.3f}{(f'{ideal:.3f}' if lp else ''):>8}  {str(v.collectives):<17}  {runs}"
+            f"{v.name:<14}{med:>9.2f}{med / base:>8.3f}{(f'{ideal:.3f}' if lp else ''):>8}"
+            f"{v.resident_bytes / 2**20:>12.0f}  {str(v.collectives):<17}  {runs}"
         )
     return "\n".join(lines)
 
