@@ -105,10 +105,10 @@ def measure(model: torch.nn.Module, ids: torch.Tensor, todo: list[Variant], toke
     for v in todo:
         if v.distributed or rank == 0:
             compiled[v.name] = compile_variant(model, v)
-            model, backend = compiled[v.name]
-            generate(model, ids, tokens)  # compile + warm-up
+            copy_, backend = compiled[v.name]
+            generate(copy_, ids, tokens)  # compile + warm-up
             v.collectives = [r.collectives for r in backend.reports]
-            v.resident_bytes = resident_bytes(model, backend.weights)
+            v.resident_bytes = resident_bytes(copy_, backend.weights)
         _barrier()
     texts = {}
     for _ in range(rounds):
@@ -121,9 +121,17 @@ def measure(model: torch.nn.Module, ids: torch.Tensor, todo: list[Variant], toke
     return texts
 
 
+def ratio_to_first(v: Variant, first: Variant) -> float:
+    """Median over rounds of ``v``'s speed / ``first``'s speed in the same round.
+
+    Rounds are interleaved, so a slow spell of the machine hits both runs of a round alike;
+    the per-round ratio cancels it where a ratio of medians would not.
+    """
+    return statistics.median(a / b for a, b in zip(v.tokens_per_s, first.tokens_per_s))
+
+
 def table(todo: list[Variant], num_layers: int, delta: int) -> str:
     """Median decode tokens/s per variant, its ratio to TP, and the ideal ratio L / (L - Δ/2)."""
-    base = statistics.median(todo[0].tokens_per_s)
     ideal = num_layers / (num_layers - delta / 2)
     lines = [f"{'variant':<14}{'tok/s':>9}{'vs TP':>8}{'ideal':>8}{'MiB rank 0':>12}  all-reduces/graph  runs"]
     for v in todo:
@@ -131,7 +139,7 @@ def table(todo: list[Variant], num_layers: int, delta: int) -> str:
         lp = v.name.startswith("TP+LP")
         runs = " ".join(f"{t:.1f}" for t in v.tokens_per_s)
         lines.append(
-            f"{v.name:<14}{med:>9.2f}{med / base:>8.3f}{(f'{ideal:.3f}' if lp else ''):>8}"
+            f"{v.name:<14}{med:>9.2f}{ratio_to_first(v, todo[0]):>8.3f}{(f'{ideal:.3f}' if lp else ''):>8}"
             f"{v.resident_bytes / 2**20:>12.0f}  {str(v.collectives):<17}  {runs}"
         )
     return "\n".join(lines)
@@ -155,12 +163,13 @@ def run(args: argparse.Namespace) -> None:
         delta = args.end - args.start
         print(f"{loaded.name}: {loaded.num_layers} layers, Δ={delta} (start={args.start}, end={args.end}), "
               f"world={torch.distributed.get_world_size()}, inner={args.inner}, {args.tokens} tokens, "
-              f"{args.rounds} rounds, batch 1, static cache; median decode tokens/s")
+              f"{args.rounds} rounds, batch 1, static cache; median decode tokens/s, median per-round ratio to TP")
         print(table(todo, loaded.num_layers, delta))
         for name, out in texts.items():
             print(f"[{name}] {loaded.tokenizer.decode(out[0], skip_special_tokens=True)!r}")
         result = {"model": loaded.name, "layers": loaded.num_layers, "start": args.start, "end": args.end,
                   "ideal": loaded.num_layers / (loaded.num_layers - delta / 2), "args": vars(args),
+                  "ratio_to_tp": {v.name: ratio_to_first(v, todo[0]) for v in todo},
                   "variants": [asdict(v) for v in todo]}
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1, default=str)
@@ -175,7 +184,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", nargs="+", default=["lp", "block"], choices=["lp", "block"])
     parser.add_argument("--inner", default="inductor", choices=["inductor", "aot_eager", "eager"])
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per generation")
-    parser.add_argument("--rounds", type=int, default=3, help="timed generations per variant, interleaved")
+    parser.add_argument("--rounds", type=int, default=5, help="timed generations per variant, interleaved")
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--nproc", type=int, default=2, help="processes (devices) torchrun starts")
     parser.add_argument("--no-single", action="store_true", help="skip the single-device variant")
