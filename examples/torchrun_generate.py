@@ -1,6 +1,6 @@
 """SmolLM2-135M generation on 2 processes: tensor parallel (TP) vs TP + Layer Parallelism.
 
-    torchrun --nproc_per_node 2 examples/torchrun_generate.py [--start 14 --end 28 --mode lp]
+    torchrun --nproc_per_node 2 examples/torchrun_generate.py [--pairs 14:28 --mode lp]
 
 Each process compiles the same model twice with the ``layer_parallel`` backend: once with only
 a mesh (plain TP, the baseline), once with the pairs too; with ``free_weights`` each rank then holds
@@ -18,15 +18,25 @@ from lp_fx.models import load_model
 from lp_fx.weights import resident_bytes
 
 
+def layer_range(text: str) -> tuple[int, int]:
+    """``"14:28"`` -> ``(14, 28)``."""
+    try:
+        start, end = (int(i) for i in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:END such as 14:28, got {text!r}") from None
+    return start, end
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--start", type=int, default=14)
-    parser.add_argument("--end", type=int, default=28)
+    # Not --start/--end: torchrun's own parser would take --start as an abbreviation of --start-method.
+    parser.add_argument("--pairs", type=layer_range, default=(14, 28), help="START:END, the layers to pair")
     parser.add_argument("--mode", default="lp", choices=["lp", "block"])
     parser.add_argument("--inner", default="inductor", choices=["inductor", "aot_eager", "eager"])
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--prompt", default="The capital of France is")
     args = parser.parse_args()
+    start, end = args.pairs
 
     torch.distributed.init_process_group("gloo")
     rank = torch.distributed.get_rank()
@@ -37,8 +47,7 @@ def main() -> None:
     placed = {"mesh": "auto", "inner": args.inner, "free_weights": True}
     runs = [
         Variant("TP", placed),
-        Variant(f"TP+LP {args.mode} Δ={args.end - args.start}",
-                {**placed, "start": args.start, "end": args.end, "mode": args.mode}),
+        Variant(f"TP+LP {args.mode} Δ={end - start}", {**placed, "start": start, "end": end, "mode": args.mode}),
     ]
     for variant in runs:
         model, backend = compile_variant(loaded.model, variant)

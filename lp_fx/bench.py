@@ -121,6 +121,21 @@ def measure(model: torch.nn.Module, ids: torch.Tensor, todo: list[Variant], toke
     return texts
 
 
+def all_reduce_ms(numel: int, repeats: int = 200) -> float:
+    """Median latency of one all-reduce of ``numel`` floats over the default group, in ms.
+
+    Multi-rank decode on CPUs is communication-bound, so the LP/TP ratio depends on this number;
+    it is measured in the same run so that the ratio can be read against it.
+    """
+    x = torch.zeros(numel)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.distributed.all_reduce(x)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
 def ratio_to_first(v: Variant, first: Variant) -> float:
     """Median over rounds of ``v``'s speed / ``first``'s speed in the same round.
 
@@ -158,18 +173,23 @@ def run(args: argparse.Namespace) -> None:
     loaded = load_model(args.model)
     ids = loaded.tokenizer(args.prompt, return_tensors="pt").input_ids
     todo = variants(args.start, args.end, args.modes, args.inner, not args.no_single)
+    hidden = loaded.model.config.hidden_size
+    latency = [all_reduce_ms(hidden)]
     texts = measure(loaded.model, ids, todo, args.tokens, args.rounds)
+    latency.append(all_reduce_ms(hidden))
     if rank == 0:
         delta = args.end - args.start
         print(f"{loaded.name}: {loaded.num_layers} layers, Δ={delta} (start={args.start}, end={args.end}), "
               f"world={torch.distributed.get_world_size()}, inner={args.inner}, {args.tokens} tokens, "
               f"{args.rounds} rounds, batch 1, static cache; median decode tokens/s, median per-round ratio to TP")
         print(table(todo, loaded.num_layers, delta))
+        print(f"gloo all-reduce of {hidden} floats: {latency[0]:.2f} ms before the timed rounds, {latency[1]:.2f} ms after")
         for name, out in texts.items():
             print(f"[{name}] {loaded.tokenizer.decode(out[0], skip_special_tokens=True)!r}")
         result = {"model": loaded.name, "layers": loaded.num_layers, "start": args.start, "end": args.end,
                   "ideal": loaded.num_layers / (loaded.num_layers - delta / 2), "args": vars(args),
                   "ratio_to_tp": {v.name: ratio_to_first(v, todo[0]) for v in todo},
+                  "all_reduce_ms": latency,
                   "variants": [asdict(v) for v in todo]}
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1, default=str)
