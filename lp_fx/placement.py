@@ -42,6 +42,7 @@ from .fx_utils import in_graph_order
 from .report import GraphReport
 from .rewrite import PairRewrite
 from .tensor_parallel import CannotShard, TooFewHeads, mesh_sizes_for, shard_sub_block
+from .weights import slice_bytes, tensor_bytes
 
 
 # A row-parallel sum, and the adds/subs (with their replicated operand) that lead from it to a delta.
@@ -329,9 +330,9 @@ def parameter_bytes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> int:
             continue
         slices = [u.meta.get("lp_fx_shard") for u in node.users]
         if all(slices):
-            total += sum(value.element_size() * value.numel() // value.shape[d] * size for d, _, size in set(slices))
+            total += sum(slice_bytes(value, *s) for s in set(slices))
         else:
-            total += value.element_size() * value.numel()
+            total += tensor_bytes(value)
     return total
 
 

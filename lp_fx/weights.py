@@ -16,11 +16,13 @@ compiled forward afterwards (reading a released parameter raises).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .config import LayerParallelError
 
@@ -41,7 +43,7 @@ class WeightStore:
         return self.slices[key]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.slices.values())
+        return _unique_bytes(self.slices.values())
 
 
 def keep_own_weights(
@@ -74,35 +76,56 @@ def keep_own_weights(
             _check_not_released(value, "the whole parameter")
     gm.graph.lint()
     gm.recompile()
-    read = {_storage_key(v) for i, n, v in params if n.users and i not in slices}
+    read = {s._cdata for i, n, v in params if n.users and i not in slices for s in _storages(v)}
     released = 0
     for _, _, value in params:
-        storage = value.untyped_storage()
-        if _storage_key(value) not in read and storage.nbytes():
-            released += storage.nbytes()
-            storage.resize_(0)
+        for storage in _storages(value):
+            if storage._cdata not in read and storage.nbytes():
+                released += storage.nbytes()
+                storage.resize_(0)
     return slices, released
 
 
 def resident_bytes(model: torch.nn.Module, store: WeightStore | None = None) -> int:
     """Bytes of parameter memory this process holds for ``model`` (and the backend's slices)."""
-    storages = {}
-    for p in model.parameters():
-        storages[_storage_key(p)] = p.untyped_storage().nbytes()
-    return sum(storages.values()) + (store.nbytes() if store is not None else 0)
+    return _unique_bytes(model.parameters()) + (store.nbytes() if store is not None else 0)
 
 
 def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "placeholder"]
 
 
-def _storage_key(t: torch.Tensor) -> int:
-    """Identifies a storage, also after it was released (tied weights share one)."""
-    return t.untyped_storage()._cdata
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes of ``t``'s data (of its inner tensors for a subclass: int8 data plus scales)."""
+    if is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, name)) for name in names)
+    return t.numel() * t.element_size()
+
+
+def slice_bytes(t: torch.Tensor, dim: int, start: int, size: int) -> int:
+    """Bytes of ``t.narrow(dim, start, size)``, worked out on a fake copy: ``t`` may be released
+    already, and a quantized weight's scales may or may not be sliced with it."""
+    with FakeTensorMode() as mode:
+        return tensor_bytes(mode.from_tensor(t).narrow(dim, start, size))
+
+
+def _storages(t: torch.Tensor) -> list[torch.UntypedStorage]:
+    """The storages holding ``t``'s data: those of its inner tensors for a tensor subclass such as
+    torchao's quantized weights. ``_cdata`` identifies one, also after it was released."""
+    if is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        return [s for name in names for s in _storages(getattr(t, name))]
+    return [t.untyped_storage()]
+
+
+def _unique_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (tied weights share one)."""
+    return sum({s._cdata: s.nbytes() for t in tensors for s in _storages(t)}.values())
 
 
 def _check_not_released(param: torch.Tensor, what: str) -> None:
-    if param.numel() and not param.untyped_storage().nbytes():
+    if param.numel() and any(not s.nbytes() for s in _storages(param)):
         raise LayerParallelError(
             f"this graph reads {what} of a parameter of shape {tuple(param.shape)} that free_weights=True "
             "already released for another graph (the graphs of one model split its weights differently); "

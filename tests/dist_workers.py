@@ -107,10 +107,19 @@ def placed_case(mesh, make_model: Callable[[], nn.Module], pairs, mode: str, tp:
             "full_bytes": full, "rank": report.rank}
 
 
-def greedy_tokens(backend: LayerParallel) -> tuple[list[int], nn.Module]:
+def int8_llama() -> LlamaForCausalLM:
+    """The tiny Llama with torchao int8 weight-only linears (tensor-subclass weights)."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    model = tiny_llama()
+    quantize_(model, Int8WeightOnlyConfig())
+    return model
+
+
+def greedy_tokens(backend: LayerParallel, make_model: Callable[[], nn.Module] = tiny_llama) -> tuple[list[int], nn.Module]:
     """Greedy tokens of a tiny Llama whose forward is compiled with ``backend`` (static cache)."""
     torch._dynamo.reset()
-    model = tiny_llama()
+    model = make_model()
     model.forward = torch.compile(model.forward, backend=backend)
     with torch.no_grad():
         out = model.generate(PROMPT, max_new_tokens=8, do_sample=False, cache_implementation="static")
@@ -125,18 +134,18 @@ def generate_case(mesh) -> dict:
             "placed": greedy_tokens(placed)[0], "collectives": [r.collectives for r in placed.reports]}
 
 
-def free_weights_case(mesh) -> dict:
+def free_weights_case(mesh, make_model: Callable[[], nn.Module] = tiny_llama) -> dict:
     """TP + LP generation with ``free_weights=True``: tokens, and the parameter memory the rank keeps."""
     pairs = [(2, 3)]
     placed = LayerParallel(pairs=pairs, inner="inductor", mesh=mesh, free_weights=True)
-    tokens, model = greedy_tokens(placed)
-    full = sum(p.numel() * p.element_size() for p in tiny_llama().parameters())
+    tokens, model = greedy_tokens(placed, make_model)
+    full = resident_bytes(make_model())
 
     def with_gradients() -> None:
         torch._dynamo.reset()
         torch.compile(tiny_llama(), backend=LayerParallel(mesh=mesh, free_weights=True))(PROMPT)
 
-    return {"single": greedy_tokens(LayerParallel(pairs=pairs, inner="eager"))[0], "placed": tokens,
+    return {"single": greedy_tokens(LayerParallel(pairs=pairs, inner="eager"), make_model)[0], "placed": tokens,
             "resident": resident_bytes(model, placed.weights), "full_bytes": full,
             "param_bytes": [r.param_bytes for r in placed.reports], "released": [r.released_bytes for r in placed.reports],
             "grad_error": error_case(with_gradients)}
@@ -215,6 +224,7 @@ def two_rank_cases(mesh: DeviceMesh) -> dict:
     results["gpt_tp_only"] = logits_case(mesh, gpt, [], "lp", True)
     results["generate"] = generate_case(mesh)
     results["free_weights"] = free_weights_case(mesh)
+    results["free_weights_int8"] = free_weights_case(mesh, int8_llama)
     results["grad_tp"] = gradient_case(mesh, tp=True)
     results["grad_lp"] = gradient_case(mesh, tp=False)
     one = init_device_mesh("cpu", (mesh.size(), 1), mesh_dim_names=("outer", "inner"))["inner"]

@@ -68,9 +68,11 @@ def test_greedy_generation_with_static_cache(ranks):
         assert case["collectives"] == [10, 10]
 
 
-def test_free_weights_keeps_only_the_weights_a_rank_computes_with(ranks):
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_free_weights_keeps_only_the_weights_a_rank_computes_with(ranks, weights):
+    """fp32, and torchao int8 weight-only (tensor-subclass weights: int8 data and scales released alike)."""
     for res in ranks:
-        case = res["free_weights"]
+        case = res["free_weights" if weights == "fp32" else "free_weights_int8"]
         assert case["placed"] == case["single"]
         # What stays in memory is exactly what the rank's graphs read: about half of the model.
         assert case["resident"] == case["param_bytes"][0] == case["param_bytes"][1]
