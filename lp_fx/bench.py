@@ -171,6 +171,10 @@ def run(args: argparse.Namespace) -> None:
     torch._dynamo.config.accumulated_cache_size_limit = 1024
     rank = torch.distributed.get_rank()
     loaded = load_model(args.model)
+    if args.quantize == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(loaded.model, Int8WeightOnlyConfig())
     ids = loaded.tokenizer(args.prompt, return_tensors="pt").input_ids
     todo = variants(args.start, args.end, args.modes, args.inner, not args.no_single)
     hidden = loaded.model.config.hidden_size
@@ -180,7 +184,7 @@ def run(args: argparse.Namespace) -> None:
     if rank == 0:
         delta = args.end - args.start
         print(f"{loaded.name}: {loaded.num_layers} layers, Δ={delta} (start={args.start}, end={args.end}), "
-              f"world={torch.distributed.get_world_size()}, inner={args.inner}, {args.tokens} tokens, "
+              f"world={torch.distributed.get_world_size()}, inner={args.inner}, weights {args.quantize}, {args.tokens} tokens, "
               f"{args.rounds} rounds, batch 1, static cache; median decode tokens/s, median per-round ratio to TP")
         print(table(todo, loaded.num_layers, delta))
         print(f"gloo all-reduce of {hidden} floats: {latency[0]:.2f} ms before the timed rounds, {latency[1]:.2f} ms after")
@@ -206,6 +210,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per generation")
     parser.add_argument("--rounds", type=int, default=5, help="timed generations per variant, interleaved")
     parser.add_argument("--prompt", default=PROMPT)
+    parser.add_argument("--quantize", default="fp32", choices=["fp32", "int8"],
+                        help="int8: torchao int8 weight-only linears (a quarter of the weight traffic)")
     parser.add_argument("--nproc", type=int, default=2, help="processes (devices) torchrun starts")
     parser.add_argument("--no-single", action="store_true", help="skip the single-device variant")
     parser.add_argument("--json", default="bench.json", help="where rank 0 writes the results")
@@ -235,7 +241,7 @@ def bench(args: argparse.Namespace) -> None:
 
 def _argv(args: argparse.Namespace) -> list[str]:
     """The command line that gives back ``args`` (for the processes torchrun starts)."""
-    names = ("model", "start", "end", "inner", "tokens", "rounds", "prompt", "nproc", "json")
+    names = ("model", "start", "end", "inner", "tokens", "rounds", "prompt", "quantize", "nproc", "json")
     out = [part for name in names for part in (f"--{name}", str(getattr(args, name)))]
     out += ["--modes", *args.modes] + ["--no-single"] * args.no_single + ["--verbose"] * args.verbose
     return out
