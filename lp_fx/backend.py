@@ -47,17 +47,17 @@ class LayerParallel:
             self._no_layers(gm, report)
         else:
             rewrites = self._rewrite(gm, stack, report)
+        inputs, slices = list(example_inputs), {}
         if self.config.mesh is not None:
             from .placement import place
 
             gm = place(gm, example_inputs, stack, rewrites, self.config, report, self._say)
-            if self.config.free_weights and report.collectives is not None:
+            if self.config.free_weights and report.collectives is not None:  # placed on several ranks
                 slices, report.released_bytes = keep_own_weights(gm, example_inputs, self.weights)
-                logger.debug("%s", report.summary())
-                inputs = _replaced(example_inputs, _static_fakes(example_inputs, slices))
-                return _with_inputs_replaced(compile_inner(gm, inputs, self.config.inner), slices)
+                _replace(inputs, _static_fakes(example_inputs, slices))
         logger.debug("%s", report.summary())
-        return compile_inner(gm, example_inputs, self.config.inner)
+        compiled = compile_inner(gm, inputs, self.config.inner)
+        return _with_inputs_replaced(compiled, slices) if slices else compiled
 
     def _no_layers(self, gm: fx.GraphModule, report: GraphReport) -> None:
         if not self.config.pairs:
@@ -147,8 +147,11 @@ def compile_inner(gm: fx.GraphModule, example_inputs: Sequence[Any], inner: str 
     return compile_fx(gm, example_inputs)
 
 
-def _replaced(args: Sequence[Any], by_position: Mapping[int, Any]) -> list[Any]:
-    return [by_position.get(i, a) for i, a in enumerate(args)]
+def _replace(args: list[Any], by_position: Mapping[int, Any]) -> list[Any]:
+    """``args`` with the values at some positions replaced, in place."""
+    for i, value in by_position.items():
+        args[i] = value
+    return args
 
 
 def _static_fakes(example_inputs: Sequence[Any], tensors: Mapping[int, torch.Tensor]) -> dict[int, Any]:
@@ -167,7 +170,7 @@ def _with_inputs_replaced(compiled: Callable, by_position: Mapping[int, Any]) ->
     """``compiled`` called with some inputs replaced (a released parameter by this rank's slice)."""
 
     def call(*args: Any) -> Any:
-        return compiled(*_replaced(args, by_position))
+        return compiled(*_replace(list(args), by_position))
 
     return call
 

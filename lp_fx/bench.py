@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .weights import resident_bytes
+
 PROMPT = "The capital of France is"
 _ARGS_VAR = "LP_FX_BENCH_ARGS"
 
@@ -98,8 +100,6 @@ def _barrier() -> None:
 
 def measure(model: torch.nn.Module, ids: torch.Tensor, todo: list[Variant], tokens: int, rounds: int) -> dict:
     """Compile and warm up every variant, then time them interleaved; returns rank 0's texts."""
-    from .weights import resident_bytes
-
     rank = torch.distributed.get_rank()
     compiled = {}
     for v in todo:

@@ -324,8 +324,7 @@ def _shard_layer(
 def parameter_bytes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> int:
     """Bytes of the parameters this graph reads; a parameter read only through slices counts by them."""
     total = 0
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for node, value in zip(placeholders, example_inputs):
+    for node, value in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
         if not isinstance(value, torch.nn.Parameter) or not node.users:
             continue
         slices = [u.meta.get("lp_fx_shard") for u in node.users]

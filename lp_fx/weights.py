@@ -4,14 +4,14 @@ After placement a rank's graph reads some parameters whole (its branch of a pair
 layers, embedding and head), some only through ``narrow`` slices (tensor-parallel linears) and
 some not at all (the other rank's branch). Here the slices become contiguous copies, held by the
 backend object and passed to the compiled graph in place of the parameter (prefill and decode
-graphs share them), and the
-storage of every parameter the graph no longer reads is released with
-``untyped_storage().resize_(0)``, as FSDP does: the parameter keeps its shape, dtype and strides,
-so Dynamo's guards still hold and nothing recompiles, but its memory is returned.
+graphs share them), and the storage of every parameter the graph no longer reads is released
+with ``untyped_storage().resize_(0)``, as FSDP does: the parameter keeps its shape, dtype and
+strides, so Dynamo's guards still hold and nothing recompiles, but its memory is returned.
 
 This is for inference: the copies are not the model's parameters, so no gradient would reach the
 model; a graph compiled with gradients enabled is refused. The model is not usable outside the
-compiled forward afterwards (reading a released parameter raises).
+compiled forward afterwards: reading a released parameter raises, and copying the model
+(``copy.deepcopy``) crashes in torch, as it does for FSDP-sharded modules.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ def keep_own_weights(
     contiguous slice instead of the parameter (so the compiled graph keeps its signature and its
     inputs' sources); the caller passes the slices in at call time.
     """
-    params = [(i, n, v) for i, (n, v) in enumerate(zip(_placeholders(gm), example_inputs))
-              if isinstance(v, torch.nn.Parameter)]
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    params = [(i, n, v) for i, (n, v) in enumerate(zip(placeholders, example_inputs)) if isinstance(v, torch.nn.Parameter)]
     if torch.is_grad_enabled() and any(v.requires_grad for _, _, v in params):
         raise LayerParallelError(
             "free_weights=True is for inference: compile and run under torch.no_grad() (or call "
@@ -91,16 +91,9 @@ def resident_bytes(model: torch.nn.Module, store: WeightStore | None = None) -> 
     return _unique_bytes(model.parameters()) + (store.nbytes() if store is not None else 0)
 
 
-def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "placeholder"]
-
-
 def tensor_bytes(t: torch.Tensor) -> int:
     """Bytes of ``t``'s data (of its inner tensors for a subclass: int8 data plus scales)."""
-    if is_traceable_wrapper_subclass(t):
-        names, _ = t.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(t, name)) for name in names)
-    return t.numel() * t.element_size()
+    return sum(leaf.numel() * leaf.element_size() for leaf in _plain_tensors(t))
 
 
 def slice_bytes(t: torch.Tensor, dim: int, start: int, size: int) -> int:
@@ -110,13 +103,17 @@ def slice_bytes(t: torch.Tensor, dim: int, start: int, size: int) -> int:
         return tensor_bytes(mode.from_tensor(t).narrow(dim, start, size))
 
 
-def _storages(t: torch.Tensor) -> list[torch.UntypedStorage]:
-    """The storages holding ``t``'s data: those of its inner tensors for a tensor subclass such as
-    torchao's quantized weights. ``_cdata`` identifies one, also after it was released."""
+def _plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """``t``, or the plain tensors inside a tensor subclass such as torchao's quantized weights."""
     if is_traceable_wrapper_subclass(t):
         names, _ = t.__tensor_flatten__()
-        return [s for name in names for s in _storages(getattr(t, name))]
-    return [t.untyped_storage()]
+        return [leaf for name in names for leaf in _plain_tensors(getattr(t, name))]
+    return [t]
+
+
+def _storages(t: torch.Tensor) -> list[torch.UntypedStorage]:
+    """The storages holding ``t``'s data; ``_cdata`` identifies one, also after it was released."""
+    return [leaf.untyped_storage() for leaf in _plain_tensors(t)]
 
 
 def _unique_bytes(tensors: Iterable[torch.Tensor]) -> int:
