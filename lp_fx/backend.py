@@ -62,11 +62,13 @@ class LayerParallel:
     def _no_layers(self, gm: fx.GraphModule, report: GraphReport) -> None:
         if not self.config.pairs:
             return
-        if self.config.stack is not None:
-            found = available_stacks(gm)
-            msg = f"no layer stack {self.config.stack!r} in this graph; stacks found: {found or 'none'}"
-        else:
-            msg = "no decoder layers found in this graph (no module list of same-class children); compiled without pairing"
+        found = available_stacks(gm) if self.config.stack is not None else []
+        if found:
+            raise LayerParallelError(
+                f"no layer stack {self.config.stack!r} in this graph; stacks found: {', '.join(found)} "
+                "(give 'stack' as the module path from the model object, e.g. 'model.layers')"
+            )
+        msg = "no decoder layers found in this graph (no module list of same-class children); compiled without pairing"
         report.notes.append(msg)
         self._say(msg)
 

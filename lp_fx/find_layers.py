@@ -11,6 +11,7 @@ from __future__ import annotations
 import operator
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +19,11 @@ from torch import fx
 
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _CHILD = re.compile(r"^(?P<prefix>.+?)(?:\.(?P<attr>[A-Za-z0-9_]+)|\[['\"]?(?P<item>[^\]'\"]+)['\"]?\])$")
-_ROOT = re.compile(r"^L\[['\"][A-Za-z_][A-Za-z0-9_]*['\"]\]\.?")
+# Where a parameter's source leaves the model object: ``<root>._modules['model']...``.
+_MODULE_ACCESS = re.compile(r"\._(?:modules|parameters|buffers)\[")
+# A local or global and its subscripts (``L['self']``, ``L['args'][0]``, ``G['model']``): the
+# root when the graph has no parameter placeholders to read it from.
+_SOURCE_ROOT = re.compile(r"^[LG]\[['\"][^'\"]+['\"]\](?:\[[^\]]+\])*")
 
 
 @dataclass
@@ -60,27 +65,54 @@ class LayerStack:
         return len(self.layers)
 
 
-def normalize_path(path: str) -> str:
-    """``L['self'].model.layers['3']`` -> ``model.layers.3``: the path as the user writes it."""
-    path = _ROOT.sub("", path, count=1)
+def model_roots(gm: fx.GraphModule) -> tuple[str, ...]:
+    """How Dynamo named the model object(s) in this graph, longest first.
+
+    Read from the sources of the parameter placeholders (``L['args'][0]._modules['model']...``),
+    so it holds however the model was compiled: the object (``L['self']`` or, when its forward
+    is wrapped by a decorator, ``L['args'][0]``), a closure (``G['m']``), an argument
+    (``L['model']``), or an attribute of another object.
+    """
+    roots = set()
+    for node in gm.graph.find_nodes(op="placeholder"):
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        name = source.name() if callable(getattr(source, "name", None)) else getattr(source, "name", None)
+        if isinstance(name, str):
+            m = _MODULE_ACCESS.search(name)
+            if m:
+                roots.add(name[: m.start()])
+    return tuple(sorted(roots, key=len, reverse=True))
+
+
+def normalize_path(path: str, roots: Sequence[str] = ()) -> str:
+    """``L['args'][0].model.layers['3']`` -> ``model.layers.3``: the path as the user writes it
+    from the model object, whatever Dynamo called that object (``roots``, see :func:`model_roots`)."""
+    for root in roots:
+        if path == root or path.startswith(root + ".") or path.startswith(root + "["):
+            path = path[len(root) :]
+            break
+    else:
+        path = _SOURCE_ROOT.sub("", path, count=1)
     return re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path).lstrip(".")
 
 
 def find_layers(gm: fx.GraphModule, stack: str | None = None) -> LayerStack | None:
     """The layer stack of ``gm`` (the longest, or the one under module path ``stack``), or None."""
+    roots = model_roots(gm)
     stacks = _candidate_stacks(gm.graph)
     if stack is not None:
         wanted = normalize_path(stack)
-        stacks = {p: c for p, c in stacks.items() if normalize_path(p) == wanted}
+        stacks = {p: c for p, c in stacks.items() if normalize_path(p, roots) == wanted}
     if not stacks:
         return None
     prefix = max(stacks, key=lambda p: (len(stacks[p]), -len(p)))
-    return _build_stack(gm.graph, prefix, stacks[prefix])
+    return _build_stack(gm.graph, prefix, stacks[prefix], roots)
 
 
 def available_stacks(gm: fx.GraphModule) -> list[str]:
-    """Module paths of every layer container seen in ``gm`` (for error messages)."""
-    return sorted(normalize_path(p) for p in _candidate_stacks(gm.graph))
+    """Module paths of every layer container seen in ``gm``, as the user writes them."""
+    roots = model_roots(gm)
+    return sorted({normalize_path(p, roots) for p in _candidate_stacks(gm.graph)})
 
 
 def _candidate_stacks(graph: fx.Graph) -> dict[str, dict[str, tuple[str, str]]]:
@@ -110,7 +142,9 @@ def _class_name(cls: object) -> str:
     return getattr(cls, "__qualname__", None) or str(cls)
 
 
-def _build_stack(graph: fx.Graph, prefix: str, children: dict[str, tuple[str, str]]) -> LayerStack:
+def _build_stack(
+    graph: fx.Graph, prefix: str, children: dict[str, tuple[str, str]], roots: Sequence[str]
+) -> LayerStack:
     nodes_by_path: dict[str, set[fx.Node]] = defaultdict(set)
     layer_paths = {path for path, _ in children.values()}
     for node in graph.nodes:
@@ -123,10 +157,10 @@ def _build_stack(graph: fx.Graph, prefix: str, children: dict[str, tuple[str, st
     for key in sorted(children, key=int):
         path, cls = children[key]
         index = int(key)
-        layer = Layer(index=index, path=normalize_path(path), cls=cls, nodes=nodes_by_path.get(path, set()))
+        layer = Layer(index=index, path=normalize_path(path, roots), cls=cls, nodes=nodes_by_path.get(path, set()))
         _find_stream(layer)
         layers[index] = layer
-    return LayerStack(path=normalize_path(prefix), layers=layers)
+    return LayerStack(path=normalize_path(prefix, roots), layers=layers)
 
 
 def _find_stream(layer: Layer) -> None:
