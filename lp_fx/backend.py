@@ -96,15 +96,15 @@ class LayerParallel:
     def _why_not(self, stack: LayerStack, pair: Pair, mode: str, present: set[int], complete: bool) -> str | None:
         """None: rewrite it. "": not in this graph, nothing to say. Otherwise the reason to skip."""
         i, j = pair
+        if complete and j >= len(stack):
+            raise LayerParallelError(
+                f"pair {pair} is out of range: {stack.path} has {len(stack)} layers, valid indices 0..{len(stack) - 1}"
+            )
         if i in present and j in present:
             return pair_problem(stack.layers[i], stack.layers[j], mode)
         if i in present or j in present:
             here, missing = (i, j) if i in present else (j, i)
             return f"split by a graph break: layer {here} is in this graph, layer {missing} is not"
-        if complete and j >= len(stack):
-            raise LayerParallelError(
-                f"pair {pair} is out of range: {stack.path} has {len(stack)} layers, valid indices 0..{len(stack) - 1}"
-            )
         return ""
 
     def _check_plan_matches(self, stack: LayerStack, complete: bool) -> None:

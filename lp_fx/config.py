@@ -6,8 +6,10 @@ layer, a post-norm layer) is checked when a graph arrives, in the backend.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 MODES = ("lp", "block")
@@ -125,9 +127,46 @@ def validate_pairs(pairs: Any) -> tuple[Pair, ...]:
     return tuple(checked)
 
 
-def _pairs_from_plan(path: Any) -> tuple[tuple[Pair, ...], int | None, dict[Pair, str]]:
-    from .planner import load_plan
+# ------------------------------------------------------------------------------------ plan files
 
+
+class PlanError(LayerParallelError):
+    """A plan file that cannot be used (unreadable, malformed, or for another model)."""
+
+
+# ------------------------------------------------------------------------------------ plan files
+
+
+def load_plan(path: str | Path) -> dict:
+    """Read a plan file: ``{"pairs": [[i, i+1], …], "num_layers": N, "modes"?: [...], …}``."""
+    path = Path(path)
+    try:
+        plan = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PlanError(f"plan file {path} not found; make one with `lp-fx plan`") from None
+    except json.JSONDecodeError as error:
+        raise PlanError(f"plan file {path} is not valid JSON: {error}") from None
+    if not isinstance(plan, dict) or not isinstance(plan.get("pairs"), list):
+        raise PlanError(f"plan file {path}: expected an object with a 'pairs' list")
+    if not isinstance(plan.get("num_layers"), int):
+        raise PlanError(f"plan file {path}: missing 'num_layers' (the layer count it was made for)")
+    modes = plan.get("modes")
+    if modes is not None and len(modes) != len(plan["pairs"]):
+        raise PlanError(f"plan file {path}: 'modes' needs one entry per pair")
+    return plan
+
+
+def check_plan(plan: dict, num_layers: int, source: str | Path = "plan") -> None:
+    """Refuse a plan made for a model with a different number of layers."""
+    if plan["num_layers"] != num_layers:
+        raise PlanError(
+            f"{source} was made for a model with {plan['num_layers']} layers "
+            f"({plan.get('model', 'unknown model')}), but this model has {num_layers}; "
+            "make a plan for this model with `lp-fx plan`"
+        )
+
+
+def _pairs_from_plan(path: Any) -> tuple[tuple[Pair, ...], int | None, dict[Pair, str]]:
     plan = load_plan(path)
     pairs = validate_pairs(plan["pairs"])
     modes = plan.get("modes") or []

@@ -30,42 +30,6 @@ PLAN_VERSION = 1
 MODES = ("lp", "block")
 
 
-class PlanError(ValueError):
-    """A plan file that cannot be used (unreadable, malformed, or for another model)."""
-
-
-# ------------------------------------------------------------------------------------ plan files
-
-
-def load_plan(path: str | Path) -> dict:
-    """Read a plan file: ``{"pairs": [[i, i+1], …], "num_layers": N, "modes"?: [...], …}``."""
-    path = Path(path)
-    try:
-        plan = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PlanError(f"plan file {path} not found; make one with `lp-fx plan`") from None
-    except json.JSONDecodeError as error:
-        raise PlanError(f"plan file {path} is not valid JSON: {error}") from None
-    if not isinstance(plan, dict) or not isinstance(plan.get("pairs"), list):
-        raise PlanError(f"plan file {path}: expected an object with a 'pairs' list")
-    if not isinstance(plan.get("num_layers"), int):
-        raise PlanError(f"plan file {path}: missing 'num_layers' (the layer count it was made for)")
-    modes = plan.get("modes")
-    if modes is not None and len(modes) != len(plan["pairs"]):
-        raise PlanError(f"plan file {path}: 'modes' needs one entry per pair")
-    return plan
-
-
-def check_plan(plan: dict, num_layers: int, source: str | Path = "plan") -> None:
-    """Refuse a plan made for a model with a different number of layers."""
-    if plan["num_layers"] != num_layers:
-        raise PlanError(
-            f"{source} was made for a model with {plan['num_layers']} layers "
-            f"({plan.get('model', 'unknown model')}), but this model has {num_layers}; "
-            "make a plan for this model with `lp-fx plan`"
-        )
-
-
 def plan_pairing(plan: dict, name: str) -> Pairing:
     """The :class:`Pairing` a plan describes."""
     modes = plan.get("modes")

@@ -43,9 +43,10 @@ def test_bad_options_through_the_named_backend():
         compiled(ids(), use_cache=False)
 
 
-def test_pair_out_of_range_names_the_valid_indices():
+@pytest.mark.parametrize("pair", [(4, 5), (3, 4)], ids=["both-past-the-end", "second-past-the-end"])
+def test_pair_out_of_range_names_the_valid_indices(pair):
     model = hf_model("llama")  # 4 layers
-    compiled = torch.compile(model, backend=LayerParallel(pairs=[(4, 5)], inner="eager"))
+    compiled = torch.compile(model, backend=LayerParallel(pairs=[pair], inner="eager"))
     with pytest.raises(Exception, match=r"out of range: model.layers has 4 layers, valid indices 0..3"):
         compiled(ids(), use_cache=False)
 

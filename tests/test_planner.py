@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lp_fx import evaluate, planner
+from lp_fx.config import PlanError, check_plan, load_plan
 from lp_fx.evaluate import Pairing
 from .models import VOCAB, hf_model
 
@@ -73,22 +74,22 @@ def test_plan_round_trip_and_foreign_plan_refused(tmp_path: Path) -> None:
     plan = planner.make_plan(fake_measure, 10, "fake", num_pairs=3, progress=False)
     path = tmp_path / "plan.json"
     planner.save_plan(plan, path)
-    loaded = planner.load_plan(path)
+    loaded = load_plan(path)
     assert loaded["num_layers"] == 10 and len(loaded["pairs"]) == 3
-    planner.check_plan(loaded, 10, path)
-    with pytest.raises(planner.PlanError, match="10 layers.*this model has 30"):
-        planner.check_plan(loaded, 30, path)
+    check_plan(loaded, 10, path)
+    with pytest.raises(PlanError, match="10 layers.*this model has 30"):
+        check_plan(loaded, 30, path)
     pairing = planner.plan_pairing(loaded, "p")
     assert [list(p) for p in pairing.pairs] == loaded["pairs"]
 
 
 def test_bad_plan_files(tmp_path: Path) -> None:
-    with pytest.raises(planner.PlanError, match="not found"):
-        planner.load_plan(tmp_path / "missing.json")
+    with pytest.raises(PlanError, match="not found"):
+        load_plan(tmp_path / "missing.json")
     path = tmp_path / "plan.json"
     path.write_text(json.dumps({"pairs": [[1, 2]]}))
-    with pytest.raises(planner.PlanError, match="num_layers"):
-        planner.load_plan(path)
+    with pytest.raises(PlanError, match="num_layers"):
+        load_plan(path)
 
 
 def test_plan_on_tiny_model_through_backend(tmp_path: Path) -> None:
