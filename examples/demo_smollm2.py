@@ -4,6 +4,7 @@ Prints WikiText-2 perplexity (first 4096 tokens, 512-token windows) and a greedy
 prompt for both, each through ``torch.compile(..., backend=LayerParallel(...))``.
 
     python examples/demo_smollm2.py [--start 14 --end 28] [--mode lp|block] [--inner inductor]
+    python examples/demo_smollm2.py --checkpoint DIR    # also: the pairing fine-tuned by `lp-fx finetune`
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 
 import torch
 
+import lp_fx
 from lp_fx import LayerParallel
 from lp_fx.data import load_wikitext, resolve_data_dir
 from lp_fx.evaluate import make_windows, perplexity
@@ -32,6 +34,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=4096, help="WikiText-2 tokens to score (multiple of 512)")
     p.add_argument("--new-tokens", type=int, default=24)
     p.add_argument("--data-dir", default=None, help="evaluation data (default: ../shared/data)")
+    p.add_argument("--checkpoint", default=None, metavar="DIR",
+                   help="a fine-tuned pairing from `lp-fx finetune`: shown after baseline and LP")
     return p.parse_args()
 
 
@@ -74,6 +78,11 @@ def main() -> None:
         run(lp_name, loaded, LayerParallel(start=args.start, end=args.end, mode=args.mode, inner=args.inner),
             windows, args.new_tokens),
     ]
+    if args.checkpoint:
+        options = lp_fx.load_finetuned(loaded.model, args.checkpoint)  # loaded after the runs above
+        pairs = options.get("pairs")
+        name = f"LP fine-tuned ({len(pairs) if pairs is not None else 'plan'} pairs, {args.checkpoint})"
+        results.append(run(name, loaded, LayerParallel(options, inner=args.inner), windows, args.new_tokens))
     base = results[0]["ppl"]
     print(f"\nSmolLM2-135M-Instruct, WikiText-2 raw test: {windows.shape[0]} windows × 512 tokens, inner={args.inner}")
     for r in results:

@@ -7,10 +7,27 @@ or, to read what was done to each graph::
     lp = lp_fx.LayerParallel(start=14, end=28)
     torch.compile(model, backend=lp)
     lp.reports
+
+A fine-tuned pairing (``lp-fx finetune``) is served with::
+
+    torch.compile(model, backend="layer_parallel", options=lp_fx.load_finetuned(model, "ckpt/"))
 """
+
+from typing import Any
 
 from .backend import LayerParallel, layer_parallel
 from .config import LayerParallelError, LPConfig
 from .report import GraphReport, LayerInfo
 
-__all__ = ["LayerParallel", "layer_parallel", "LayerParallelError", "LPConfig", "GraphReport", "LayerInfo"]
+__all__ = [
+    "LayerParallel", "layer_parallel", "LayerParallelError", "LPConfig", "GraphReport", "LayerInfo", "load_finetuned",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use: the checkpoint reader needs safetensors, which compiling does not.
+    if name == "load_finetuned":
+        from .checkpoint import load_finetuned
+
+        return load_finetuned
+    raise AttributeError(f"module 'lp_fx' has no attribute {name!r}")

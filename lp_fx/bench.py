@@ -214,7 +214,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="int8: torchao int8 weight-only linears (a quarter of the weight traffic)")
     parser.add_argument("--nproc", type=int, default=2, help="processes (devices) torchrun starts")
     parser.add_argument("--no-single", action="store_true", help="skip the single-device variant")
-    parser.add_argument("--json", default="bench.json", help="where rank 0 writes the results")
+    parser.add_argument("--json", default="lp-fx-results/bench.json", help="where rank 0 writes the results (folders are created)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
 
 
@@ -231,6 +231,9 @@ def bench(args: argparse.Namespace) -> None:
     if "LOCAL_RANK" in os.environ:
         run(args)
         return
+    from .checkpoint import check_writable
+
+    check_writable(os.path.dirname(os.path.abspath(args.json)))  # before the work, not after it
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
            "--standalone", "-m", "lp_fx.bench"]
     # Passed by environment: torchrun's own parser would claim --start (as --start-method).

@@ -1,4 +1,4 @@
-"""``lp-fx``: measure what pairing costs (``eval``), sweep Δ (``sweep``), choose pairs (``plan``).
+"""``lp-fx``: measure what pairing costs (``eval``), sweep Δ (``sweep``), choose pairs (``plan``), win it back (``finetune``).
 
 Each subcommand is registered by one small ``add_*`` function listed in ``SUBCOMMANDS``; a new
 subcommand is one more function there.
@@ -7,16 +7,21 @@ subcommand is one more function there.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import re
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
+
+import torch
 
 from lp_fx import data, evaluate, planner, sweep
+from lp_fx.config import check_plan, load_plan
 from lp_fx.evaluate import BASELINE, EvalSpec, Pairing
 
+RESULTS = Path("lp-fx-results")  # where results go unless --out says otherwise
 PAIR_LIST = re.compile(r"^\d+-\d+(,\d+-\d+)*$")
 RANGE = re.compile(r"^(\d+):(\d+)$")
 
@@ -92,9 +97,19 @@ def parse_pairing(spec: str, num_layers: int) -> Pairing:
     if PAIR_LIST.match(spec):
         pairs = tuple(tuple(map(int, pair.split("-"))) for pair in spec.split(","))
         return Pairing(spec, pairs)  # type: ignore[arg-type]
-    plan = planner.load_plan(spec)
-    planner.check_plan(plan, num_layers, spec)
+    plan = load_plan(spec)
+    check_plan(plan, num_layers, spec)
     return planner.plan_pairing(plan, Path(spec).stem)
+
+
+def _writable(*paths: str) -> None:
+    """Create the folders of output files and check they can be written, before the work starts."""
+    from lp_fx.checkpoint import check_writable
+
+    for path in paths:
+        if Path(path).is_dir():
+            raise ValueError(f"{path} is a directory; give a file name")
+        check_writable(Path(path).parent)
 
 
 def _write_json(payload: dict, path: str) -> None:
@@ -142,19 +157,30 @@ def add_eval(subparsers: argparse._SubParsersAction) -> None:
         help="a pairing to compare with the baseline (repeatable): a range START:END (e.g. 14:28), "
         "pairs like 14-15,20-21, or a plan JSON from `lp-fx plan`",
     )
-    parser.add_argument("--out", default="eval.json", help="JSON results")
+    parser.add_argument(
+        "--checkpoint", action="append", default=[], metavar="DIR",
+        help="a fine-tuned pairing from `lp-fx finetune` to compare as well (repeatable); "
+        "its trained tensors are loaded for its column only",
+    )
+    parser.add_argument("--out", default=str(RESULTS / "eval.json"), help="JSON results (folders are created)")
     parser.set_defaults(func=run_eval)
 
 
 def run_eval(args: argparse.Namespace) -> None:
+    from lp_fx.checkpoint import read_pairing
+
+    _writable(args.out)
     loaded, data_dir = _load(args)
     pairings = [BASELINE] + [parse_pairing(spec, loaded.num_layers) for spec in args.pairs]
+    checkpoints = {_checkpoint_pairing(read_pairing(d), d): d for d in args.checkpoint}  # checked before the work
+    pairings += list(checkpoints)
     prepared = evaluate.prepare(loaded.tokenizer, _eval_spec(args, data_dir))
     print(f"model {loaded.name} ({loaded.num_layers} layers); items per task: {prepared.sizes()}")
     results = {}
     for pairing in pairings:
-        logits_fn = evaluate.compile_pairing(loaded.model, pairing, args.mode, args.inner)
-        results[pairing.name] = evaluate.run_eval(logits_fn, prepared, not args.no_progress)
+        with _finetuned(loaded.model, checkpoints.get(pairing)):
+            logits_fn = evaluate.compile_pairing(loaded.model, pairing, args.mode, args.inner)
+            results[pairing.name] = evaluate.run_eval(logits_fn, prepared, not args.no_progress)
     names = [pairing.name for pairing in pairings]
     print(format_table(names, results))
     _write_json(
@@ -177,6 +203,30 @@ def run_eval(args: argparse.Namespace) -> None:
     )
 
 
+def _checkpoint_pairing(pairing: dict, directory: str) -> Pairing:
+    pairs = tuple(tuple(pair) for pair in pairing["pairs"])
+    return Pairing(f"finetuned:{Path(directory).name}", pairs, tuple(pairing["modes"]))  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def _finetuned(model: object, directory: str | None) -> Iterator[None]:
+    """The model with a checkpoint's tensors loaded, restored afterwards (None: unchanged)."""
+    if directory is None:
+        yield
+        return
+    from lp_fx.checkpoint import load_finetuned
+
+    state = model.state_dict()
+    original = {name: tensor.clone() for name, tensor in state.items()}
+    load_finetuned(model, directory)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, tensor in original.items():
+                state[name].copy_(tensor)
+
+
 def add_sweep(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "sweep", help="contiguous ranges of every even Δ from several starts; JSON and a PNG plot"
@@ -185,8 +235,8 @@ def add_sweep(subparsers: argparse._SubParsersAction) -> None:
     _add_eval_options(parser, "wikitext", "heldout", 8)
     parser.add_argument("--starts", default=None, help="comma-separated start layers (default: 4 spread over the first half)")
     parser.add_argument("--deltas", default=None, help="comma-separated even Δ values (default: every one that fits)")
-    parser.add_argument("--out", default="sweep.json", help="JSON results")
-    parser.add_argument("--plot", default="sweep.png", help="PNG plot of perplexity against effective depth")
+    parser.add_argument("--out", default=str(RESULTS / "sweep.json"), help="JSON results (folders are created)")
+    parser.add_argument("--plot", default=str(RESULTS / "sweep.png"), help="PNG plot of perplexity against effective depth")
     parser.set_defaults(func=run_sweep)
 
 
@@ -195,6 +245,7 @@ def _int_list(text: str | None) -> list[int] | None:
 
 
 def run_sweep(args: argparse.Namespace) -> None:
+    _writable(args.out, args.plot)
     loaded, data_dir = _load(args)
     spec = _eval_spec(args, data_dir)
     prepared = evaluate.prepare(loaded.tokenizer, spec)
@@ -230,13 +281,15 @@ def add_plan(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--calib-windows", type=int, default=8, help="windows from the first half of WikiText-2")
     parser.add_argument("--modes", default="lp", help="modes to consider per pair: lp, block or lp,block")
     parser.add_argument("--refine", type=int, default=3, help="cheapest candidates tried together at each step")
-    parser.add_argument("--out", default="plan.json", help="plan file, accepted by options={'plan': ...}")
+    parser.add_argument("--out", default=str(RESULTS / "plan.json"),
+                        help="plan file, accepted by options={'plan': ...} (folders are created)")
     parser.set_defaults(func=run_plan)
 
 
 def run_plan(args: argparse.Namespace) -> None:
     if args.num_pairs is None and args.max_ppl_ratio is None:
         raise ValueError("give --num-pairs, --max-ppl-ratio, or both")
+    _writable(args.out)
     loaded, data_dir = _load(args)
     windows = evaluate.wikitext_windows(
         loaded.tokenizer, data_dir, args.window, "calib", args.calib_windows
@@ -266,8 +319,107 @@ def run_plan(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_eval, add_sweep, add_plan]
-ERRORS = (data.DataError, planner.PlanError, FileNotFoundError, ValueError)
+def add_finetune(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "finetune", help="train the paired layers through the compiled pairing to win back accuracy"
+    )
+    _add_model_options(parser)
+    parser.set_defaults(inner="aot_eager")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--pairs", metavar="SPEC",
+        help="a range START:END (e.g. 14:28), pairs like 14-15,20-21, or 'baseline' (no pairs: the "
+        "unpaired control, with --loss lm and --train-layers)",
+    )
+    which.add_argument("--plan", metavar="FILE", help="a plan JSON from `lp-fx plan` (per-pair modes)")
+    parser.add_argument("--loss", default="distill", choices=["distill", "lm"],
+                        help="distill: KL to the unpaired model (default); lm: next-token loss")
+    parser.add_argument("--train", default="paired", choices=["paired", "all"],
+                        help="paired: only the paired layers' parameters (default); all: every parameter")
+    parser.add_argument("--train-layers", default=None, metavar="SPEC",
+                        help="train these layers instead of the paired ones: START:END or 3,4,5")
+    parser.add_argument("--train-data", default=None, metavar="FILE",
+                        help="plain text to train on (default: wikitext-2/train.txt in the data directory; "
+                        "the tokenized WikiText release is detokenized first)")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--batch", type=int, default=4, help="sequences per step")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    parser.add_argument("--seed", type=int, default=0, help="fixes the data order and the run")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: steps / 10)")
+    parser.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")
+    parser.add_argument("--eval-every", type=int, default=25, help="held-out perplexity every N steps")
+    parser.add_argument("--eval-windows", type=int, default=8,
+                        help="held-out windows from the WikiText-2 raw test split (never trained on)")
+    parser.add_argument("--save-every", type=int, default=25, help="checkpoint every N steps (and at the end)")
+    parser.add_argument("--mesh", default=None, choices=["auto"],
+                        help="auto: one rank per process under torchrun, each training the branch it computes")
+    parser.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory (created)")
+    parser.set_defaults(func=run_finetune)
+
+
+def _layer_list(spec: str | None) -> tuple[int, ...] | None:
+    if spec is None:
+        return None
+    if match := RANGE.match(spec):
+        return tuple(range(int(match[1]), int(match[2])))
+    if re.match(r"^\d+(,\d+)*$", spec):
+        return tuple(int(i) for i in spec.split(","))
+    raise ValueError(f"--train-layers {spec!r}: expected START:END (e.g. 14:28) or a list like 14,15,16")
+
+
+def run_finetune(args: argparse.Namespace) -> None:
+    from lp_fx import finetune
+    from lp_fx.checkpoint import check_writable
+
+    out = check_writable(args.out)  # before any work: a run must not end unable to save
+    mesh = _init_mesh(args.mesh)
+    train_path = Path(args.train_data) if args.train_data else None
+    data_dir = data.resolve_data_dir(args.data_dir)
+    train_path = train_path or data_dir / "wikitext-2" / "train.txt"
+    text = finetune.load_training_text(train_path)
+    loaded, _ = _load(args)
+    pairing = parse_pairing(args.plan or args.pairs, loaded.num_layers)
+    config = finetune.FinetuneConfig(
+        pairs=pairing.pairs, modes=pairing.modes, mode=args.mode, loss=args.loss, train=args.train,
+        train_layers=_layer_list(args.train_layers), steps=args.steps, lr=args.lr, batch=args.batch,
+        seq_len=args.seq_len, seed=args.seed, warmup=args.warmup, clip=args.clip,
+        eval_every=args.eval_every, save_every=args.save_every, inner=args.inner,
+    )
+    train_ids = loaded.tokenizer.encode(text, add_special_tokens=False)
+    heldout = evaluate.wikitext_windows(loaded.tokenizer, data_dir, args.window, "all", args.eval_windows)
+    rank0 = mesh is None or torch.distributed.get_rank() == 0
+    if rank0:
+        print(f"model {loaded.name}: {pairing.name}, loss {args.loss}, training text {train_path} "
+              f"({len(train_ids)} tokens), held-out: {heldout.shape[0]} windows of WikiText-2 raw test")
+    record = finetune.finetune(
+        loaded.model, train_ids, config, out, heldout=heldout, mesh=mesh, progress=rank0 and not args.no_progress,
+        extra_args={"model": args.model, "pairing": pairing.name, "train_data": str(train_path),
+                    "eval_windows": args.eval_windows, "window": args.window},
+    )
+    if rank0:
+        points = record["heldout"]
+        print(f"held-out perplexity: {points[0]['ppl']:.3f} before, {points[-1]['ppl']:.3f} after "
+              f"{record['step']} steps ({record['wall_s']:.0f} s); checkpoint in {out}")
+        finetune.plot_record(record, out / "loss.png")
+        print(f"wrote {out / 'loss.png'}")
+
+
+def _init_mesh(mesh: str | None) -> str | None:
+    """``auto``: join the process group torchrun set up (gloo on CPU, nccl on GPU)."""
+    if mesh is None:
+        return None
+    import os
+
+    if "RANK" not in os.environ:
+        raise ValueError("--mesh auto needs torchrun: torchrun --nproc_per_node 2 -m lp_fx.cli finetune ...")
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return mesh
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_eval, add_sweep, add_plan, add_finetune]
+ERRORS = (data.DataError, FileNotFoundError, ValueError)  # LayerParallelError is a ValueError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,12 +436,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        _quiet_imports()
     try:
         args.func(args)
     except ERRORS as error:
         print(f"lp-fx {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+NOISY_LOGGERS = (
+    "torchao",  # "Failed to load ….so" for the CUDA kernels of a CPU build, when transformers imports it
+    "torch.utils._pytree",  # torchao's deprecated register_constant calls
+)
+
+
+def _quiet_imports() -> None:
+    """Keep third-party import-time warnings that say nothing about the run out of our output."""
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def add_bench(subparsers: argparse._SubParsersAction) -> None:

@@ -196,6 +196,11 @@ def load_lambada(data_dir: Path) -> list[LambadaItem]:
     return [LambadaItem(row["context"], " " + row["continuation"]) for row in _jsonl(path)]
 
 
+def load_lambada_text(data_dir: Path) -> str:
+    """The LAMBADA passages (book fiction, another domain than WikiText) as one text, for perplexity."""
+    return "\n\n".join(item.context + item.target for item in load_lambada(data_dir)) + "\n"
+
+
 MC_TASKS: dict[str, Callable[[Path], list[MCItem]]] = {
     "arc_easy": load_arc_easy,
     "arc_challenge": load_arc_challenge,

@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
 MIN_BUCKET = 32
-TASKS: tuple[str, ...] = ("wikitext", *data.ALL_TASKS)
+# Perplexity sets: WikiText-2 raw test, and the LAMBADA passages as text of another domain (fiction).
+PPL_TEXTS: dict[str, Callable[[Path], str]] = {"wikitext": data.load_wikitext, "lambada_text": data.load_lambada_text}
+TASKS: tuple[str, ...] = (*PPL_TEXTS, *data.ALL_TASKS)
 
 
 # --------------------------------------------------------------------------- pairings and compile
@@ -145,10 +147,11 @@ def split_windows(windows: torch.Tensor, split: str, count: int | None = None) -
 
 
 def wikitext_windows(
-    tokenizer: object, data_dir: Path, window: int = 512, split: str = "all", count: int | None = None
+    tokenizer: object, data_dir: Path, window: int = 512, split: str = "all", count: int | None = None,
+    text: str = "wikitext",
 ) -> torch.Tensor:
-    """WikiText-2 raw test tokenized once, cut into windows, one part selected."""
-    ids = tokenizer.encode(data.load_wikitext(data_dir), add_special_tokens=False)
+    """A perplexity text (WikiText-2 raw test by default) tokenized once, cut into windows, one part selected."""
+    ids = tokenizer.encode(PPL_TEXTS[text](data_dir), add_special_tokens=False)
     return split_windows(make_windows(ids, window), split, count)
 
 
@@ -317,6 +320,7 @@ class PreparedEval:
     """Everything tokenized once, reused for each pairing."""
 
     windows: torch.Tensor | None
+    other_windows: dict[str, torch.Tensor] = field(default_factory=dict)
     mc: dict[str, tuple[list[data.MCItem], list[TokenRequest]]] = field(default_factory=dict)
     lambada: list[TokenRequest] | None = None
     batch_size: int = 8
@@ -328,6 +332,7 @@ class PreparedEval:
             out["lambada"] = len(self.lambada)
         if self.windows is not None:
             out["wikitext"] = int(self.windows.shape[0])
+        out.update({name: int(w.shape[0]) for name, w in self.other_windows.items()})
         return out
 
 
@@ -341,6 +346,11 @@ def prepare(tokenizer: object, spec: EvalSpec) -> PreparedEval:
         prepared.windows = wikitext_windows(
             tokenizer, spec.data_dir, spec.window, spec.ppl_split, spec.ppl_windows
         )
+    for name in PPL_TEXTS:
+        if name != "wikitext" and name in spec.tasks:
+            prepared.other_windows[name] = wikitext_windows(
+                tokenizer, spec.data_dir, spec.window, spec.ppl_split, spec.ppl_windows, text=name
+            )
     for task, loader in data.MC_TASKS.items():
         if task in spec.tasks:
             items = data.subset(loader(spec.data_dir), spec.limit, spec.seed)
@@ -373,6 +383,8 @@ def run_eval(logits_fn: LogitsFn, prepared: PreparedEval, progress: bool = True)
     results: dict = {}
     if prepared.windows is not None:
         results["wikitext"] = perplexity(logits_fn, prepared.windows, "wikitext", progress).to_json()
+    for name, windows in prepared.other_windows.items():
+        results[name] = perplexity(logits_fn, windows, name, progress).to_json()
     for task, (items, requests) in prepared.mc.items():
         scores = score_requests(
             logits_fn, requests, prepared.batch_size, prepared.pad_id, task, progress

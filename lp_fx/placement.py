@@ -94,6 +94,7 @@ def place(
     gm.recompile()
     report.collectives = count_collectives(gm)
     report.param_bytes = parameter_bytes(gm, example_inputs)
+    report.parameter_use = parameter_use(gm, example_inputs)
     return gm
 
 
@@ -324,15 +325,32 @@ def _shard_layer(
 def parameter_bytes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> int:
     """Bytes of the parameters this graph reads; a parameter read only through slices counts by them."""
     total = 0
+    for value, slices in _parameters_read(gm, example_inputs):
+        if slices:
+            total += sum(slice_bytes(value, *s) for s in slices)
+        else:
+            total += tensor_bytes(value)
+    return total
+
+
+def parameter_use(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dict[int, str]:
+    """``{id(parameter): "whole" | "slice"}`` for each parameter this rank's graph reads.
+
+    A parameter that is missing is not read on this rank (the other branch of a pair): its
+    gradient there is None. Read through slices, its gradient is zero outside them.
+    """
+    return {id(value): "slice" if slices else "whole" for value, slices in _parameters_read(gm, example_inputs)}
+
+
+def _parameters_read(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[tuple[torch.Tensor, set]]:
+    """Each parameter the graph reads, with the slices it reads (empty: read whole)."""
+    read = []
     for node, value in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
         if not isinstance(value, torch.nn.Parameter) or not node.users:
             continue
         slices = [u.meta.get("lp_fx_shard") for u in node.users]
-        if all(slices):
-            total += sum(slice_bytes(value, *s) for s in set(slices))
-        else:
-            total += tensor_bytes(value)
-    return total
+        read.append((value, set(slices) if all(slices) else set()))
+    return read
 
 
 def _shape_text(node: Any) -> tuple | None:

@@ -31,6 +31,7 @@ class GraphReport:
     collectives: int | None = None
     param_bytes: int | None = None
     released_bytes: int | None = None
+    parameter_use: dict[int, str] | None = field(default=None, repr=False)  # id(param) -> "whole" | "slice"
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:

@@ -1,7 +1,11 @@
+import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
+
+from .models import hf_model
 
 
 @pytest.fixture(autouse=True)
@@ -16,3 +20,34 @@ def fresh_dynamo():
 def lp_warnings(caplog):
     caplog.set_level(logging.WARNING, logger="lp_fx")
     return caplog
+
+
+# ----- a tiny local HF model directory and tiny data files, for the CLI tests -----
+
+WORDS = "the cat sat on a mat and dog ran far away so it was good".split()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny_model")
+    vocab = {"[UNK]": 0, **{word: i + 1 for i, word in enumerate(WORDS + ["."])}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(path)
+    hf_model("llama", layers=4).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data")
+    (path / "wikitext-2-raw").mkdir()
+    text = " ".join(WORDS[(i * 7) % len(WORDS)] for i in range(16 * 12)) + " ."
+    (path / "wikitext-2-raw" / "wiki.test.raw").write_text(text)
+    (path / "winogrande").mkdir()
+    row = {"context_options": ["the cat sat so the cat", "the cat sat so the dog"], "continuation": "ran far.", "gold": 1}
+    (path / "winogrande" / "winogrande.jsonl").write_text((json.dumps(row) + "\n") * 5)
+    return path

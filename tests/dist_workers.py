@@ -231,3 +231,43 @@ def two_rank_cases(mesh: DeviceMesh) -> dict:
     results["mesh_of_one"] = logits_case(one, llama, [(2, 3)], "lp", True)
     results["kv_heads_error"] = error_case(lambda: logits_case(mesh, lambda: tiny_llama(kv_heads=1), [], "lp", True))
     return results
+
+
+def finetune_cases(mesh: DeviceMesh) -> dict:
+    """The trained tensors after 3 fine-tuning steps on this rank's part of a TP + LP mesh."""
+    from lp_fx.finetune import finetune
+
+    results = {}
+    for train in ("paired", "all"):
+        model = tiny_llama()
+        finetune(model, finetune_tokens(), finetune_config(train), Path(os.environ["LP_FX_CKPT"]) / train,
+                 mesh=mesh, progress=False)
+        results[train] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        results[f"grads_{train}"] = finetune_gradients(train, mesh)
+    return results
+
+
+def finetune_gradients(train: str, mesh: DeviceMesh | None = None) -> dict[str, torch.Tensor]:
+    """The gradients the optimizer sees in the first fine-tuning step (after the cross-rank sum)."""
+    from lp_fx import finetune as ft
+
+    torch._dynamo.reset()
+    model, config = tiny_llama(), finetune_config(train)
+    ft.choose_trainable(model, config)
+    student, backend = ft.make_student(model, config, mesh)
+    ids = finetune_tokens().view(4, 16)[:2]
+    ft.lm_loss(ft.logits_of(student, ids), ids).backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if mesh is not None:
+        ft.Ranks(mesh, backend).complete_gradients(params)
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def finetune_tokens() -> torch.Tensor:
+    return torch.randint(0, 61, (4 * 16,), generator=torch.Generator().manual_seed(0))
+
+
+def finetune_config(train: str):
+    from lp_fx.finetune import FinetuneConfig
+
+    return FinetuneConfig(pairs=((2, 3),), train=train, steps=3, lr=1e-4, batch=2, seq_len=16, warmup=1)

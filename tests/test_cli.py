@@ -9,36 +9,7 @@ import pytest
 
 from lp_fx import cli
 
-from .models import hf_model
-
-WORDS = "the cat sat on a mat and dog ran far away so it was good".split()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("tiny_model")
-    vocab = {"[UNK]": 0, **{word: i + 1 for i, word in enumerate(WORDS + ["."])}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(path)
-    hf_model("llama", layers=4).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("data")
-    (path / "wikitext-2-raw").mkdir()
-    text = " ".join(WORDS[(i * 7) % len(WORDS)] for i in range(16 * 12)) + " ."
-    (path / "wikitext-2-raw" / "wiki.test.raw").write_text(text)
-    (path / "winogrande").mkdir()
-    row = {"context_options": ["the cat sat so the cat", "the cat sat so the dog"], "continuation": "ran far.", "gold": 1}
-    (path / "winogrande" / "winogrande.jsonl").write_text((json.dumps(row) + "\n") * 5)
-    return path
-
+from .conftest import WORDS
 
 def _common(model_dir: Path, data_dir: Path) -> list[str]:
     return ["--model", str(model_dir), "--data-dir", str(data_dir), "--window", "16", "--no-progress"]
@@ -77,20 +48,57 @@ def test_plan_for_another_model_is_refused(
 ) -> None:
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"model": "big", "num_layers": 30, "pairs": [[14, 15]]}))
-    code = cli.main(["eval", *_common(model_dir, data_dir), "--tasks", "wikitext", "--pairs", str(plan)])
+    code = cli.main(["eval", *_common(model_dir, data_dir), "--tasks", "wikitext", "--pairs", str(plan),
+                     "--out", str(tmp_path / "eval.json")])
     assert code == 2
     assert "30 layers" in capsys.readouterr().err
 
 
 def test_missing_data_dir_is_named(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     missing = tmp_path / "no_data"
-    code = cli.main(["eval", "--model", str(model_dir), "--data-dir", str(missing), "--tasks", "wikitext"])
+    code = cli.main(["eval", "--model", str(model_dir), "--data-dir", str(missing), "--tasks", "wikitext",
+                     "--out", str(tmp_path / "eval.json")])
     assert code == 2
     err = capsys.readouterr().err
     assert str(missing) in err and "wiki.test.raw" in err
 
 
-def test_bad_pairing_spec_is_an_error(model_dir: Path, data_dir: Path, capsys: pytest.CaptureFixture) -> None:
-    code = cli.main(["eval", *_common(model_dir, data_dir), "--tasks", "wikitext", "--pairs", "3:6"])
+def test_bad_pairing_spec_is_an_error(
+    model_dir: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    code = cli.main(["eval", *_common(model_dir, data_dir), "--tasks", "wikitext", "--pairs", "3:6",
+                     "--out", str(tmp_path / "eval.json")])
     assert code == 2
     assert "odd" in capsys.readouterr().err
+
+
+def test_results_go_into_new_folders_which_are_created(model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "new" / "folder" / "eval.json"
+    assert cli.main(["eval", *_common(model_dir, data_dir), "--tasks", "wikitext", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["pairings"][0]["name"] == "baseline"
+
+
+def test_unwritable_destination_fails_before_the_work(
+    model_dir: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model was loaded before the destination was checked"))
+    for command in (["eval", "--tasks", "wikitext"], ["sweep"], ["plan", "--num-pairs", "1"]):
+        code = cli.main([*command, *_common(model_dir, data_dir), "--out", str(blocker / "out.json")])
+        assert code == 2
+        assert f"cannot write to {blocker}" in capsys.readouterr().err
+
+
+def test_cli_output_has_no_import_noise(model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    """transformers imports torchao, which logs "Failed to load ….so" lines on a CPU build."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "lp_fx.cli", "eval", *_common(model_dir, data_dir), "--tasks", "wikitext",
+         "--out", str(tmp_path / "eval.json")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Failed to load" not in done.stderr and "register_constant" not in done.stderr

@@ -1,0 +1,538 @@
+"""Win back what pairing costs: fine-tune the paired layers through the compiled pairing.
+
+The student is the model compiled with the ``layer_parallel`` backend, so the loss is
+backpropagated through the rewritten graph (AOTAutograd): what is trained is exactly what is
+served. Two losses:
+
+- ``distill`` (default): KL divergence from the unpaired model's next-token distribution. The
+  teacher is the same model with the original weights of the layers that train, kept as a frozen
+  copy of those tensors only and swapped in with ``torch.func.functional_call``: no second model.
+- ``lm``: next-token cross-entropy on the training text.
+
+By default only the parameters of the paired layers train (``requires_grad=False`` elsewhere).
+AdamW with a linear warm-up and a cosine decay to a tenth of the rate, gradient clipping, a seed
+that fixes the data order and the initial state, held-out perplexity every ``eval_every`` steps,
+and an atomic checkpoint every ``save_every`` steps and at the end (``lp_fx.checkpoint``).
+
+On a device mesh (``mesh=...``, one process per rank under torchrun) each rank computes and
+trains the branch it owns; gradients are completed across ranks before the optimizer step so
+that every rank applies the single-device update (see :func:`sync_gradients`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from lp_fx.checkpoint import (
+    check_writable,
+    layer_parameter_names,
+    layer_stack_of,
+    pairing_record,
+    save_checkpoint,
+    unique_tensors,
+)
+from lp_fx.config import MODES, LayerParallelError, Pair, validate_pairs
+
+log = logging.getLogger(__name__)
+
+LOSSES = ("distill", "lm")
+TRAIN_SETS = ("paired", "all")
+
+
+class FinetuneError(LayerParallelError):
+    """Fine-tuning arguments or data that cannot be used; the message says what is valid."""
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """What to train and how. ``train_layers`` overrides the layers that train (default: the
+    paired ones), e.g. to give the unpaired model the same fine-tuning as a control."""
+
+    pairs: tuple[Pair, ...] = ()
+    modes: tuple[str, ...] | None = None
+    mode: str = "lp"
+    loss: str = "distill"
+    train: str = "paired"
+    train_layers: tuple[int, ...] | None = None
+    steps: int = 100
+    lr: float = 1e-4
+    batch: int = 4
+    seq_len: int = 256
+    seed: int = 0
+    warmup: int | None = None
+    clip: float = 1.0
+    weight_decay: float = 0.0
+    eval_every: int = 25
+    save_every: int = 25
+    inner: str = "aot_eager"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pairs", validate_pairs(self.pairs))
+        _check_choice(self.loss, LOSSES, "loss")
+        _check_choice(self.train, TRAIN_SETS, "train")
+        _check_choice(self.mode, MODES, "mode")
+        for mode in self.modes or ():
+            _check_choice(mode, MODES, "mode of a pair")
+        if self.modes is not None and len(self.modes) != len(self.pairs):
+            raise FinetuneError(f"{len(self.modes)} modes for {len(self.pairs)} pairs: give one mode per pair")
+        for name in ("steps", "batch", "seq_len", "eval_every", "save_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise FinetuneError(f"{name.replace('_', '-')} must be a whole number >= 1, got {value!r}")
+        if self.seq_len < 2:
+            raise FinetuneError(f"seq-len must be >= 2 (a token and the next one), got {self.seq_len}")
+        if not self.lr > 0:
+            raise FinetuneError(f"lr must be > 0, got {self.lr!r}")
+        if self.warmup is not None and not 0 <= self.warmup <= self.steps:
+            raise FinetuneError(f"warmup must be between 0 and steps ({self.steps}), got {self.warmup}")
+
+    @property
+    def pair_modes(self) -> tuple[str, ...]:
+        return tuple(self.modes) if self.modes is not None else (self.mode,) * len(self.pairs)
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.warmup if self.warmup is not None else max(1, self.steps // 10)
+
+    def layers_to_train(self) -> tuple[int, ...]:
+        if self.train_layers is not None:
+            return tuple(sorted(self.train_layers))
+        return tuple(i for pair in self.pairs for i in pair)
+
+
+def _check_choice(value: Any, valid: Sequence[str], name: str) -> None:
+    if value not in valid:
+        raise FinetuneError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, valid))}")
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+_WIKITEXT_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(pattern), repl)
+    for pattern, repl in (
+        (r" @(.)@ ", r"\1"),  # 1 @,@ 000 -> 1,000; well @-@ known -> well-known
+        (r" <unk>", ""),  # words the tokenized release replaced; the raw words are not there
+        (r"<unk> ?", ""),
+        (r" ([.,;:!?%)\]}])", r"\1"),
+        (r"([(\[{$]) ", r"\1"),
+        (r" (n't|'s|'re|'ve|'m|'ll|'d)\b", r"\1"),
+        (r"^ *(=+) (.*?) (=+) *$", r"\1 \2 \3"),
+    )
+)
+
+
+def detokenize_wikitext(text: str) -> str:
+    """Undo the tokenization of the WikiText ``.tokens``/``train.txt`` release, line by line.
+
+    ``1 @,@ 000`` -> ``1,000``, ``well @-@ known`` -> ``well-known``, no space before punctuation or
+    after an opening bracket, contractions joined, ``<unk>`` dropped (the raw word is not known),
+    and the ``" "`` separator lines removed, so the training text reads like the raw test text.
+    """
+    lines = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        for pattern, repl in _WIKITEXT_RULES:
+            line = pattern.sub(repl, line)
+        lines.append(line.strip())
+    return "\n".join(lines) + "\n"
+
+
+def looks_tokenized(text: str) -> bool:
+    """Whether ``text`` is the tokenized WikiText release (``@-@``, ``<unk>``, `` , ``)."""
+    sample = text[:200_000]
+    return " @-@ " in sample or " @,@ " in sample or sample.count("<unk>") > 3
+
+
+def load_training_text(path: str | Path) -> str:
+    """A plain text file to train on; the tokenized WikiText release is detokenized first."""
+    path = Path(path)
+    if not path.is_file():
+        raise FinetuneError(f"training text {path} not found; give --train-data FILE (any plain text file)")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise FinetuneError(f"training text {path} is empty")
+    if looks_tokenized(text):
+        log.info("%s is tokenized WikiText: detokenizing before training", path)
+        text = detokenize_wikitext(text)
+    return text
+
+
+def training_chunks(token_ids: Sequence[int] | torch.Tensor, seq_len: int, needed: int) -> torch.Tensor:
+    """Non-overlapping ``(N, seq_len)`` chunks of the token stream; at least ``needed`` are asked
+    for, and fewer than one batch is an error."""
+    ids = torch.as_tensor(token_ids, dtype=torch.long)
+    count = ids.numel() // seq_len
+    if count < needed:
+        raise FinetuneError(
+            f"the training text has {ids.numel()} tokens: {count} chunks of {seq_len}, fewer than one batch "
+            f"({needed}); give a longer text or a smaller --batch / --seq-len"
+        )
+    return ids[: count * seq_len].view(count, seq_len)
+
+
+class Batches:
+    """Batches of chunks in a seeded random order, reshuffled each pass over the data."""
+
+    def __init__(self, chunks: torch.Tensor, batch: int, seed: int) -> None:
+        self.chunks, self.batch = chunks, batch
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order = torch.empty(0, dtype=torch.long)
+        self.position = 0
+
+    def next(self) -> torch.Tensor:
+        if self.position + self.batch > self.order.numel():
+            self.order = torch.randperm(self.chunks.shape[0], generator=self.generator)
+            self.position = 0
+        index = self.order[self.position : self.position + self.batch]
+        self.position += self.batch
+        return self.chunks[index]
+
+
+# ------------------------------------------------------------------------------------------ loss
+
+
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student) of the next-token distributions."""
+    vocab = student_logits.shape[-1]
+    student = F.log_softmax(student_logits.float().reshape(-1, vocab), dim=-1)
+    teacher = F.log_softmax(teacher_logits.float().reshape(-1, vocab), dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+
+
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy."""
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def learning_rate_factor(step: int, steps: int, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then a cosine from 1 down to 0.1 at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ---------------------------------------------------------------------------------- the trainer
+
+
+def logits_of(model: Callable, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a Hugging Face causal LM (or any model returning logits) for ``ids``."""
+    out = model(input_ids=ids, use_cache=False)
+    return out.logits if hasattr(out, "logits") else out
+
+
+@dataclass
+class TrainState:
+    """What a run has measured so far; ``train.json`` is its ``to_json``."""
+
+    config: FinetuneConfig
+    extra: dict[str, Any] = field(default_factory=dict)
+    step: int = 0
+    losses: list[dict[str, float]] = field(default_factory=list)
+    heldout: list[dict[str, float]] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+    tokens: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "args": {**asdict(self.config), **self.extra},
+            "step": self.step,
+            "tokens": self.tokens,
+            "wall_s": round(time.perf_counter() - self.started, 2),
+            "loss": self.losses,
+            "heldout": self.heldout,
+        }
+
+
+def check_layers(model: nn.Module, config: FinetuneConfig) -> tuple[str, int]:
+    """The model's layer stack; every paired or trained layer must be in it."""
+    stack, count = layer_stack_of(model)
+    used = (*config.layers_to_train(), *(i for pair in config.pairs for i in pair))
+    out_of_range = [i for i in used if i >= count]
+    if out_of_range:
+        raise FinetuneError(
+            f"layer {out_of_range[0]} is out of range: {stack} has {count} layers, valid indices 0..{count - 1}"
+        )
+    return stack, count
+
+
+def choose_trainable(model: nn.Module, config: FinetuneConfig) -> list[str]:
+    """Set ``requires_grad`` for the parameters that train (and only those); return their names."""
+    stack, _ = check_layers(model, config)
+    if config.train == "all":
+        names = [name for name, _ in model.named_parameters()]
+    else:
+        names = layer_parameter_names(model, stack, config.layers_to_train())
+    if not names:
+        raise FinetuneError("nothing to train: no pairs were chosen and no --train-layers given")
+    chosen = set(names)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in chosen)
+    return names
+
+
+def make_student(model: nn.Module, config: FinetuneConfig, mesh: Any = None) -> tuple[Callable, Any]:
+    """``model`` compiled with the layer_parallel backend for the pairing; and the backend."""
+    from lp_fx import LayerParallel
+
+    stack, _ = layer_stack_of(model)
+    options: dict[str, Any] = {"inner": config.inner, "strict": True, "stack": stack, "mode": config.mode}
+    if mesh is not None:
+        options["mesh"] = mesh
+    if config.modes is not None and len(set(config.modes)) > 1:
+        import json
+        import tempfile
+
+        plan = {"pairs": [list(p) for p in config.pairs], "modes": list(config.modes), "num_layers": layer_stack_of(model)[1]}
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "plan.json"
+            path.write_text(json.dumps(plan))
+            backend = LayerParallel(options, plan=str(path))
+    else:
+        if config.modes:
+            options["mode"] = config.modes[0]
+        backend = LayerParallel(options, pairs=[list(p) for p in config.pairs])
+    return torch.compile(model, backend=backend), backend
+
+
+def check_pairs_rewritten(reports: Sequence[Any], pairs: Sequence[Pair], modes: Sequence[str]) -> None:
+    """Refuse to train a graph in which the pairing was not applied as asked."""
+    done = {tuple(pair): how for report in reports for pair, how in report.pairs_rewritten}
+    wrong = [(pair, mode) for pair, mode in zip(pairs, modes) if done.get(tuple(pair)) != mode]
+    if wrong:
+        summary = "; ".join(report.summary() for report in reports)
+        raise FinetuneError(f"the compiled model does not pair {wrong} as asked ({summary})")
+
+
+def finetune(
+    model: nn.Module,
+    train_ids: Sequence[int] | torch.Tensor,
+    config: FinetuneConfig,
+    out_dir: str | Path,
+    heldout: torch.Tensor | None = None,
+    mesh: Any = None,
+    progress: bool = True,
+    extra_args: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Fine-tune ``model`` in place through its compiled pairing; write checkpoints to ``out_dir``.
+
+    ``train_ids``: the tokenized training text. ``heldout``: ``(N, T)`` windows of text never
+    trained on, whose perplexity is measured before training, every ``eval_every`` steps and at
+    the end. Returns the run record (also ``out_dir/train.json``).
+    """
+    out_dir = check_writable(out_dir)
+    torch.manual_seed(config.seed)
+    check_layers(model, config)
+    chunks = training_chunks(train_ids, config.seq_len, config.batch)
+    names = choose_trainable(model, config)
+    params = [p for name, p in model.named_parameters() if p.requires_grad]
+    teacher = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad} if config.loss == "distill" else None
+    student, backend = make_student(model, config, mesh)
+    ranks = Ranks(resolve_mesh(mesh, model), backend) if mesh is not None else None
+    if ranks is not None and ranks.world == 1:
+        ranks = None
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate_factor(step, config.steps, config.warmup_steps)
+    )
+    batches = Batches(chunks, config.batch, config.seed)
+    state = TrainState(config, extra=dict(extra_args or {}))
+    pairing = pairing_record(model, config.pairs, config.pair_modes, unique_tensors(model, names))
+    log.info(
+        "fine-tuning %d tensors (%.1f M parameters) of %d pairs, loss %s, %d steps of %d x %d tokens",
+        len(names), sum(p.numel() for p in params) / 1e6, len(config.pairs), config.loss,
+        config.steps, config.batch, config.seq_len,
+    )
+    if config.loss == "distill" and not config.pairs:
+        log.warning("loss 'distill' with no pairs: the student is the teacher and the loss is 0; "
+                    "use loss 'lm' for the unpaired control")
+    model.train(False)  # dropout off: the student must match the teacher when nothing is paired
+    _measure_heldout(student, heldout, state, progress)
+    bar = tqdm(range(config.steps), desc="fine-tune", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        started = time.perf_counter()
+        ids = batches.next()
+        loss = _train_step(model, student, teacher, ids, config, optimizer, schedule, params, ranks)
+        if step == 0:
+            check_pairs_rewritten(backend.reports, config.pairs, config.pair_modes)
+        state.step, state.tokens = step + 1, state.tokens + ids.numel()
+        rate = ids.numel() / (time.perf_counter() - started)
+        state.losses.append({"step": step + 1, "loss": loss, "lr": schedule.get_last_lr()[0], "tokens_per_s": round(rate, 1)})
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}")
+        last = step + 1 == config.steps
+        if heldout is not None and ((step + 1) % config.eval_every == 0 or last):
+            _measure_heldout(student, heldout, state, progress)
+        if (step + 1) % config.save_every == 0 or last:
+            _save(model, names, pairing, state, out_dir, ranks)
+    bar.close()
+    for param in params:
+        param.grad = None
+    return state.to_json()
+
+
+def _train_step(
+    model: nn.Module,
+    student: Callable,
+    teacher: dict[str, torch.Tensor] | None,
+    ids: torch.Tensor,
+    config: FinetuneConfig,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    params: Sequence[torch.Tensor],
+    ranks: Ranks | None,
+) -> float:
+    """One optimizer step; returns the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    logits = logits_of(student, ids)
+    if teacher is not None:
+        with torch.no_grad():
+            target = logits_of(lambda **kw: torch.func.functional_call(model, teacher, args=(), kwargs=kw, strict=False), ids)
+        loss = distill_loss(logits, target)
+    else:
+        loss = lm_loss(logits, ids)
+    loss.backward()
+    if ranks is not None:
+        ranks.complete_gradients(params)
+    torch.nn.utils.clip_grad_norm_(params, config.clip)
+    if ranks is not None:
+        ranks.drop_gradients_not_read(params)
+    optimizer.step()
+    schedule.step()
+    return loss.item()
+
+
+def _measure_heldout(student: Callable, heldout: torch.Tensor | None, state: TrainState, progress: bool) -> None:
+    if heldout is None:
+        return
+    from lp_fx.evaluate import perplexity
+
+    ppl = perplexity(lambda ids: logits_of(student, ids), heldout, desc="held-out", progress=progress).ppl
+    state.heldout.append({"step": state.step, "ppl": ppl})
+    log.info("step %d: held-out perplexity %.3f", state.step, ppl)
+
+
+def _save(model: nn.Module, names: Sequence[str], pairing: dict, state: TrainState, out_dir: Path, ranks: Ranks | None) -> None:
+    if ranks is not None:
+        ranks.gather_to_all(model, names)
+        if ranks.rank != 0:
+            return
+    save_checkpoint(out_dir, unique_tensors(model, names), pairing, state.to_json())
+    log.info("step %d: checkpoint written to %s", state.step, out_dir)
+
+
+class Ranks:
+    """Training on a device mesh: each rank computes its part; the updates agree everywhere.
+
+    After backward, gradients are completed across ranks (:func:`sync_gradients`), so every rank
+    sees the same gradient norm and clips alike; each rank then updates only the parameters its
+    graph reads (the branch it computes and the shared weights). Before a checkpoint every
+    trained tensor is sent from the first rank that trains it, so rank 0 writes the whole result.
+    """
+
+    def __init__(self, mesh: Any, backend: Any) -> None:
+        import torch.distributed as dist
+
+        self.group = mesh.get_group()
+        self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        self.backend = backend
+
+    @property
+    def use(self) -> dict[int, str]:
+        return parameter_use(self.backend.reports)
+
+    def complete_gradients(self, params: Sequence[torch.Tensor]) -> None:
+        sync_gradients(params, self.use, self.group)
+
+    def drop_gradients_not_read(self, params: Sequence[torch.Tensor]) -> None:
+        use = self.use
+        for param in params:
+            if id(param) not in use:
+                param.grad = None
+
+    def gather_to_all(self, model: nn.Module, names: Sequence[str]) -> None:
+        import torch.distributed as dist
+
+        use = self.use
+        tensors = dict(model.named_parameters())
+        owners = torch.tensor([self.rank if id(tensors[n]) in use else self.world for n in names])
+        dist.all_reduce(owners, op=dist.ReduceOp.MIN, group=self.group)
+        with torch.no_grad():
+            for name, owner in zip(names, owners.tolist()):
+                if owner < self.world:
+                    dist.broadcast(tensors[name].data, src=dist.get_global_rank(self.group, owner), group=self.group)
+
+
+def resolve_mesh(mesh: Any, model: nn.Module) -> Any:
+    """A ``DeviceMesh``, or ``"auto"``: the backend's mesh over the default process group."""
+    from lp_fx.collectives import resolve_mesh as resolve
+
+    return resolve(mesh, [next(model.parameters())])
+
+
+def parameter_use(reports: Sequence[Any]) -> dict[int, str]:
+    """How this rank's graphs read each parameter (``id`` -> ``"whole"``/``"slice"``)."""
+    use: dict[int, str] = {}
+    for report in reports:
+        use.update(report.parameter_use or {})
+    return use
+
+
+def sync_gradients(params: Sequence[torch.Tensor], use: dict[int, str], group: Any) -> None:
+    """Complete every gradient across ranks, so that each rank holds the single-device one.
+
+    Under placement a rank reads a parameter whole (its branch of a pair, or a replicated
+    weight: its gradient there is already the full one, the same on every rank that reads it
+    whole), through slices (tensor parallel: the gradient is zero outside them), or not at all
+    (the other branch: no gradient). The sum over ranks, with whole-read gradients divided by the
+    number of ranks that read them whole, is the full gradient. One all-reduce for the counts and
+    one for all the gradients.
+    """
+    import torch.distributed as dist
+
+    whole = torch.tensor([float(use.get(id(p)) == "whole") for p in params], dtype=torch.float64)
+    dist.all_reduce(whole, group=group)
+    grads = []
+    for param, count in zip(params, whole.tolist()):
+        grad = param.grad if param.grad is not None else torch.zeros_like(param)
+        grads.append(grad / count if use.get(id(param)) == "whole" and count > 1 else grad)
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    for param, piece in zip(params, flat.split([p.numel() for p in params])):
+        param.grad = piece.view_as(param).clone()
+
+
+def plot_record(record: dict[str, Any], path: str | Path) -> None:
+    """Training loss per step and held-out perplexity, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, loss_axis = plt.subplots(figsize=(7, 4))
+    steps = [point["step"] for point in record["loss"]]
+    loss_axis.plot(steps, [point["loss"] for point in record["loss"]], color="tab:blue", lw=1)
+    loss_axis.set_xlabel("step")
+    loss_axis.set_ylabel(f"training loss ({record['args']['loss']})", color="tab:blue")
+    if record["heldout"]:
+        ppl_axis = loss_axis.twinx()
+        ppl_axis.plot([p["step"] for p in record["heldout"]], [p["ppl"] for p in record["heldout"]],
+                      "o-", color="tab:red")
+        ppl_axis.set_ylabel("held-out perplexity (WikiText-2 test)", color="tab:red")
+    loss_axis.set_title(f"fine-tuning {record['args'].get('pairing', '')}: {record['wall_s']:.0f} s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
