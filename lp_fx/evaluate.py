@@ -18,7 +18,7 @@ import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -71,7 +71,7 @@ def compile_pairing(
     checks its reports: a silently unpaired model would be measured as the baseline.
     """
     torch._dynamo.reset()
-    backend = _make_backend(model, pairing, mode, inner)
+    backend = make_backend(model, pairing, mode, inner)
     compiled = torch.compile(model, backend=backend)
     checked = False
 
@@ -79,19 +79,22 @@ def compile_pairing(
         nonlocal checked
         logits = compiled(input_ids=input_ids, use_cache=False).logits
         if not checked:
-            _check_rewritten(backend.reports, pairing, mode)
+            check_rewritten(backend.reports, pairing, mode)
             checked = True
         return logits
 
     return logits_fn
 
 
-def _make_backend(model: torch.nn.Module, pairing: Pairing, mode: str, inner: str) -> object:
-    """The backend for one pairing; per-pair modes travel as a plan file, as a user passes them."""
+def make_backend(model: torch.nn.Module, pairing: Pairing, mode: str, inner: str, **options: Any) -> object:
+    """A strict backend for one pairing (more backend ``options`` may be added, e.g. ``mesh``);
+    per-pair modes travel as a plan file, as a user passes them."""
     from lp_fx import LayerParallel
 
-    options = {"mode": mode, "inner": inner, "strict": True}
-    if pairing.modes is None or set(pairing.modes) <= {mode}:
+    options = {"mode": mode, "inner": inner, "strict": True, **options}
+    if pairing.modes is None or len(set(pairing.modes)) <= 1:
+        if pairing.modes:
+            options["mode"] = pairing.modes[0]
         return LayerParallel(options, pairs=[list(pair) for pair in pairing.pairs])
     plan = {
         "num_layers": model.config.num_hidden_layers,
@@ -104,7 +107,8 @@ def _make_backend(model: torch.nn.Module, pairing: Pairing, mode: str, inner: st
         return LayerParallel(options, plan=str(path))  # the plan is read here
 
 
-def _check_rewritten(reports: Sequence, pairing: Pairing, mode: str) -> None:
+def check_rewritten(reports: Sequence, pairing: Pairing, mode: str) -> None:
+    """Refuse to measure (or train) a graph in which the pairing was not applied as asked."""
     done = {tuple(pair): how for report in reports for pair, how in report.pairs_rewritten}
     wanted = zip(pairing.pairs, pairing.modes or (mode,) * pairing.num_pairs)
     wrong = [(pair, how) for pair, how in wanted if done.get(tuple(pair)) != how]

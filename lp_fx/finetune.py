@@ -44,6 +44,7 @@ from lp_fx.checkpoint import (
     unique_tensors,
 )
 from lp_fx.config import MODES, LayerParallelError, Pair, validate_pairs
+from lp_fx.evaluate import Pairing, check_rewritten, perplexity
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,10 @@ class FinetuneConfig:
     @property
     def pair_modes(self) -> tuple[str, ...]:
         return tuple(self.modes) if self.modes is not None else (self.mode,) * len(self.pairs)
+
+    @property
+    def pairing(self) -> Pairing:
+        return Pairing("finetune", self.pairs, self.pair_modes)
 
     @property
     def warmup_steps(self) -> int:
@@ -287,35 +292,13 @@ def choose_trainable(model: nn.Module, config: FinetuneConfig) -> list[str]:
 
 def make_student(model: nn.Module, config: FinetuneConfig, mesh: Any = None) -> tuple[Callable, Any]:
     """``model`` compiled with the layer_parallel backend for the pairing; and the backend."""
-    from lp_fx import LayerParallel
+    from lp_fx.evaluate import make_backend
 
-    stack, _ = layer_stack_of(model)
-    options: dict[str, Any] = {"inner": config.inner, "strict": True, "stack": stack, "mode": config.mode}
+    options: dict[str, Any] = {"stack": layer_stack_of(model)[0]}
     if mesh is not None:
         options["mesh"] = mesh
-    if config.modes is not None and len(set(config.modes)) > 1:
-        import json
-        import tempfile
-
-        plan = {"pairs": [list(p) for p in config.pairs], "modes": list(config.modes), "num_layers": layer_stack_of(model)[1]}
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "plan.json"
-            path.write_text(json.dumps(plan))
-            backend = LayerParallel(options, plan=str(path))
-    else:
-        if config.modes:
-            options["mode"] = config.modes[0]
-        backend = LayerParallel(options, pairs=[list(p) for p in config.pairs])
+    backend = make_backend(model, config.pairing, config.mode, config.inner, **options)
     return torch.compile(model, backend=backend), backend
-
-
-def check_pairs_rewritten(reports: Sequence[Any], pairs: Sequence[Pair], modes: Sequence[str]) -> None:
-    """Refuse to train a graph in which the pairing was not applied as asked."""
-    done = {tuple(pair): how for report in reports for pair, how in report.pairs_rewritten}
-    wrong = [(pair, mode) for pair, mode in zip(pairs, modes) if done.get(tuple(pair)) != mode]
-    if wrong:
-        summary = "; ".join(report.summary() for report in reports)
-        raise FinetuneError(f"the compiled model does not pair {wrong} as asked ({summary})")
 
 
 def finetune(
@@ -368,7 +351,7 @@ def finetune(
         ids = batches.next()
         loss = _train_step(model, student, teacher, ids, config, optimizer, schedule, params, ranks)
         if step == 0:
-            check_pairs_rewritten(backend.reports, config.pairs, config.pair_modes)
+            check_rewritten(backend.reports, config.pairing, config.mode)
         state.step, state.tokens = step + 1, state.tokens + ids.numel()
         rate = ids.numel() / (time.perf_counter() - started)
         state.losses.append({"step": step + 1, "loss": loss, "lr": schedule.get_last_lr()[0], "tokens_per_s": round(rate, 1)})
@@ -418,8 +401,6 @@ def _train_step(
 def _measure_heldout(student: Callable, heldout: torch.Tensor | None, state: TrainState, progress: bool) -> None:
     if heldout is None:
         return
-    from lp_fx.evaluate import perplexity
-
     ppl = perplexity(lambda ids: logits_of(student, ids), heldout, desc="held-out", progress=progress).ppl
     state.heldout.append({"step": state.step, "ppl": ppl})
     log.info("step %d: held-out perplexity %.3f", state.step, ppl)
