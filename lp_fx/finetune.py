@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -354,7 +355,8 @@ def finetune(
             check_rewritten(backend.reports, config.pairing, config.mode)
         state.step, state.tokens = step + 1, state.tokens + ids.numel()
         rate = ids.numel() / (time.perf_counter() - started)
-        state.losses.append({"step": step + 1, "loss": loss, "lr": schedule.get_last_lr()[0], "tokens_per_s": round(rate, 1)})
+        state.losses.append({"step": step + 1, "loss": loss, "lr": schedule.get_last_lr()[0],
+                             "tokens_per_s": round(rate, 1), "rss_mib": resident_mib()})
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}")
         last = step + 1 == config.steps
         if heldout is not None and ((step + 1) % config.eval_every == 0 or last):
@@ -396,6 +398,15 @@ def _train_step(
     optimizer.step()
     schedule.step()
     return loss.item()
+
+
+def resident_mib() -> float | None:
+    """This process's resident memory now, in MiB (Linux), to show it does not grow per step."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
 
 
 def _measure_heldout(student: Callable, heldout: torch.Tensor | None, state: TrainState, progress: bool) -> None:
