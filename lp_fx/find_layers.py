@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from .fx_utils import depends_on
+
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _CHILD = re.compile(r"^(?P<prefix>.+?)(?:\.(?P<attr>[A-Za-z0-9_]+)|\[['\"]?(?P<item>[^\]'\"]+)['\"]?\])$")
 # Where a parameter's source leaves the model object: ``<root>._modules['model']...``.
@@ -75,13 +77,30 @@ def model_roots(gm: fx.GraphModule) -> tuple[str, ...]:
     """
     roots = set()
     for node in gm.graph.find_nodes(op="placeholder"):
-        source = getattr(node.meta.get("grapharg"), "source", None)
-        name = source.name() if callable(getattr(source, "name", None)) else getattr(source, "name", None)
-        if isinstance(name, str):
-            m = _MODULE_ACCESS.search(name)
-            if m:
-                roots.add(name[: m.start()])
+        name = _source_name(node)
+        m = _MODULE_ACCESS.search(name) if name else None
+        if m:
+            roots.add(name[: m.start()])
     return tuple(sorted(roots, key=len, reverse=True))
+
+
+def parameter_paths(gm: fx.GraphModule) -> dict[fx.Node, str]:
+    """Each placeholder that is a module parameter, with its path from the model object
+    (``model.layers.1.mlp.up_proj.weight``), as :func:`normalize_path` writes module paths."""
+    paths = {}
+    for node in gm.graph.find_nodes(op="placeholder"):
+        name = _source_name(node)
+        m = _MODULE_ACCESS.search(name) if name else None
+        if m and name.rsplit(".", 1)[-1].startswith("_parameters["):
+            paths[node] = normalize_path(_MODULE_ACCESS.sub("[", name[m.start() :]))
+    return paths
+
+
+def _source_name(node: fx.Node) -> str | None:
+    """Where Dynamo read a placeholder's value from (``L['self']._modules['model']...``), if known."""
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    name = source.name() if callable(getattr(source, "name", None)) else getattr(source, "name", None)
+    return name if isinstance(name, str) else None
 
 
 def normalize_path(path: str, roots: Sequence[str] = ()) -> str:
@@ -216,9 +235,9 @@ def _split_residual_add(node: fx.Node, nodes: set[fx.Node]) -> tuple[fx.Node, fx
     a, b = node.args[0], node.args[1]
     if not isinstance(a, fx.Node) or not isinstance(b, fx.Node) or _shape(a) != _shape(b):
         return None
-    if _reaches(b, a, nodes):
+    if depends_on(b, a, nodes):
         return a, b
-    if _reaches(a, b, nodes):
+    if depends_on(a, b, nodes):
         return b, a
     # ``x + f(x) + g(x)`` written left to right: the running sum is the stream operand.
     streamish = [n for n in (a, b) if n not in nodes or is_add(n)]
@@ -232,7 +251,7 @@ def _merge_blocks_not_reading_their_stream(blocks: list[SubBlock], nodes: set[fx
     """``x + f(x) + g(x)`` (parallel attention) is one sub-block with two deltas, not two."""
     merged = [blocks[0]]
     for block in blocks[1:]:
-        if any(_reaches(d, block.stream, nodes) for d in block.deltas):
+        if any(depends_on(d, block.stream, nodes) for d in block.deltas):
             merged.append(block)
         else:
             prev = merged[-1]
@@ -240,24 +259,10 @@ def _merge_blocks_not_reading_their_stream(blocks: list[SubBlock], nodes: set[fx
     return merged
 
 
-def _reaches(node: fx.Node, ancestor: fx.Node, nodes: set[fx.Node]) -> bool:
-    """Whether ``node`` depends on ``ancestor``, following inputs inside ``nodes`` only."""
-    seen, todo = set(), [node]
-    while todo:
-        n = todo.pop()
-        if n is ancestor:
-            return True
-        if n in seen or n not in nodes:
-            continue
-        seen.add(n)
-        todo.extend(n.all_input_nodes)
-    return False
-
-
 def _same_shape_input(out: fx.Node, nodes: set[fx.Node], order: dict[fx.Node, int]) -> fx.Node | None:
     """The latest external input of the layer with the output's shape that the output depends on."""
     external = {a for n in nodes for a in n.all_input_nodes if a not in nodes}
-    fits = [a for a in external if _shape(a) == _shape(out) and _is_float_tensor(a) and _reaches(out, a, nodes)]
+    fits = [a for a in external if _shape(a) == _shape(out) and _is_float_tensor(a) and depends_on(out, a, nodes)]
     return max(fits, key=order.__getitem__) if fits else None
 
 

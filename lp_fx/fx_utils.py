@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import heapq
 import operator
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import fx
@@ -116,18 +116,60 @@ def erase_unused(nodes: Iterable[fx.Node]) -> int:
     Returns how many were erased. Unlike ``Graph.eliminate_dead_code`` this never touches nodes
     outside the given set, and it keeps in-place writes (a KV-cache update has no users).
     """
-    alive = set(nodes)
+    return _erase_dead(set(nodes), lambda node, alive: False)
+
+
+def erase_skipped_layer(nodes: set[fx.Node], stream: fx.Node) -> int:
+    """Erase what is left of a layer once nothing reads its output: its unused nodes, and its
+    in-place writes of values computed from ``stream`` (its input) into memory that no other
+    node of the graph reads (its KV-cache entries). Returns how many nodes were erased.
+
+    Writes of values that do not depend on the stream (a cache's position counter, which code
+    outside the graph may read) stay, and so does a write into memory another layer reads.
+    """
+
+    def private_stream_write(node: fx.Node, alive: set[fx.Node]) -> bool:
+        if mutated_input(node) is None or not depends_on(node, stream, nodes):
+            return False
+        return all(r in alive and mutated_input(r) is not None for r in memory_readers(node))
+
+    return _erase_dead(set(nodes), private_stream_write)
+
+
+def memory_readers(write: fx.Node) -> set[fx.Node]:
+    """The nodes that use the memory the in-place op ``write`` writes (through any view of it),
+    other than the write itself and the graph's output."""
+    group = _alias_group(_alias_root(mutated_input(write)))
+    return {u for g in group for u in g.users if u not in group and u.op != "output"} - {write}
+
+
+def _erase_dead(alive: set[fx.Node], droppable: Callable[[fx.Node, set[fx.Node]], bool]) -> int:
+    """Erase unused nodes of ``alive`` without side effect, or whose side effect is ``droppable``."""
     erased = 0
     changed = True
     while changed:
         changed = False
         for n in list(alive):
-            if not n.users and not _has_side_effect(n):
+            if not n.users and (not _has_side_effect(n) or droppable(n, alive)):
                 n.graph.erase_node(n)
                 alive.discard(n)
                 erased += 1
                 changed = True
     return erased
+
+
+def depends_on(node: fx.Node, ancestor: fx.Node, nodes: set[fx.Node]) -> bool:
+    """Whether ``node`` depends on ``ancestor``, following inputs inside ``nodes`` only."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n is ancestor:
+            return True
+        if n in seen or n not in nodes:
+            continue
+        seen.add(n)
+        todo.extend(n.all_input_nodes)
+    return False
 
 
 def in_graph_order(nodes: set[fx.Node]) -> list[fx.Node]:
