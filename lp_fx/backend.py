@@ -17,8 +17,9 @@ from torch import fx
 
 from .config import LayerParallelError, LPConfig, Pair, config_from_options
 from .find_layers import LayerStack, available_stacks, find_layers
+from .merge import merge_problem, merged_weights
 from .report import GraphReport, LayerInfo
-from .rewrite import PairRewrite, pair_problem, rewrite_pairs
+from .rewrite import PairRewrite, pair_problem, rewrite_pairs, skip_problem
 from .weights import WeightStore, keep_own_weights
 
 logger = logging.getLogger("lp_fx")
@@ -43,21 +44,21 @@ class LayerParallel:
         self.reports.append(report)
         stack = find_layers(gm, self.config.stack)
         rewrites: list[PairRewrite] = []
+        replaced: dict[int, torch.Tensor] = {}  # input position -> the tensor passed there instead
         if stack is None:
             self._no_layers(gm, report)
         else:
-            rewrites = self._rewrite(gm, stack, report)
-        inputs, slices = list(example_inputs), {}
+            rewrites, replaced = self._rewrite(gm, example_inputs, stack, report)
         if self.config.mesh is not None:
             from .placement import place
 
             gm = place(gm, example_inputs, stack, rewrites, self.config, report, self._say)
             if self.config.free_weights and report.collectives is not None:  # placed on several ranks
-                slices, report.released_bytes = keep_own_weights(gm, example_inputs, self.weights)
-                _replace(inputs, _static_fakes(example_inputs, slices))
+                replaced, report.released_bytes = keep_own_weights(gm, example_inputs, self.weights)
+        inputs = _replace(list(example_inputs), _static_fakes(example_inputs, replaced))
         logger.debug("%s", report.summary())
         compiled = compile_inner(gm, inputs, self.config.inner)
-        return _with_inputs_replaced(compiled, slices) if slices else compiled
+        return _with_inputs_replaced(compiled, replaced) if replaced else compiled
 
     def _no_layers(self, gm: fx.GraphModule, report: GraphReport) -> None:
         if not self.config.pairs:
@@ -72,7 +73,11 @@ class LayerParallel:
         report.notes.append(msg)
         self._say(msg)
 
-    def _rewrite(self, gm: fx.GraphModule, stack: LayerStack, report: GraphReport) -> list[PairRewrite]:
+    def _rewrite(
+        self, gm: fx.GraphModule, example_inputs: Sequence[Any], stack: LayerStack, report: GraphReport
+    ) -> tuple[list[PairRewrite], dict[int, torch.Tensor]]:
+        """Apply the pairs to ``gm``; returns the summed pairs and, for merged
+        pairs, the averaged weights to pass in place of layer A's parameters."""
         report.stack = stack.path
         report.layers = [
             LayerInfo(index=l.index, path=l.path, cls=l.cls, sub_blocks=len(l.blocks), note=l.problem)
@@ -85,13 +90,17 @@ class LayerParallel:
         for pair in self.config.pairs:
             mode = self.config.mode_of(pair)
             reason = self._why_not(stack, pair, mode, present, complete)
+            if reason is None and mode == "merge":
+                reason = merge_problem(gm, example_inputs, stack.layers[pair[0]], stack.layers[pair[1]])
             if reason is None:
                 todo.append((pair, mode))
             elif reason:
                 report.pairs_skipped.append((pair, reason))
                 self._say(f"pair {pair} not rewritten: {reason}")
         report.pairs_rewritten = todo
-        return rewrite_pairs(gm, stack, todo)
+        merged = [(stack.layers[i], stack.layers[j]) for (i, j), mode in todo if mode == "merge"]
+        averages = merged_weights(gm, example_inputs, merged, self.weights)
+        return rewrite_pairs(gm, stack, todo), averages
 
     def _why_not(self, stack: LayerStack, pair: Pair, mode: str, present: set[int], complete: bool) -> str | None:
         """None: rewrite it. "": not in this graph, nothing to say. Otherwise the reason to skip."""
@@ -100,6 +109,8 @@ class LayerParallel:
             raise LayerParallelError(
                 f"pair {pair} is out of range: {stack.path} has {len(stack)} layers, valid indices 0..{len(stack) - 1}"
             )
+        if mode == "prune":  # needs layer B only: a graph holding it can skip it
+            return skip_problem(stack.layers[j]) if j in present else ""
         if i in present and j in present:
             return pair_problem(stack.layers[i], stack.layers[j], mode)
         if i in present or j in present:

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-MODES = ("lp", "block")
+PAIRING_MODES = ("lp", "block")  # both layers run, their updates summed: what placement and fine-tuning handle
+SKIP_MODES = ("prune", "merge")  # the second layer of the pair is removed
+MODES = PAIRING_MODES + SKIP_MODES
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 OPTION_NAMES = ("pairs", "start", "end", "plan", "mode", "inner", "stack", "strict", "mesh", "tp", "free_weights")
 
@@ -56,12 +58,15 @@ def config_from_options(options: Mapping[str, Any] | None = None, **kwargs: Any)
             f"unknown option(s) {', '.join(map(repr, unknown))}; valid options: {', '.join(OPTION_NAMES)}"
         )
     pairs, plan_num_layers, pair_modes = _pairs_from_options(opts)
+    mode = _choice(opts.get("mode", "lp"), MODES, "mode")
     free_weights = _bool(opts.get("free_weights", False), "free_weights")
     if free_weights and opts.get("mesh") is None:
         raise LayerParallelError("free_weights=True needs a mesh: on one device every weight is computed with")
+    if opts.get("mesh") is not None:
+        _check_placeable(mode, pair_modes)
     return LPConfig(
         pairs=pairs,
-        mode=_choice(opts.get("mode", "lp"), MODES, "mode"),
+        mode=mode,
         inner=_inner(opts.get("inner", "inductor")),
         stack=_optional_str(opts.get("stack"), "stack"),
         strict=_bool(opts.get("strict", False), "strict"),
@@ -163,6 +168,16 @@ def check_plan(plan: dict, num_layers: int, source: str | Path = "plan") -> None
             f"{source} was made for a model with {plan['num_layers']} layers "
             f"({plan.get('model', 'unknown model')}), but this model has {num_layers}; "
             "make a plan for this model with `lp-fx plan`"
+        )
+
+
+def _check_placeable(mode: str, pair_modes: Mapping[Pair, str]) -> None:
+    """A mesh places only summed pairs (lp, block): refuse the depth transforms with one."""
+    skipped = sorted(({mode} | set(pair_modes.values())) & set(SKIP_MODES))
+    if skipped:
+        raise LayerParallelError(
+            f"mode {', '.join(map(repr, skipped))} cannot be placed on a mesh: with 'mesh' use mode 'lp' or 'block', "
+            "or compile for one device (no 'mesh')"
         )
 
 

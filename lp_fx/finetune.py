@@ -44,7 +44,7 @@ from lp_fx.checkpoint import (
     save_checkpoint,
     unique_tensors,
 )
-from lp_fx.config import MODES, LayerParallelError, Pair, validate_pairs
+from lp_fx.config import PAIRING_MODES, LayerParallelError, Pair, validate_pairs
 from lp_fx.evaluate import Pairing, check_rewritten, perplexity
 
 log = logging.getLogger(__name__)
@@ -84,9 +84,9 @@ class FinetuneConfig:
         object.__setattr__(self, "pairs", validate_pairs(self.pairs))
         _check_choice(self.loss, LOSSES, "loss")
         _check_choice(self.train, TRAIN_SETS, "train")
-        _check_choice(self.mode, MODES, "mode")
+        _check_choice(self.mode, PAIRING_MODES, "mode")
         for mode in self.modes or ():
-            _check_choice(mode, MODES, "mode of a pair")
+            _check_choice(mode, PAIRING_MODES, "mode of a pair")
         if self.modes is not None and len(self.modes) != len(self.pairs):
             raise FinetuneError(f"{len(self.modes)} modes for {len(self.pairs)} pairs: give one mode per pair")
         for name in ("steps", "batch", "seq_len", "eval_every", "save_every"):

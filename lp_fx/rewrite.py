@@ -1,9 +1,13 @@
-"""Rewrite chosen layer pairs so both layers read the same input and their updates are summed.
+"""Rewrite chosen layer pairs so both layers read the same input and their updates are summed,
+or so that the second layer is skipped.
 
 For a pair (A, B) with residual sub-blocks ``s_{j+1} = s_j + f_j(s_j)``:
 
 - ``lp``:    ``s_{j+1} = s_j + (fA_j(s_j) + fB_j(s_j))`` for each sub-block j (the paper's form);
-- ``block``: ``out = x + ((A(x) - x) + (B(x) - x))``.
+- ``block``: ``out = x + ((A(x) - x) + (B(x) - x))``;
+- ``prune`` and ``merge``: ``out = A(x)``; what reads B's output reads its input instead and B's
+  compute is erased, its KV-cache writes included (``merge`` also swaps A's weights for the
+  averages, see :mod:`lp_fx.merge`; the graph is the same).
 
 Every ``(branch A delta) + (branch B delta)`` node is recorded in :class:`PairRewrite` with the
 nodes of each branch, so that placement can compute one branch per device and replace the sum by
@@ -17,9 +21,9 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from .config import Pair
+from .config import SKIP_MODES, Pair
 from .find_layers import Layer, LayerStack, example_value
-from .fx_utils import erase_unused, stable_topological_sort
+from .fx_utils import erase_skipped_layer, erase_unused, stable_topological_sort
 
 
 @dataclass
@@ -35,6 +39,8 @@ class PairRewrite:
 
 def pair_problem(a: Layer, b: Layer, mode: str) -> str | None:
     """Why the pair (a, b) cannot be rewritten in ``mode``, or None when it can."""
+    if mode in SKIP_MODES:
+        return skip_problem(b)
     for layer in (a, b):
         if layer.input is None or layer.output is None:
             return f"layer {layer.index} ({layer.path}): {layer.problem}"
@@ -50,35 +56,61 @@ def pair_problem(a: Layer, b: Layer, mode: str) -> str | None:
     return None
 
 
+def skip_problem(layer: Layer) -> str | None:
+    """Why ``layer`` cannot be skipped (its output replaced by its input), or None when it can."""
+    if layer.input is None or layer.output is None:
+        return f"layer {layer.index} ({layer.path}): {layer.problem}"
+    return None
+
+
 def rewrite_pairs(gm: fx.GraphModule, stack: LayerStack, pairs: list[tuple[Pair, str]]) -> list[PairRewrite]:
-    """Rewrite each ``(pair, mode)`` (already checked with :func:`pair_problem`) and tidy the graph."""
+    """Rewrite each ``(pair, mode)`` (already checked with :func:`pair_problem`) and tidy the graph.
+
+    Returns what the summed pairs (``lp``, ``block``) left in the graph; a skipped layer leaves nothing.
+    """
     graph = gm.graph
-    done = []
+    done, skipped = [], []
     for (i, j), mode in pairs:
-        a, b = stack.layers[i], stack.layers[j]
+        b = stack.layers[j]
         old_output = b.output
-        rewrite = _rewrite_lp(graph, a, b) if mode == "lp" else _rewrite_block(graph, a, b)
-        done.append(rewrite)
-        _follow_new_output(stack.layers.get(j + 1), old_output, rewrite.output)
+        if mode in SKIP_MODES:
+            new_output = _skip(b)
+            skipped.append(b)
+        else:
+            a = stack.layers[i]
+            rewrite = _rewrite_lp(graph, a, b) if mode == "lp" else _rewrite_block(graph, a, b)
+            done.append(rewrite)
+            new_output = rewrite.output
+        follow_new_input(stack.layers.get(j + 1), old_output, new_output)
+    for layer in skipped:
+        erase_skipped_layer(layer.nodes, layer.input)
     if done:
         stable_topological_sort(graph)
         erase_unused(set().union(*(r.branches[0] | r.branches[1] for r in done)))
         live = set(graph.nodes)
         for r in done:
             r.branches = (r.branches[0] & live, r.branches[1] & live)
+    if pairs:
         graph.lint()
         gm.recompile()
     return done
 
 
-def _follow_new_output(next_layer: Layer | None, old: fx.Node, new: fx.Node) -> None:
-    """The layer after a rewritten pair now reads the pair's new output; update what we know of it
-    so that a pair starting there (adjacent pairs) rewires from the right node."""
-    if next_layer is None or next_layer.input is not old:
+def _skip(layer: Layer) -> fx.Node:
+    """Make everything outside ``layer`` that read its output read its input; returns the input."""
+    layer.output.replace_all_uses_with(layer.input, delete_user_cb=lambda user: user not in layer.nodes)
+    return layer.input
+
+
+def follow_new_input(layer: Layer | None, old: fx.Node, new: fx.Node) -> None:
+    """``layer`` now reads ``new`` where it read ``old`` (the layer after a rewritten pair reads the
+    pair's new output); update what we know of it so that a later rewrite (an adjacent pair)
+    rewires from the right node."""
+    if layer is None or layer.input is not old:
         return
-    next_layer.input = new
-    if next_layer.blocks:
-        next_layer.blocks[0].stream = new
+    layer.input = new
+    if layer.blocks:
+        layer.blocks[0].stream = new
 
 
 def _rewrite_lp(graph: fx.Graph, a: Layer, b: Layer) -> PairRewrite:

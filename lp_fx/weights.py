@@ -28,10 +28,12 @@ from .config import LayerParallelError
 
 
 class WeightStore:
-    """The slices one backend object holds, shared by all of its graphs."""
+    """The tensors one backend object passes in place of parameters, shared by all of its graphs:
+    slices (``free_weights``) and averages (``mode="merge"``, :mod:`lp_fx.merge`)."""
 
     def __init__(self) -> None:
         self.slices: dict[tuple[int, int, int, int], torch.Tensor] = {}
+        self.averages: dict[tuple[int, int], torch.Tensor] = {}
 
     def slice_of(self, param: torch.Tensor, dim: int, start: int, size: int) -> torch.Tensor:
         """A contiguous copy of ``param.narrow(dim, start, size)``, made once."""
@@ -42,8 +44,17 @@ class WeightStore:
             self.slices[key] = param.detach().narrow(dim, start, size).clone(memory_format=torch.contiguous_format)
         return self.slices[key]
 
+    def average_of(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``(a + b) / 2`` elementwise (accumulated in at least fp32), made once."""
+        key = (id(a), id(b))
+        if key not in self.averages:
+            with torch.no_grad():
+                total = a.detach().to(torch.promote_types(a.dtype, torch.float32)) + b.detach()
+                self.averages[key] = total.mul_(0.5).to(a.dtype)
+        return self.averages[key]
+
     def nbytes(self) -> int:
-        return _unique_bytes(self.slices.values())
+        return _unique_bytes([*self.slices.values(), *self.averages.values()])
 
 
 def keep_own_weights(

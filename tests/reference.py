@@ -1,4 +1,5 @@
-"""An independent eager reference of layer pairing, written at module level (no FX).
+"""An independent eager reference of layer pairing and of the other depth transforms, written
+at module level (no FX).
 
 Layer A of a pair is patched to pass its input through unchanged and remember its arguments;
 layer B then receives A's input and computes the pair with both layers' own sub-modules:
@@ -7,14 +8,19 @@ layer B then receives A's input and computes the pair with both layers' own sub-
 - block: out = A(x) + B(x) - x
 
 Each layer keeps its own attention arguments (mask, cache slot), as in the compiled rewrite.
+
+- prune: layer B returns its input (the test models' layers return the hidden state alone);
+- merge: a copy of the model whose layer A holds the averages of A's and B's parameters, B pruned.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 
@@ -81,6 +87,11 @@ SUB_BLOCKS: dict[str, tuple[Callable, Callable]] = {
 
 def layer_list(model: nn.Module) -> list[nn.Module]:
     """The decoder layers of the test models, in index order."""
+    container = _layer_container(model)
+    return list(container.values()) if isinstance(container, nn.ModuleDict) else list(container)
+
+
+def _layer_container(model: nn.Module) -> nn.ModuleList | nn.ModuleDict:
     for path in ("model.layers", "transformer.h", "layers"):
         obj = model
         try:
@@ -88,7 +99,7 @@ def layer_list(model: nn.Module) -> list[nn.Module]:
                 obj = getattr(obj, part)
         except AttributeError:
             continue
-        return list(obj.values()) if isinstance(obj, nn.ModuleDict) else list(obj)
+        return obj
     raise ValueError(f"no layer list in {type(model).__name__}")
 
 
@@ -125,3 +136,34 @@ def _paired_forwards(a: nn.Module, b: nn.Module, mode: str):
         return h + f2(a, h) + f2(b, h)
 
     return forward_a, forward_b
+
+
+@contextmanager
+def eager_skipping(model: nn.Module, skipped: Sequence[int]):
+    """Within the block, the layers ``skipped`` of ``model`` return their input unchanged."""
+    layers = [layer_list(model)[i] for i in skipped]
+    for layer in layers:
+        layer.forward = _identity
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+def merged_copy(model: nn.Module, pairs: Sequence[tuple[int, int]]) -> nn.Module:
+    """A deep copy of ``model`` in which layer A of each pair holds the averages of A's and B's
+    parameters and layer B returns its input."""
+    merged = copy.deepcopy(model)
+    layers = layer_list(merged)
+    with torch.no_grad():
+        for i, j in pairs:
+            b_params = dict(layers[j].named_parameters())
+            for name, param in layers[i].named_parameters():
+                param.copy_((param + b_params[name]) / 2)
+            layers[j].forward = _identity
+    return merged
+
+
+def _identity(x, *args, **kwargs):
+    return x

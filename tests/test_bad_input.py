@@ -25,7 +25,7 @@ def ids(seed=0):
         ({"start": 4, "end": 2}, "start < end"),
         ({"start": 2}, "integers"),
         ({"pairz": [(1, 2)]}, "unknown option.*'pairz'.*valid options: pairs, start, end"),
-        ({"mode": "fast"}, "mode='fast' is not valid; choose one of 'lp', 'block'"),
+        ({"mode": "fast"}, "mode='fast' is not valid; choose one of 'lp', 'block', 'prune', 'merge'"),
         ({"inner": "tvm"}, "'inductor', 'aot_eager', 'eager'"),
         ({"pairs": [(0, 1)], "start": 2, "end": 4}, "one way only"),
         ({"strict": "yes"}, "True or False"),

@@ -1,0 +1,100 @@
+"""``mode="merge"``: layer A of a pair computes with the averages of A's and B's weights; B is skipped.
+
+Same-named parameters of the two layers (``self_attn.q_proj.weight`` of A and of B) are averaged
+elementwise when the graph is compiled, from the tensors Dynamo passes in. The averages are held
+by the backend object (``backend.weights``, shared by the prefill and decode graphs, made once) and
+passed to the compiled graph in place of A's parameters, so the model's own parameters are never
+written. The graph itself is the ``prune`` graph (:func:`lp_fx.rewrite.rewrite_pairs`).
+
+Merge is for inference: the averages are not the model's parameters, so no gradient would reach
+the model; a graph compiled with gradients enabled for these parameters is refused. The averages
+are taken once: a later in-place change to the model's weights is not seen until the model is
+compiled again (``torch._dynamo.reset()``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import fx
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+from .config import LayerParallelError
+from .find_layers import Layer, parameter_paths
+from .weights import WeightStore
+
+# Parameters named in a "do not correspond" message, at most.
+_NAMED = 4
+
+
+def merge_problem(gm: fx.GraphModule, example_inputs: Sequence[Any], a: Layer, b: Layer) -> str | None:
+    """Why the weights of ``a`` and ``b`` cannot be averaged in this graph, or None when they can."""
+    params_a, params_b = layer_parameters(gm, a), layer_parameters(gm, b)
+    if not params_a:
+        return f"no parameter of layer {a.index} ({a.path}) is an input of this graph, so none can be averaged"
+    if params_a.keys() != params_b.keys():
+        return (
+            f"layers {a.index} and {b.index} do not have the same parameters in this graph "
+            f"(only in {a.index}: {_names(params_a.keys() - params_b.keys())}; "
+            f"only in {b.index}: {_names(params_b.keys() - params_a.keys())})"
+        )
+    pair_nodes, position = a.nodes | b.nodes, _positions(gm)
+    for name, node_a in params_a.items():
+        why = _cannot_average(example_inputs[position[node_a]], example_inputs[position[params_b[name]]])
+        if why:
+            return f"parameter {name} of layers {a.index} and {b.index}: {why}"
+        if any(user not in pair_nodes for user in node_a.users):
+            return f"parameter {name} of layer {a.index} is also read outside the pair (a tied weight): averaging it would change that too"
+    return None
+
+
+def merged_weights(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], pairs: Sequence[tuple[Layer, Layer]], store: WeightStore
+) -> dict[int, torch.Tensor]:
+    """``{input position of a parameter of A: its average with B's}`` for each pair (A, B),
+    already checked with :func:`merge_problem`."""
+    averages, position = {}, _positions(gm)
+    for a, b in pairs:
+        params_b = layer_parameters(gm, b)
+        for name, node_a in layer_parameters(gm, a).items():
+            i, j = position[node_a], position[params_b[name]]
+            _refuse_gradients(example_inputs[i], example_inputs[j])
+            averages[i] = store.average_of(example_inputs[i], example_inputs[j])
+    return averages
+
+
+def layer_parameters(gm: fx.GraphModule, layer: Layer) -> dict[str, fx.Node]:
+    """The parameter placeholders of ``layer``, by name inside the layer (``mlp.up_proj.weight``)."""
+    prefix = layer.path + "."
+    return {path[len(prefix) :]: node for node, path in parameter_paths(gm).items() if path.startswith(prefix)}
+
+
+def _cannot_average(a: Any, b: Any) -> str | None:
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return "not tensors"
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return f"shapes/dtypes differ ({tuple(a.shape)} {a.dtype} vs {tuple(b.shape)} {b.dtype})"
+    if is_traceable_wrapper_subclass(a) or is_traceable_wrapper_subclass(b) or not a.is_floating_point():
+        return f"{type(a).__name__} of {a.dtype} cannot be averaged (plain floating-point tensors only)"
+    return None
+
+
+def _refuse_gradients(*params: torch.Tensor) -> None:
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        raise LayerParallelError(
+            "mode='merge' is for inference and does not train: the averaged weights are not the model's "
+            "parameters, so no gradient would reach them. Compile and run under torch.no_grad() "
+            "(or call model.requires_grad_(False))"
+        )
+
+
+def _positions(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    """Each placeholder's position among the graph's inputs."""
+    return {node: i for i, node in enumerate(gm.graph.find_nodes(op="placeholder"))}
+
+
+def _names(names: set[str]) -> str:
+    listed = sorted(names)[:_NAMED]
+    return ", ".join(listed) + (f" and {len(names) - _NAMED} more" if len(names) > _NAMED else "") if listed else "none"
