@@ -15,11 +15,12 @@ from typing import Any
 import torch
 from torch import fx
 
-from .config import LayerParallelError, LPConfig, Pair, config_from_options
+from .config import LayerParallelError, LPConfig, Pair, Shuffle, config_from_options
 from .find_layers import LayerStack, available_stacks, find_layers
 from .merge import merge_problem, merged_weights
 from .report import GraphReport, LayerInfo
 from .rewrite import PairRewrite, pair_problem, rewrite_pairs, skip_problem
+from .shuffle import shuffle_layers, shuffle_problem
 from .weights import WeightStore, keep_own_weights
 
 logger = logging.getLogger("lp_fx")
@@ -61,7 +62,7 @@ class LayerParallel:
         return _with_inputs_replaced(compiled, replaced) if replaced else compiled
 
     def _no_layers(self, gm: fx.GraphModule, report: GraphReport) -> None:
-        if not self.config.pairs:
+        if not self.config.pairs and self.config.shuffle is None:
             return
         found = available_stacks(gm) if self.config.stack is not None else []
         if found:
@@ -76,7 +77,7 @@ class LayerParallel:
     def _rewrite(
         self, gm: fx.GraphModule, example_inputs: Sequence[Any], stack: LayerStack, report: GraphReport
     ) -> tuple[list[PairRewrite], dict[int, torch.Tensor]]:
-        """Apply the pairs to ``gm``; returns the summed pairs and, for merged
+        """Apply the pairs and the shuffle to ``gm``; returns the summed pairs and, for merged
         pairs, the averaged weights to pass in place of layer A's parameters."""
         report.stack = stack.path
         report.layers = [
@@ -100,7 +101,10 @@ class LayerParallel:
         report.pairs_rewritten = todo
         merged = [(stack.layers[i], stack.layers[j]) for (i, j), mode in todo if mode == "merge"]
         averages = merged_weights(gm, example_inputs, merged, self.weights)
-        return rewrite_pairs(gm, stack, todo), averages
+        rewrites = rewrite_pairs(gm, stack, todo)
+        if self.config.shuffle is not None:
+            self._shuffle(gm, stack, self.config.shuffle, report, present, complete)
+        return rewrites, averages
 
     def _why_not(self, stack: LayerStack, pair: Pair, mode: str, present: set[int], complete: bool) -> str | None:
         """None: rewrite it. "": not in this graph, nothing to say. Otherwise the reason to skip."""
@@ -117,6 +121,32 @@ class LayerParallel:
             here, missing = (i, j) if i in present else (j, i)
             return f"split by a graph break: layer {here} is in this graph, layer {missing} is not"
         return ""
+
+    def _shuffle(
+        self, gm: fx.GraphModule, stack: LayerStack, shuffle: Shuffle, report: GraphReport, present: set[int],
+        complete: bool,
+    ) -> None:
+        indices = range(shuffle.start, shuffle.end)
+        if complete and shuffle.end > len(stack):
+            raise LayerParallelError(
+                f"shuffle range {shuffle.start}..{shuffle.end - 1} is out of range: {stack.path} has {len(stack)} "
+                f"layers, valid indices 0..{len(stack) - 1} (end <= {len(stack)})"
+            )
+        here = [k for k in indices if k in present]
+        if not here:
+            return
+        missing = [k for k in indices if k not in present]
+        reason = (
+            f"split by a graph break: layers {here} are in this graph, {missing} are not"
+            if missing
+            else shuffle_problem(stack, indices)
+        )
+        if reason is None:
+            shuffle_layers(gm, stack, shuffle.order)
+            report.shuffled = shuffle.order
+        else:
+            report.shuffle_skipped = reason
+            self._say(f"shuffle of layers {shuffle.start}..{shuffle.end - 1} not applied: {reason}")
 
     def _check_plan_matches(self, stack: LayerStack, complete: bool) -> None:
         wanted = self.config.plan_num_layers

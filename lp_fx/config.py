@@ -7,6 +7,7 @@ layer, a post-norm layer) is checked when a graph arrives, in the backend.
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,10 @@ PAIRING_MODES = ("lp", "block")  # both layers run, their updates summed: what p
 SKIP_MODES = ("prune", "merge")  # the second layer of the pair is removed
 MODES = PAIRING_MODES + SKIP_MODES
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
-OPTION_NAMES = ("pairs", "start", "end", "plan", "mode", "inner", "stack", "strict", "mesh", "tp", "free_weights")
+OPTION_NAMES = (
+    "pairs", "start", "end", "plan", "mode", "shuffle", "inner", "stack", "strict", "mesh", "tp", "free_weights",
+)
+SHUFFLE_KEYS = ("start", "end", "seed")
 
 Pair = tuple[int, int]
 
@@ -26,11 +30,26 @@ class LayerParallelError(ValueError):
 
 
 @dataclass(frozen=True)
+class Shuffle:
+    """Layers ``start .. end - 1`` run in a seeded random order, each keeping its own cache slot."""
+
+    start: int
+    end: int
+    seed: int = 0
+
+    @property
+    def order(self) -> tuple[int, ...]:
+        """The layer indices in the order they run (the same for every graph and every run)."""
+        return tuple(random.Random(self.seed).sample(range(self.start, self.end), self.end - self.start))
+
+
+@dataclass(frozen=True)
 class LPConfig:
     """What the user asked for, checked. ``pairs`` is sorted; empty means no rewrite."""
 
     pairs: tuple[Pair, ...] = ()
     mode: str = "lp"
+    shuffle: Shuffle | None = None
     inner: str | Callable = "inductor"
     stack: str | None = None
     strict: bool = False
@@ -59,14 +78,16 @@ def config_from_options(options: Mapping[str, Any] | None = None, **kwargs: Any)
         )
     pairs, plan_num_layers, pair_modes = _pairs_from_options(opts)
     mode = _choice(opts.get("mode", "lp"), MODES, "mode")
+    shuffle = _shuffle(opts.get("shuffle"), pairs)
     free_weights = _bool(opts.get("free_weights", False), "free_weights")
     if free_weights and opts.get("mesh") is None:
         raise LayerParallelError("free_weights=True needs a mesh: on one device every weight is computed with")
     if opts.get("mesh") is not None:
-        _check_placeable(mode, pair_modes)
+        _check_placeable(mode, pair_modes, shuffle)
     return LPConfig(
         pairs=pairs,
         mode=mode,
+        shuffle=shuffle,
         inner=_inner(opts.get("inner", "inductor")),
         stack=_optional_str(opts.get("stack"), "stack"),
         strict=_bool(opts.get("strict", False), "strict"),
@@ -171,12 +192,40 @@ def check_plan(plan: dict, num_layers: int, source: str | Path = "plan") -> None
         )
 
 
-def _check_placeable(mode: str, pair_modes: Mapping[Pair, str]) -> None:
+def _shuffle(value: Any, pairs: Sequence[Pair]) -> Shuffle | None:
+    """``{"start": s, "end": e, "seed": k}`` (seed optional, 0) -> :class:`Shuffle`, or None."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise LayerParallelError(f"shuffle must be a dict such as {{'start': 4, 'end': 12, 'seed': 0}}, got {value!r}")
+    unknown = sorted(set(value) - set(SHUFFLE_KEYS))
+    if unknown or "start" not in value or "end" not in value:
+        raise LayerParallelError(
+            f"shuffle takes the keys {', '.join(SHUFFLE_KEYS)} ('seed' optional), got {sorted(value)}"
+        )
+    start, end, seed = value["start"], value["end"], value.get("seed", 0)
+    if not all(map(_is_int, (start, end, seed))):
+        raise LayerParallelError(f"shuffle start, end and seed must be integers (got {start!r}, {end!r}, {seed!r})")
+    if start < 0 or end - start < 2:
+        raise LayerParallelError(
+            f"shuffle needs 0 <= start and end >= start + 2, at least two layers to reorder "
+            f"(got start={start}, end={end})"
+        )
+    for pair in pairs:
+        if start <= pair[1] and pair[0] < end:
+            raise LayerParallelError(
+                f"pair {pair} is inside the shuffled layers {start}..{end - 1}: pairs must lie outside that range"
+            )
+    return Shuffle(start, end, seed)
+
+
+def _check_placeable(mode: str, pair_modes: Mapping[Pair, str], shuffle: Shuffle | None) -> None:
     """A mesh places only summed pairs (lp, block): refuse the depth transforms with one."""
     skipped = sorted(({mode} | set(pair_modes.values())) & set(SKIP_MODES))
-    if skipped:
+    if skipped or shuffle is not None:
+        what = f"mode {', '.join(map(repr, skipped))}" if skipped else "shuffle"
         raise LayerParallelError(
-            f"mode {', '.join(map(repr, skipped))} cannot be placed on a mesh: with 'mesh' use mode 'lp' or 'block', "
+            f"{what} cannot be placed on a mesh: with 'mesh' use mode 'lp' or 'block', "
             "or compile for one device (no 'mesh')"
         )
 

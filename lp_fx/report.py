@@ -27,6 +27,8 @@ class GraphReport:
     layers: list[LayerInfo] = field(default_factory=list)
     pairs_rewritten: list[tuple[Pair, str]] = field(default_factory=list)
     pairs_skipped: list[tuple[Pair, str]] = field(default_factory=list)
+    shuffled: tuple[int, ...] | None = None  # the shuffled range's layers in the order they run
+    shuffle_skipped: str | None = None
     rank: int | None = None
     collectives: int | None = None
     param_bytes: int | None = None
@@ -40,6 +42,13 @@ class GraphReport:
         if self.pairs_rewritten:
             lines.append("  rewritten: " + ", ".join(f"{p} {m}" for p, m in self.pairs_rewritten))
         lines += [f"  skipped {p}: {why}" for p, why in self.pairs_skipped]
+        if self.shuffled:
+            lines.append(
+                f"  shuffled layers {min(self.shuffled)}..{max(self.shuffled)}: run in the order "
+                + ", ".join(map(str, self.shuffled))
+            )
+        if self.shuffle_skipped:
+            lines.append(f"  shuffle not applied: {self.shuffle_skipped}")
         if self.collectives is not None:
             lines.append(f"  rank {self.rank}: {self.collectives} collectives, {self.param_bytes} parameter bytes")
         if self.released_bytes:

@@ -10,7 +10,9 @@ layer B then receives A's input and computes the pair with both layers' own sub-
 Each layer keeps its own attention arguments (mask, cache slot), as in the compiled rewrite.
 
 - prune: layer B returns its input (the test models' layers return the hidden state alone);
-- merge: a copy of the model whose layer A holds the averages of A's and B's parameters, B pruned.
+- merge: a copy of the model whose layer A holds the averages of A's and B's parameters, B pruned;
+- shuffle: the layer list itself reordered; each layer keeps its attention's own ``layer_idx``,
+  so its own cache slot.
 """
 
 from __future__ import annotations
@@ -167,3 +169,18 @@ def merged_copy(model: nn.Module, pairs: Sequence[tuple[int, int]]) -> nn.Module
 
 def _identity(x, *args, **kwargs):
     return x
+
+
+@contextmanager
+def eager_order(model: nn.Module, order: Sequence[int]):
+    """Within the block, ``model``'s layer list runs its layers in ``order`` (all indices, each once)."""
+    container = _layer_container(model)
+    original = list(container)
+    for position, index in enumerate(order):
+        container[position] = original[index]
+    try:
+        yield model
+    finally:
+        for position, layer in enumerate(original):
+            container[position] = layer
+

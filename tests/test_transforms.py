@@ -1,4 +1,4 @@
-"""The depth transforms prune and merge equal independent eager references of them
+"""The depth transforms prune, merge and shuffle equal independent eager references of them
 (the model edited by hand, see tests/reference.py), in forward and in static-cache generation."""
 
 import json
@@ -9,11 +9,12 @@ import torch
 from lp_fx import LayerParallel, LayerParallelError
 
 from .models import VOCAB, hf_model, tiny_hand_written
-from .reference import eager_pairing, eager_skipping, merged_copy
+from .reference import eager_order, eager_pairing, eager_skipping, layer_list, merged_copy
 from .test_generate import NEW_TOKENS, greedy
 
 ARCHS = ["llama", "gpt2", "nanogpt"]
 PAIRS = [(1, 2)]
+SHUFFLE = {"start": 0, "end": 4, "seed": 0}
 
 
 def make(arch, layers=4):
@@ -29,19 +30,32 @@ def random_ids(seed, length=12, batch=2):
     return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+def shuffled_order(options, num_layers):
+    """The whole model's layer order for a shuffle option, and the shuffled range's order."""
+    order = LayerParallel(shuffle=options).config.shuffle.order
+    start, end = options["start"], options["end"]
+    assert sorted(order) == list(range(start, end)) and list(order) != sorted(order), order
+    return [*range(start), *order, *range(end, num_layers)], order
+
+
 def expected_logits(model, ids, transform):
     """Logits of the model edited by hand as ``transform`` says."""
     if transform == "prune":
         with eager_skipping(model, [j for _, j in PAIRS]):
             return logits(model, ids)
-    return logits(merged_copy(model, PAIRS), ids)
+    if transform == "merge":
+        return logits(merged_copy(model, PAIRS), ids)
+    with eager_order(model, shuffled_order(SHUFFLE, len(layer_list(model)))[0]):
+        return logits(model, ids)
 
 
 def backend_for(transform, **kwargs):
+    if transform == "shuffle":
+        return LayerParallel(shuffle=SHUFFLE, **kwargs)
     return LayerParallel(pairs=PAIRS, mode=transform, **kwargs)
 
 
-@pytest.mark.parametrize("transform", ["prune", "merge"])
+@pytest.mark.parametrize("transform", ["prune", "merge", "shuffle"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_compiled_transform_matches_eager_reference(arch, transform):
     model = make(arch)
@@ -51,7 +65,12 @@ def test_compiled_transform_matches_eager_reference(arch, transform):
         expected = expected_logits(model, ids, transform)
         lp = backend_for(transform, inner="aot_eager", strict=True)
         got = logits(torch.compile(model, backend=lp), ids)
-    assert lp.reports[0].pairs_rewritten == [((1, 2), transform)]
+    report = lp.reports[0]
+    if transform == "shuffle":
+        assert report.shuffled == shuffled_order(SHUFFLE, 4)[1]
+        assert "run in the order " + ", ".join(map(str, report.shuffled)) in report.summary()
+    else:
+        assert report.pairs_rewritten == [((1, 2), transform)]
     assert (got - expected).abs().max().item() <= 1e-4
     # The transform really changed the model: a no-op would also "match" a no-op reference.
     assert (expected - plain).abs().max().item() > 1e-3
@@ -72,6 +91,24 @@ def test_plan_names_prune_and_merge_per_pair(tmp_path):
     assert (got - expected).abs().max().item() <= 1e-4
 
 
+def test_shuffle_composes_with_pairs_outside_its_range(tmp_path):
+    model = make("llama", layers=8)
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"pairs": [[0, 1], [6, 7]], "num_layers": 8, "modes": ["merge", "lp"]}))
+    shuffle = {"start": 2, "end": 6, "seed": 0}
+    order, shuffled = shuffled_order(shuffle, 8)
+    ids = random_ids(3)
+    with torch.no_grad():
+        reference = merged_copy(model, [(0, 1)])
+        with eager_pairing(reference, [(6, 7)], "lp"), eager_order(reference, order):
+            expected = logits(reference, ids)
+        lp = LayerParallel(plan=str(plan), shuffle=shuffle, inner="aot_eager", strict=True)
+        got = logits(torch.compile(model, backend=lp), ids)
+    assert lp.reports[0].pairs_rewritten == [((0, 1), "merge"), ((6, 7), "lp")]
+    assert lp.reports[0].shuffled == shuffled
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
 def layer_nodes(gm, index):
     """The nodes of ``gm`` computed inside decoder layer ``index`` (HF module paths)."""
     return [
@@ -84,14 +121,19 @@ def float_writes(nodes):
     return [n for n in nodes if n.op == "call_method" and n.target == "index_copy_"]
 
 
-def test_static_cache_generation_matches_eager_reference():
+@pytest.mark.parametrize("transform", ["prune", "shuffle"])
+def test_static_cache_generation_matches_eager_reference(transform):
     model = hf_model("llama")
     ids = random_ids(4, length=6, batch=1)
-    with eager_skipping(model, [2]):
+    if transform == "prune":
+        reference = eager_skipping(model, [2])
+    else:
+        reference = eager_order(model, shuffled_order(SHUFFLE, 4)[0])
+    with reference:
         expected = greedy(model, ids)
     plain = greedy(model, ids)
     graphs = []
-    lp = backend_for("prune", inner=lambda gm, example_inputs: graphs.append(gm) or gm.forward, strict=True)
+    lp = backend_for(transform, inner=lambda gm, example_inputs: graphs.append(gm) or gm.forward, strict=True)
     model.forward = torch.compile(model.forward, backend=lp)
     got = greedy(model, ids)
     assert got.shape[1] == ids.shape[1] + NEW_TOKENS
@@ -99,13 +141,21 @@ def test_static_cache_generation_matches_eager_reference():
     assert not torch.equal(expected, plain), "the transform should change the tokens of a random tiny model"
     assert len(lp.reports) >= 2  # the prefill and the decode graph
     for gm, report in zip(graphs, lp.reports):
-        assert report.pairs_rewritten == [((1, 2), "prune")]
-        pruned = layer_nodes(gm, 2)
-        # Layer 2's compute and its KV-cache writes are gone (what stays is the cache's position
-        # counter); the other layers keep their cache writes.
-        assert not float_writes(pruned)
-        assert not [n for n in pruned if n.op == "placeholder" and "_parameters_" in n.name and n.users]
-        assert all(len(float_writes(layer_nodes(gm, i))) == 2 for i in (0, 1, 3))
+        if transform == "shuffle":
+            assert report.shuffled == shuffled_order(SHUFFLE, 4)[1]
+            for i in range(4):  # each layer writes its own K and V: made inside it, or cache.layers[i]'s
+                nodes = layer_nodes(gm, i)
+                writes = float_writes(nodes)
+                assert len(writes) == 2
+                assert all(w.args[0] in nodes or f"cache_layers_{i}_" in w.args[0].name for w in writes)
+        else:
+            assert report.pairs_rewritten == [((1, 2), "prune")]
+            pruned = layer_nodes(gm, 2)
+            # Layer 2's compute and its KV-cache writes are gone (what stays is the cache's position
+            # counter); the other layers keep their cache writes.
+            assert not float_writes(pruned)
+            assert not [n for n in pruned if n.op == "placeholder" and "_parameters_" in n.name and n.users]
+            assert all(len(float_writes(layer_nodes(gm, i))) == 2 for i in (0, 1, 3))
 
 
 def test_merge_leaves_the_model_parameters_bit_identical():
@@ -158,10 +208,62 @@ def test_merge_of_layers_with_different_weights_is_an_error_when_strict():
     ("options", "message"),
     [
         ({"mode": "drop"}, "mode='drop' is not valid; choose one of 'lp', 'block', 'prune', 'merge'"),
+        ({"shuffle": [0, 4]}, "shuffle must be a dict"),
+        ({"shuffle": {"start": 0, "end": 4, "sed": 1}}, "shuffle takes the keys start, end, seed"),
+        ({"shuffle": {"start": 0, "end": 4, "seed": "a"}}, "must be integers"),
+        ({"shuffle": {"start": 3, "end": 4}}, "at least two layers"),
+        ({"shuffle": {"start": 2, "end": 6}, "pairs": [(5, 6)]}, r"pair \(5, 6\) is inside the shuffled layers 2..5"),
         ({"mesh": "auto", "pairs": [(1, 2)], "mode": "prune"}, "mode 'prune' cannot be placed on a mesh"),
         ({"mesh": "auto", "pairs": [(1, 2)], "mode": "merge"}, "mode 'merge' cannot be placed on a mesh"),
+        ({"mesh": "auto", "shuffle": {"start": 0, "end": 4}}, "shuffle cannot be placed on a mesh"),
     ],
 )
 def test_bad_transform_options_are_refused_with_what_is_valid(options, message):
     with pytest.raises(LayerParallelError, match=message):
         LayerParallel(options)
+
+
+def test_shuffle_range_outside_the_stack_names_the_valid_indices():
+    compiled = torch.compile(make("llama"), backend=LayerParallel(shuffle={"start": 2, "end": 6}, inner="eager"))
+    with pytest.raises(Exception, match=r"shuffle range 2..5 is out of range: model.layers has 4 layers, valid indices 0..3"):
+        compiled(random_ids(9), use_cache=False)
+
+
+class SharedMemoryLayer(torch.nn.Module):
+    """Writes its slot of a buffer all layers share, then reads the whole buffer."""
+
+    def __init__(self, index, memory):
+        super().__init__()
+        self.index, self.lin = index, torch.nn.Linear(16, 16)
+        self.register_buffer("memory", memory, persistent=False)
+
+    def forward(self, x):
+        self.memory[self.index] = x.mean()
+        return x + torch.tanh(self.lin(x)) * self.memory.sum()
+
+
+class SharedMemoryNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        memory = torch.zeros(4)
+        self.layers = torch.nn.ModuleList([SharedMemoryLayer(i, memory) for i in range(4)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_shuffle_of_layers_sharing_written_memory_is_refused_and_left_alone(lp_warnings):
+    model = SharedMemoryNet().eval()
+    x = torch.randn(2, 16, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        plain = model(x)
+        model.layers[0].memory.zero_()
+        lp = LayerParallel(shuffle=SHUFFLE, inner="eager")
+        got = torch.compile(model, backend=lp)(x)
+    assert torch.equal(got, plain)
+    assert lp.reports[0].shuffled is None
+    assert "layer 0 writes in place memory that layer(s) [1, 2, 3] read" in lp.reports[0].shuffle_skipped
+    assert "shuffle of layers 0..3 not applied" in lp_warnings.text
