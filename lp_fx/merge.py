@@ -46,7 +46,10 @@ def merge_problem(gm: fx.GraphModule, example_inputs: Sequence[Any], a: Layer, b
         if why:
             return f"parameter {name} of layers {a.index} and {b.index}: {why}"
         if any(user not in pair_nodes for user in node_a.users):
-            return f"parameter {name} of layer {a.index} is also read outside the pair (a tied weight): averaging it would change that too"
+            return (
+                f"parameter {name} of layer {a.index} is also read outside the pair (a tied weight): "
+                "averaging it would change that too"
+            )
     return None
 
 

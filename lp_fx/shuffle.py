@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from torch import fx
 
-from .find_layers import Layer, LayerStack
+from .find_layers import LayerStack
 from .fx_utils import memory_readers, mutated_input, stable_topological_sort
 from .rewrite import follow_new_input
 

@@ -2,6 +2,7 @@
 (the model edited by hand, see tests/reference.py), in forward and in static-cache generation."""
 
 import json
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -38,15 +39,13 @@ def shuffled_order(options, num_layers):
     return [*range(start), *order, *range(end, num_layers)], order
 
 
-def expected_logits(model, ids, transform):
-    """Logits of the model edited by hand as ``transform`` says."""
+def edited_by_hand(model, transform):
+    """A context giving ``model`` edited by hand as ``transform`` says (for merge, an edited copy)."""
     if transform == "prune":
-        with eager_skipping(model, [j for _, j in PAIRS]):
-            return logits(model, ids)
+        return eager_skipping(model, [j for _, j in PAIRS])
     if transform == "merge":
-        return logits(merged_copy(model, PAIRS), ids)
-    with eager_order(model, shuffled_order(SHUFFLE, len(layer_list(model)))[0]):
-        return logits(model, ids)
+        return nullcontext(merged_copy(model, PAIRS))
+    return eager_order(model, shuffled_order(SHUFFLE, len(layer_list(model)))[0])
 
 
 def backend_for(transform, **kwargs):
@@ -62,7 +61,8 @@ def test_compiled_transform_matches_eager_reference(arch, transform):
     ids = random_ids(1)
     with torch.no_grad():
         plain = logits(model, ids)
-        expected = expected_logits(model, ids, transform)
+        with edited_by_hand(model, transform) as reference:
+            expected = logits(reference, ids)
         lp = backend_for(transform, inner="aot_eager", strict=True)
         got = logits(torch.compile(model, backend=lp), ids)
     report = lp.reports[0]
@@ -117,20 +117,32 @@ def layer_nodes(gm, index):
     ]
 
 
-def float_writes(nodes):
+def kv_writes(nodes):
     return [n for n in nodes if n.op == "call_method" and n.target == "index_copy_"]
 
 
-@pytest.mark.parametrize("transform", ["prune", "shuffle"])
+def assert_each_layer_writes_its_own_cache(gm, indices):
+    """Each layer writes its K and V into tensors made inside it (prefill) or read from cache.layers[i]."""
+    for i in indices:
+        nodes = layer_nodes(gm, i)
+        writes = kv_writes(nodes)
+        assert len(writes) == 2
+        assert all(w.args[0] in nodes or f"cache_layers_{i}_" in w.args[0].name for w in writes)
+
+
+def assert_layer_is_gone(gm, index):
+    """No weight of the layer is read and it writes no K or V (its cache's position counter stays)."""
+    nodes = layer_nodes(gm, index)
+    assert not kv_writes(nodes)
+    assert not [n for n in nodes if n.op == "placeholder" and "_parameters_" in n.name and n.users]
+
+
+@pytest.mark.parametrize("transform", ["prune", "merge", "shuffle"])
 def test_static_cache_generation_matches_eager_reference(transform):
     model = hf_model("llama")
     ids = random_ids(4, length=6, batch=1)
-    if transform == "prune":
-        reference = eager_skipping(model, [2])
-    else:
-        reference = eager_order(model, shuffled_order(SHUFFLE, 4)[0])
-    with reference:
-        expected = greedy(model, ids)
+    with edited_by_hand(model, transform) as reference:
+        expected = greedy(reference, ids)
     plain = greedy(model, ids)
     graphs = []
     lp = backend_for(transform, inner=lambda gm, example_inputs: graphs.append(gm) or gm.forward, strict=True)
@@ -143,19 +155,13 @@ def test_static_cache_generation_matches_eager_reference(transform):
     for gm, report in zip(graphs, lp.reports):
         if transform == "shuffle":
             assert report.shuffled == shuffled_order(SHUFFLE, 4)[1]
-            for i in range(4):  # each layer writes its own K and V: made inside it, or cache.layers[i]'s
-                nodes = layer_nodes(gm, i)
-                writes = float_writes(nodes)
-                assert len(writes) == 2
-                assert all(w.args[0] in nodes or f"cache_layers_{i}_" in w.args[0].name for w in writes)
+            assert_each_layer_writes_its_own_cache(gm, range(4))
         else:
-            assert report.pairs_rewritten == [((1, 2), "prune")]
-            pruned = layer_nodes(gm, 2)
-            # Layer 2's compute and its KV-cache writes are gone (what stays is the cache's position
-            # counter); the other layers keep their cache writes.
-            assert not float_writes(pruned)
-            assert not [n for n in pruned if n.op == "placeholder" and "_parameters_" in n.name and n.users]
-            assert all(len(float_writes(layer_nodes(gm, i))) == 2 for i in (0, 1, 3))
+            assert report.pairs_rewritten == [((1, 2), transform)]
+            assert_layer_is_gone(gm, 2)
+            assert_each_layer_writes_its_own_cache(gm, (0, 1, 3))
+    if transform == "merge":  # one average per parameter of layer 1, shared by the prefill and decode graphs
+        assert len(lp.weights.averages) == len(list(layer_list(model)[1].parameters()))
 
 
 def test_merge_leaves_the_model_parameters_bit_identical():
@@ -225,7 +231,8 @@ def test_bad_transform_options_are_refused_with_what_is_valid(options, message):
 
 def test_shuffle_range_outside_the_stack_names_the_valid_indices():
     compiled = torch.compile(make("llama"), backend=LayerParallel(shuffle={"start": 2, "end": 6}, inner="eager"))
-    with pytest.raises(Exception, match=r"shuffle range 2..5 is out of range: model.layers has 4 layers, valid indices 0..3"):
+    message = r"shuffle range 2..5 is out of range: model.layers has 4 layers, valid indices 0..3"
+    with pytest.raises(Exception, match=message):
         compiled(random_ids(9), use_cache=False)
 
 
