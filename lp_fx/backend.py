@@ -126,6 +126,7 @@ class LayerParallel:
         self, gm: fx.GraphModule, stack: LayerStack, shuffle: Shuffle, report: GraphReport, present: set[int],
         complete: bool,
     ) -> None:
+        """Run the shuffled range of ``gm`` in its seeded order, or say why it stays as it is."""
         indices = range(shuffle.start, shuffle.end)
         if complete and shuffle.end > len(stack):
             raise LayerParallelError(
@@ -144,6 +145,8 @@ class LayerParallel:
         if reason is None:
             shuffle_layers(gm, stack, shuffle.order)
             report.shuffled = shuffle.order
+            if list(shuffle.order) == list(indices):
+                report.notes.append(f"shuffle seed {shuffle.seed} keeps layers {here} in their order; try another seed")
         else:
             report.shuffle_skipped = reason
             self._say(f"shuffle of layers {shuffle.start}..{shuffle.end - 1} not applied: {reason}")

@@ -274,3 +274,15 @@ def test_shuffle_of_layers_sharing_written_memory_is_refused_and_left_alone(lp_w
     assert lp.reports[0].shuffled is None
     assert "layer 0 writes in place memory that layer(s) [1, 2, 3] read" in lp.reports[0].shuffle_skipped
     assert "shuffle of layers 0..3 not applied" in lp_warnings.text
+
+
+def test_a_seed_that_keeps_the_order_says_so():
+    model = make("llama")
+    ids = random_ids(11)
+    lp = LayerParallel(shuffle={"start": 2, "end": 4, "seed": 1}, inner="eager")
+    with torch.no_grad():
+        plain = logits(model, ids)
+        got = logits(torch.compile(model, backend=lp), ids)
+    assert lp.reports[0].shuffled == (2, 3)
+    assert "shuffle seed 1 keeps layers [2, 3] in their order" in lp.reports[0].summary()
+    assert (got - plain).abs().max().item() <= 1e-5
