@@ -17,9 +17,9 @@ import torch
 
 import lp_fx
 from lp_fx import LayerParallel
-from lp_fx.data import load_wikitext, resolve_data_dir
-from lp_fx.evaluate import make_windows, perplexity
-from lp_fx.models import load_model
+from lp_fx.tools.data import load_wikitext, resolve_data_dir
+from lp_fx.tools.evaluate import make_windows, perplexity
+from lp_fx.tools.models import load_model
 
 PROMPT = "What is the capital of France?"
 

@@ -13,8 +13,8 @@ import argparse
 
 import torch
 
-from lp_fx.bench import Variant, compile_variant, generate
-from lp_fx.models import load_model
+from lp_fx.tools.bench import Variant, compile_variant, generate
+from lp_fx.tools.models import load_model
 from lp_fx.weights import resident_bytes
 
 

@@ -27,7 +27,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # Imported on first use: the checkpoint reader needs safetensors, which compiling does not.
     if name == "load_finetuned":
-        from .checkpoint import load_finetuned
+        from .tools.checkpoint import load_finetuned
 
         return load_finetuned
     raise AttributeError(f"module 'lp_fx' has no attribute {name!r}")

@@ -235,7 +235,7 @@ def two_rank_cases(mesh: DeviceMesh) -> dict:
 
 def finetune_cases(mesh: DeviceMesh) -> dict:
     """The trained tensors after 3 fine-tuning steps on this rank's part of a TP + LP mesh."""
-    from lp_fx.finetune import finetune
+    from lp_fx.tools.finetune import finetune
 
     results = {}
     for train in ("paired", "all"):
@@ -268,6 +268,6 @@ def finetune_tokens() -> torch.Tensor:
 
 
 def finetune_config(train: str):
-    from lp_fx.finetune import FinetuneConfig
+    from lp_fx.tools.finetune import FinetuneConfig
 
     return FinetuneConfig(pairs=((2, 3),), train=train, steps=3, lr=1e-4, batch=2, seq_len=16, warmup=1)

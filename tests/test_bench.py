@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from lp_fx.bench import Variant, _argv, add_arguments, ratio_to_first, table, variants
+from lp_fx.tools.bench import Variant, _argv, add_arguments, ratio_to_first, table, variants
 
 
 def _parse(argv):

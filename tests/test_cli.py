@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lp_fx import cli
+from lp_fx.tools import cli
 
 from .conftest import WORDS
 
@@ -96,7 +96,7 @@ def test_cli_output_has_no_import_noise(model_dir: Path, data_dir: Path, tmp_pat
     import sys
 
     done = subprocess.run(
-        [sys.executable, "-m", "lp_fx.cli", "eval", *_common(model_dir, data_dir), "--tasks", "wikitext",
+        [sys.executable, "-m", "lp_fx.tools.cli", "eval", *_common(model_dir, data_dir), "--tasks", "wikitext",
          "--out", str(tmp_path / "eval.json")],
         capture_output=True, text=True, timeout=300,
     )

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lp_fx import data, evaluate
-from lp_fx.evaluate import Pairing
+from lp_fx.tools import data, evaluate
+from lp_fx.tools.evaluate import Pairing
 
 from .models import VOCAB, hf_model
 from .reference import eager_pairing

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import lp_fx
-from lp_fx import LayerParallel, cli
-from lp_fx import finetune as ft
-from lp_fx.checkpoint import PAIRING, RECORD, TENSORS, CheckpointError, load_finetuned
+from lp_fx import LayerParallel
+from lp_fx.tools import cli
+from lp_fx.tools import finetune as ft
+from lp_fx.tools.checkpoint import PAIRING, RECORD, TENSORS, CheckpointError, load_finetuned
 
 from .models import VOCAB, hf_model
 

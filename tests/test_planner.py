@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lp_fx import evaluate, planner
 from lp_fx.config import PlanError, check_plan, load_plan
-from lp_fx.evaluate import Pairing
+from lp_fx.tools import evaluate, planner
+from lp_fx.tools.evaluate import Pairing
 from .models import VOCAB, hf_model
 
 # Single-pair costs (as log-ppl increments) for a 10-layer model; pairs starting at 3 and 5 look

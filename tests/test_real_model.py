@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lp_fx import data, evaluate, models
+from lp_fx.tools import data, evaluate, models
 
 pytestmark = pytest.mark.slow
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from lp_fx import sweep
-from lp_fx.evaluate import Pairing
+from lp_fx.tools import sweep
+from lp_fx.tools.evaluate import Pairing
 
 
 def test_default_starts_spread_over_first_half() -> None:

@@ -17,9 +17,9 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from lp_fx import data, evaluate, planner, sweep
 from lp_fx.config import check_plan, load_plan
-from lp_fx.evaluate import BASELINE, EvalSpec, Pairing
+from lp_fx.tools import data, evaluate, planner, sweep
+from lp_fx.tools.evaluate import BASELINE, EvalSpec, Pairing
 
 RESULTS = Path("lp-fx-results")  # where results go unless --out says otherwise
 PAIR_LIST = re.compile(r"^\d+-\d+(,\d+-\d+)*$")
@@ -80,7 +80,7 @@ def _eval_spec(args: argparse.Namespace, data_dir: Path) -> EvalSpec:
 
 
 def _load(args: argparse.Namespace) -> tuple[object, Path]:
-    from lp_fx.models import load_model
+    from lp_fx.tools.models import load_model
 
     data_dir = data.resolve_data_dir(args.data_dir)  # fail on a bad data dir before loading
     return load_model(args.model), data_dir
@@ -104,7 +104,7 @@ def parse_pairing(spec: str, num_layers: int) -> Pairing:
 
 def _writable(*paths: str) -> None:
     """Create the folders of output files and check they can be written, before the work starts."""
-    from lp_fx.checkpoint import check_writable
+    from lp_fx.tools.checkpoint import check_writable
 
     for path in paths:
         if Path(path).is_dir():
@@ -167,7 +167,7 @@ def add_eval(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    from lp_fx.checkpoint import read_pairing
+    from lp_fx.tools.checkpoint import read_pairing
 
     _writable(args.out)
     loaded, data_dir = _load(args)
@@ -214,7 +214,7 @@ def _finetuned(model: object, directory: str | None) -> Iterator[None]:
     if directory is None:
         yield
         return
-    from lp_fx.checkpoint import load_finetuned
+    from lp_fx.tools.checkpoint import load_finetuned
 
     state = model.state_dict()
     original = {name: tensor.clone() for name, tensor in state.items()}
@@ -369,8 +369,8 @@ def _layer_list(spec: str | None) -> tuple[int, ...] | None:
 
 
 def run_finetune(args: argparse.Namespace) -> None:
-    from lp_fx import finetune
-    from lp_fx.checkpoint import check_writable
+    from lp_fx.tools import finetune
+    from lp_fx.tools.checkpoint import check_writable
 
     out = check_writable(args.out)  # before any work: a run must not end unable to save
     mesh = _init_mesh(args.mesh)
@@ -412,7 +412,7 @@ def _init_mesh(mesh: str | None) -> str | None:
     import os
 
     if "RANK" not in os.environ:
-        raise ValueError("--mesh auto needs torchrun: torchrun --nproc_per_node 2 -m lp_fx.cli finetune ...")
+        raise ValueError("--mesh auto needs torchrun: torchrun --nproc_per_node 2 -m lp_fx.tools.cli finetune ...")
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return mesh
@@ -460,7 +460,7 @@ def _quiet_imports() -> None:
 
 def add_bench(subparsers: argparse._SubParsersAction) -> None:
     """``lp-fx bench``: decode tokens/s of TP, TP + LP and one device (lp_fx/bench.py)."""
-    from lp_fx import bench
+    from lp_fx.tools import bench
 
     bench.register(subparsers)
 

@@ -12,7 +12,7 @@ served. Two losses:
 By default only the parameters of the paired layers train (``requires_grad=False`` elsewhere).
 AdamW with a linear warm-up and a cosine decay to a tenth of the rate, gradient clipping, a seed
 that fixes the data order and the initial state, held-out perplexity every ``eval_every`` steps,
-and an atomic checkpoint every ``save_every`` steps and at the end (``lp_fx.checkpoint``).
+and an atomic checkpoint every ``save_every`` steps and at the end (``lp_fx.tools.checkpoint``).
 
 On a device mesh (``mesh=...``, one process per rank under torchrun) each rank computes and
 trains the branch it owns; gradients are completed across ranks before the optimizer step so
@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from lp_fx.checkpoint import (
+from lp_fx.config import PAIRING_MODES, LayerParallelError, Pair, validate_pairs
+from lp_fx.tools.checkpoint import (
     check_writable,
     layer_parameter_names,
     layer_stack_of,
@@ -44,8 +45,7 @@ from lp_fx.checkpoint import (
     save_checkpoint,
     unique_tensors,
 )
-from lp_fx.config import PAIRING_MODES, LayerParallelError, Pair, validate_pairs
-from lp_fx.evaluate import Pairing, check_rewritten, perplexity
+from lp_fx.tools.evaluate import Pairing, check_rewritten, perplexity
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +293,7 @@ def choose_trainable(model: nn.Module, config: FinetuneConfig) -> list[str]:
 
 def make_student(model: nn.Module, config: FinetuneConfig, mesh: Any = None) -> tuple[Callable, Any]:
     """``model`` compiled with the layer_parallel backend for the pairing; and the backend."""
-    from lp_fx.evaluate import make_backend
+    from lp_fx.tools.evaluate import make_backend
 
     options: dict[str, Any] = {"stack": layer_stack_of(model)[0]}
     if mesh is not None:

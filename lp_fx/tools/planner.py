@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 from tqdm.auto import tqdm
 
-from lp_fx.evaluate import Pair, Pairing
+from lp_fx.tools.evaluate import Pair, Pairing
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 from tqdm.auto import tqdm
 
 from lp_fx.config import pairs_from_range
-from lp_fx.evaluate import BASELINE, Pairing
+from lp_fx.tools.evaluate import BASELINE, Pairing
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Decode speed of TP only, TP + LP (``lp``, ``block``) and one device, measured in one run.
 
-``python -m lp_fx.bench`` (or ``lp-fx bench``) relaunches itself under ``torchrun`` with
+``python -m lp_fx.tools.bench`` (or ``lp-fx bench``) relaunches itself under ``torchrun`` with
 ``--nproc`` processes. Every rank loads the model, compiles one copy per variant (same prompt,
 static cache, batch 1, greedy), warms each up, then times the variants interleaved, round after
 round, so that noise from other load on the machine hits them alike. The single-device variant
@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .weights import resident_bytes
+from lp_fx.weights import resident_bytes
 
 PROMPT = "The capital of France is"
 _ARGS_VAR = "LP_FX_BENCH_ARGS"
@@ -74,7 +74,7 @@ def variants(start: int, end: int, modes: Sequence[str], inner: str, single: boo
 
 def compile_variant(model: torch.nn.Module, variant: Variant):
     """A copy of ``model`` whose forward is compiled with this variant's backend."""
-    from .backend import LayerParallel
+    from lp_fx.backend import LayerParallel
 
     backend = LayerParallel(variant.options)
     copy_ = copy.deepcopy(model)
@@ -162,7 +162,7 @@ def table(todo: list[Variant], num_layers: int, delta: int) -> str:
 
 def run(args: argparse.Namespace) -> None:
     """The body of the benchmark, on every rank (inside torchrun)."""
-    from .models import load_model
+    from lp_fx.tools.models import load_model
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     torch.distributed.init_process_group("gloo")
@@ -231,11 +231,11 @@ def bench(args: argparse.Namespace) -> None:
     if "LOCAL_RANK" in os.environ:
         run(args)
         return
-    from .checkpoint import check_writable
+    from lp_fx.tools.checkpoint import check_writable
 
     check_writable(os.path.dirname(os.path.abspath(args.json)))  # before the work, not after it
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-           "--standalone", "-m", "lp_fx.bench"]
+           "--standalone", "-m", "lp_fx.tools.bench"]
     # Passed by environment: torchrun's own parser would claim --start (as --start-method).
     code = subprocess.call(cmd, env={**os.environ, _ARGS_VAR: shlex.join(_argv(args))})
     if code:

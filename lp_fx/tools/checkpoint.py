@@ -6,7 +6,7 @@ A checkpoint directory holds
 - ``pairing.json``: the pairs and their modes, the layer stack, and enough of the model's shape
   to recognise it (layer count, hidden size, vocabulary, class, shapes of the trained tensors);
   it is also a valid plan file (``options={"plan": path}``);
-- ``train.json``: what the run was asked for and what it measured (see ``lp_fx.finetune``).
+- ``train.json``: what the run was asked for and what it measured (see ``lp_fx.tools.finetune``).
 
 Every file is written to a temporary name in the same directory and renamed over the old one,
 so an interrupted run leaves the previous complete file, never a half-written one.

@@ -23,8 +23,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from lp_fx import data
 from lp_fx.config import Pair
+from lp_fx.tools import data
 
 log = logging.getLogger(__name__)
 
