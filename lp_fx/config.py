@@ -160,9 +160,6 @@ class PlanError(LayerParallelError):
     """A plan file that cannot be used (unreadable, malformed, or for another model)."""
 
 
-# ------------------------------------------------------------------------------------ plan files
-
-
 def load_plan(path: str | Path) -> dict:
     """Read a plan file: ``{"pairs": [[i, i+1], …], "num_layers": N, "modes"?: [...], …}``."""
     path = Path(path)
