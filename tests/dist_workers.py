@@ -249,7 +249,7 @@ def finetune_cases(mesh: DeviceMesh) -> dict:
 
 def finetune_gradients(train: str, mesh: DeviceMesh | None = None) -> dict[str, torch.Tensor]:
     """The gradients the optimizer sees in the first fine-tuning step (after the cross-rank sum)."""
-    from lp_fx import finetune as ft
+    from lp_fx.tools import finetune as ft
 
     torch._dynamo.reset()
     model, config = tiny_llama(), finetune_config(train)
