@@ -82,6 +82,20 @@ def _int8_or_skip() -> None:
         pytest.skip(f"torchao int8 weight-only quantization does not run on this CPU: {error}")
 
 
+def test_eval_with_int8_weights_records_it(model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    _int8_or_skip()
+    ppl = {}
+    for precision in ("fp32", "int8"):
+        out = tmp_path / f"{precision}.json"
+        args = ["eval", *_common(model_dir, data_dir), "--tasks", "wikitext", "--pairs", "1:3",
+                "--quantize", precision, "--out", str(out)]
+        assert cli.main(args) == 0
+        saved = json.loads(out.read_text())
+        assert saved["quantize"] == precision
+        ppl[precision] = [_ppl(p["results"]) for p in saved["pairings"]]
+    assert ppl["int8"] != pytest.approx(ppl["fp32"], rel=1e-6)  # the weights really changed
+
+
 def test_sweep_fp32_and_int8_in_one_run(
     model_dir: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -102,6 +116,7 @@ def test_sweep_fp32_and_int8_in_one_run(
         (["sweep", "--transforms", "lp,foo"], "valid transforms: lp, block, prune, merge, shuffle"),
         (["sweep", "--quantize", "fp16"], "expected a comma-separated list of fp32, int8"),
         (["sweep", "--transforms", "shuffle", "--seeds", "0"], "give at least 1 seed"),
+        (["eval", "--checkpoint", "ckpt", "--quantize", "int8"], "--checkpoint cannot be combined with --quantize int8"),
     ],
 )
 def test_bad_sweep_options_are_errors_before_the_work(

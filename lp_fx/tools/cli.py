@@ -179,6 +179,7 @@ def add_eval(subparsers: argparse._SubParsersAction) -> None:
         help="a fine-tuned pairing from `lp-fx finetune` to compare as well (repeatable); "
         "its trained tensors are loaded for its column only",
     )
+    _add_quantize_option(parser, several=False)
     parser.add_argument("--out", default=str(RESULTS / "eval.json"), help="JSON results (folders are created)")
     parser.set_defaults(func=run_eval)
 
@@ -186,13 +187,19 @@ def add_eval(subparsers: argparse._SubParsersAction) -> None:
 def run_eval(args: argparse.Namespace) -> None:
     from lp_fx.tools.checkpoint import read_pairing
 
+    if args.checkpoint and args.quantize != "fp32":
+        raise ValueError(
+            f"--checkpoint cannot be combined with --quantize {args.quantize}: the fine-tuned fp32 tensors are "
+            "loaded into the model's weights, which quantizing replaces; evaluate checkpoints in fp32"
+        )
     _writable(args.out)
     loaded, data_dir = _load(args)
+    quantize_weights(loaded.model, args.quantize)
     pairings = [BASELINE] + [parse_pairing(spec, loaded.num_layers) for spec in args.pairs]
     checkpoints = {_checkpoint_pairing(read_pairing(d), d): d for d in args.checkpoint}  # checked before the work
     pairings += list(checkpoints)
     prepared = evaluate.prepare(loaded.tokenizer, _eval_spec(args, data_dir))
-    print(f"model {loaded.name} ({loaded.num_layers} layers); items per task: {prepared.sizes()}")
+    print(f"model {loaded.name} ({loaded.num_layers} layers, {args.quantize} weights); items per task: {prepared.sizes()}")
     results = {}
     for pairing in pairings:
         with _finetuned(loaded.model, checkpoints.get(pairing)):
@@ -205,6 +212,7 @@ def run_eval(args: argparse.Namespace) -> None:
             "model": loaded.name,
             "num_layers": loaded.num_layers,
             "mode": args.mode,
+            "quantize": args.quantize,
             "spec": _spec_record(_eval_spec(args, data_dir)),
             "sizes": prepared.sizes(),
             "pairings": [
