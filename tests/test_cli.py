@@ -36,7 +36,8 @@ def test_plan_then_eval_with_the_plan(model_dir: Path, data_dir: Path, tmp_path:
 def _sweep(model_dir: Path, data_dir: Path, tmp_path: Path, *options: str) -> dict:
     """``lp-fx sweep`` on the tiny model with ``options``; its JSON, after checking the PNG."""
     out, plot = tmp_path / "sweep.json", tmp_path / "sweep.png"
-    args = ["sweep", *_common(model_dir, data_dir), "--ppl-windows", "2", *options, "--out", str(out), "--plot", str(plot)]
+    args = ["sweep", *_common(model_dir, data_dir), "--ppl-windows", "2", *options,
+            "--out", str(out), "--plot", str(plot)]
     assert cli.main(args) == 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return json.loads(out.read_text())
@@ -103,7 +104,8 @@ def test_sweep_fp32_and_int8_in_one_run(
     result = _sweep(model_dir, data_dir, tmp_path, "--transforms", "lp,merge", "--starts", "1",
                     "--quantize", "int8,fp32")
     assert result["quantize"] == ["fp32", "int8"]  # fp32 first: quantizing is one-way
-    assert [(r["transform"], r["quantize"]) for r in result["rows"]] == [("lp", "fp32"), ("merge", "fp32"), ("lp", "int8")]
+    rows = [(r["transform"], r["quantize"]) for r in result["rows"]]
+    assert rows == [("lp", "fp32"), ("merge", "fp32"), ("lp", "int8")]
     assert _ppl(result["baselines"]["int8"]) != pytest.approx(_ppl(result["baselines"]["fp32"]), rel=1e-6)
     assert result["skipped"][0]["transform"] == "merge" and result["skipped"][0]["quantize"] == "int8"
     out = capsys.readouterr().out
@@ -116,10 +118,11 @@ def test_sweep_fp32_and_int8_in_one_run(
         (["sweep", "--transforms", "lp,foo"], "valid transforms: lp, block, prune, merge, shuffle"),
         (["sweep", "--quantize", "fp16"], "expected a comma-separated list of fp32, int8"),
         (["sweep", "--transforms", "shuffle", "--seeds", "0"], "give at least 1 seed"),
-        (["eval", "--checkpoint", "ckpt", "--quantize", "int8"], "--checkpoint cannot be combined with --quantize int8"),
+        (["eval", "--checkpoint", "ckpt", "--quantize", "int8"],
+         "--checkpoint cannot be combined with --quantize int8"),
     ],
 )
-def test_bad_sweep_options_are_errors_before_the_work(
+def test_bad_transforms_seeds_or_quantize_are_errors_before_the_work(
     model_dir: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
     command: list[str], expected: str,
 ) -> None:

@@ -199,7 +199,8 @@ def run_eval(args: argparse.Namespace) -> None:
     checkpoints = {_checkpoint_pairing(read_pairing(d), d): d for d in args.checkpoint}  # checked before the work
     pairings += list(checkpoints)
     prepared = evaluate.prepare(loaded.tokenizer, _eval_spec(args, data_dir))
-    print(f"model {loaded.name} ({loaded.num_layers} layers, {args.quantize} weights); items per task: {prepared.sizes()}")
+    print(f"model {loaded.name} ({loaded.num_layers} layers, {args.quantize} weights); "
+          f"items per task: {prepared.sizes()}")
     results = {}
     for pairing in pairings:
         with _finetuned(loaded.model, checkpoints.get(pairing)):
@@ -309,9 +310,8 @@ def run_sweep(args: argparse.Namespace) -> None:
         measure, loaded.num_layers, points, precisions, lambda precision: quantize_weights(loaded.model, precision),
         not args.no_progress,
     )
-    result.update(
-        model=loaded.name, transforms=list(transforms), seeds=args.seeds, spec=_spec_record(spec), sizes=prepared.sizes()
-    )
+    result.update(model=loaded.name, transforms=list(transforms), seeds=args.seeds)
+    result.update(spec=_spec_record(spec), sizes=prepared.sizes())
     _write_json(result, args.out)
     if "wikitext" in spec.tasks:
         measured = f"WikiText-2 ({args.split}), {prepared.sizes()['wikitext']} windows of {args.window} tokens"
