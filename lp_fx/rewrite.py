@@ -17,7 +17,9 @@ a collective. Placeholders, the other layers and each layer's KV-cache writes ar
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import fx
 
@@ -122,10 +124,9 @@ def _rewrite_lp(graph: fx.Graph, a: Layer, b: Layer) -> PairRewrite:
             if block.stream is not stream:
                 _rewire(layer.nodes - {block.add}, block.stream, stream)
         with graph.inserting_after(block_b.add):
-            delta_a = _sum(graph, block_a.deltas, branch_a)
-            delta_b = _sum(graph, block_b.deltas, branch_b)
-            combine = _new(graph, operator.add, delta_a, delta_b, like=block_b.add)
-            stream = _new(graph, operator.add, stream, combine, like=block_b.add)
+            delta_a = sum_deltas(graph, block_a.deltas, branch_a)
+            delta_b = sum_deltas(graph, block_b.deltas, branch_b)
+            combine, stream = pair_sum(graph, stream, delta_a, delta_b, like=block_b.add)
         combines.append(combine)
     b.output.replace_all_uses_with(stream, delete_user_cb=lambda user: user not in b.nodes)
     return PairRewrite(
@@ -137,10 +138,9 @@ def _rewrite_block(graph: fx.Graph, a: Layer, b: Layer) -> PairRewrite:
     x = a.input
     _rewire(b.nodes, b.input, x)
     with graph.inserting_after(b.output):
-        delta_a = _new(graph, operator.sub, a.output, x, like=a.output)
-        delta_b = _new(graph, operator.sub, b.output, x, like=b.output)
-        combine = _new(graph, operator.add, delta_a, delta_b, like=b.output)
-        out = _new(graph, operator.add, x, combine, like=b.output)
+        delta_a = new_node(graph, operator.sub, a.output, x, like=a.output)
+        delta_b = new_node(graph, operator.sub, b.output, x, like=b.output)
+        combine, out = pair_sum(graph, x, delta_a, delta_b, like=b.output)
     b.output.replace_all_uses_with(out, delete_user_cb=lambda user: user not in b.nodes and user is not delta_b)
     branches = (set(a.nodes) | {delta_a}, set(b.nodes) | {delta_b})
     return PairRewrite(pair=(a.index, b.index), mode="block", branches=branches, combines=[combine], output=out)
@@ -152,16 +152,27 @@ def _rewire(users: set[fx.Node], old: fx.Node, new: fx.Node) -> None:
             user.replace_input_with(old, new)
 
 
-def _sum(graph: fx.Graph, deltas: list[fx.Node], branch: set[fx.Node]) -> fx.Node:
+def pair_sum(
+    graph: fx.Graph, stream: fx.Node, delta_a: fx.Node, delta_b: fx.Node, like: fx.Node
+) -> tuple[fx.Node, fx.Node]:
+    """``stream + (delta_a + delta_b)`` as new nodes: returns the combine (the sum of the two
+    branches' deltas) and the new stream. Both modes sum this way, and so does the gated graph."""
+    combine = new_node(graph, operator.add, delta_a, delta_b, like=like)
+    return combine, new_node(graph, operator.add, stream, combine, like=like)
+
+
+def sum_deltas(graph: fx.Graph, deltas: list[fx.Node], branch: set[fx.Node]) -> fx.Node:
+    """``deltas[0] + deltas[1] + ...`` left to right; the added nodes join ``branch``."""
     total = deltas[0]
     for d in deltas[1:]:
-        total = _new(graph, operator.add, total, d, like=d)
+        total = new_node(graph, operator.add, total, d, like=d)
         branch.add(total)
     return total
 
 
-def _new(graph: fx.Graph, fn, lhs: fx.Node, rhs: fx.Node, like: fx.Node) -> fx.Node:
-    node = graph.call_function(fn, (lhs, rhs))
+def new_node(graph: fx.Graph, fn: Callable, *args: Any, like: fx.Node) -> fx.Node:
+    """``fn(*args)`` as a new node, with the example value of ``like`` (same shape and dtype)."""
+    node = graph.call_function(fn, args)
     value = example_value(like)
     if value is not None:
         node.meta["example_value"] = value
