@@ -15,12 +15,13 @@ A fine-tuned pairing (``lp-fx finetune``) is served with::
 
 from typing import Any
 
-from .backend import LayerParallel, layer_parallel
+from .backend import GatedLayerParallel, LayerParallel, layer_parallel
 from .config import LayerParallelError, LPConfig
 from .report import GraphReport, LayerInfo
 
 __all__ = [
-    "LayerParallel", "layer_parallel", "LayerParallelError", "LPConfig", "GraphReport", "LayerInfo", "load_finetuned",
+    "LayerParallel", "GatedLayerParallel", "layer_parallel", "LayerParallelError", "LPConfig", "GraphReport",
+    "LayerInfo", "load_finetuned",
 ]
 
 

@@ -15,8 +15,10 @@ from typing import Any
 import torch
 from torch import fx
 
-from .config import LayerParallelError, LPConfig, Pair, Shuffle, config_from_options
+from .config import PAIRING_MODES, LayerParallelError, LPConfig, Pair, Shuffle, config_from_options, validate_pairs
 from .find_layers import LayerStack, available_stacks, find_layers
+from .fx_utils import copy_graph_module
+from .gates import GATE_VALUES, gate_pairs
 from .merge import merge_problem, merged_weights
 from .report import GraphReport, LayerInfo
 from .rewrite import PairRewrite, pair_problem, rewrite_pairs, skip_problem
@@ -79,11 +81,7 @@ class LayerParallel:
     ) -> tuple[list[PairRewrite], dict[int, torch.Tensor]]:
         """Apply the pairs and the shuffle to ``gm``; returns the summed pairs and, for merged
         pairs, the averaged weights to pass in place of layer A's parameters."""
-        report.stack = stack.path
-        report.layers = [
-            LayerInfo(index=l.index, path=l.path, cls=l.cls, sub_blocks=len(l.blocks), note=l.problem)
-            for l in stack.layers.values()
-        ]
+        _describe_layers(report, stack)
         present = {i for i, layer in stack.layers.items() if layer.nodes}
         complete = _holds_whole_stack(stack, present)
         self._check_plan_matches(stack, complete)
@@ -168,6 +166,78 @@ class LayerParallel:
             logger.warning("lp_fx: %s", msg)
 
 
+class GatedLayerParallel:
+    """A backend for choosing pairs: one compiled graph in which every pair ``(i, i + 1)`` is
+    switched off, or on in one of ``modes``, by :meth:`set_pairing`, without a recompile.
+
+    The graph is rewritten by :func:`lp_fx.gates.gate_pairs` (what is computed, and its cost) and
+    reads the gate tensor ``self.gates`` (one entry per pair) as one more input, which the callable
+    returned to Dynamo appends. All gates off is the unpaired model, gate ``i`` on the compiled
+    pairing ``(i, i + 1)``. Every graph must hold the whole stack of ``num_layers`` layers, with no
+    KV cache written (``use_cache=False``) when ``lp`` is gated.
+    """
+
+    def __init__(
+        self, num_layers: int, modes: Sequence[str] = PAIRING_MODES, inner: str | Callable = "inductor",
+        stack: str | None = None,
+    ) -> None:
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 2:
+            raise LayerParallelError(
+                f"num_layers must be an integer >= 2 (the model's layer count), got {num_layers!r}"
+            )
+        if isinstance(modes, str) or not modes or set(modes) - set(PAIRING_MODES):
+            raise LayerParallelError(f"gated modes {modes!r}: give some of {', '.join(map(repr, PAIRING_MODES))}")
+        self.num_layers = num_layers
+        self.modes = tuple(dict.fromkeys(modes))
+        self.config = config_from_options(inner=inner, stack=stack)
+        self.gates = torch.zeros(num_layers - 1, dtype=torch.long)
+        self.reports: list[GraphReport] = []
+
+    def set_pairing(self, pairs: Sequence[Pair], modes: Sequence[str]) -> None:
+        """Switch ``pairs`` on, each in its mode (``modes``, one per pair), and every other pair off.
+        The next call of the compiled model computes that pairing."""
+        validate_pairs(pairs)
+        if len(modes) != len(pairs):
+            raise LayerParallelError(f"give one mode per pair: {len(pairs)} pairs, {len(modes)} modes")
+        values = torch.zeros_like(self.gates)
+        for (i, j), mode in zip(pairs, modes):
+            if j >= self.num_layers:
+                last = self.num_layers - 1
+                raise LayerParallelError(
+                    f"pair {(i, j)} is out of range: valid pairs are (0, 1) .. ({last - 1}, {last})"
+                )
+            if mode not in self.modes:
+                raise LayerParallelError(f"mode {mode!r} is not gated here; gated modes: {', '.join(self.modes)}")
+            values[i] = GATE_VALUES[mode]
+        self.gates.copy_(values)
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        report = GraphReport(graph=len(self.reports))
+        self.reports.append(report)
+        gm = copy_graph_module(gm)
+        stack = find_layers(gm, self.config.stack)
+        if stack is None or len(stack) != self.num_layers:
+            found = "no layer stack" if stack is None else f"{len(stack)} layers in {stack.path}"
+            raise LayerParallelError(
+                f"gates need the whole stack of {self.num_layers} layers in one graph; this graph has {found}"
+            )
+        _describe_layers(report, stack)
+        gate_pairs(gm, stack, self.modes)
+        report.notes.append(f"gated: pairs (0, 1) .. ({len(stack) - 2}, {len(stack) - 1}) in {', '.join(self.modes)}")
+        logger.debug("%s", report.summary())
+        gate_input = _static_fakes(example_inputs, {0: self.gates})[0]
+        compiled = compile_inner(gm, [*example_inputs, gate_input], self.config.inner)
+        return _with_input_appended(compiled, self.gates)
+
+
+def _describe_layers(report: GraphReport, stack: LayerStack) -> None:
+    report.stack = stack.path
+    report.layers = [
+        LayerInfo(index=l.index, path=l.path, cls=l.cls, sub_blocks=len(l.blocks), note=l.problem)
+        for l in stack.layers.values()
+    ]
+
+
 def _holds_whole_stack(stack: LayerStack, present: set[int]) -> bool:
     """Whether the graph holds every layer of the stack, so an index past the end is an error.
 
@@ -217,6 +287,15 @@ def _with_inputs_replaced(compiled: Callable, by_position: Mapping[int, Any]) ->
 
     def call(*args: Any) -> Any:
         return compiled(*_replace(list(args), by_position))
+
+    return call
+
+
+def _with_input_appended(compiled: Callable, extra: Any) -> Callable:
+    """``compiled`` called with one more input after the graph's own (the gate tensor)."""
+
+    def call(*args: Any) -> Any:
+        return compiled(*args, extra)
 
     return call
 

@@ -182,3 +182,14 @@ def in_graph_order(nodes: set[fx.Node]) -> list[fx.Node]:
 
 def _has_side_effect(node: fx.Node) -> bool:
     return node.op in ("placeholder", "output") or mutated_input(node) is not None or node.is_impure()
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new graph module with a copy of ``gm``'s graph (nodes and their meta), sharing its
+    attributes. Dynamo reads the placeholders of the graph it handed to a backend after the
+    backend returns, so a rewrite that adds an input must work on a copy."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    _, output = graph.graph_copy(gm.graph, env, return_output_node=True)
+    graph.node_copy(output, env.__getitem__)
+    return fx.GraphModule(gm, graph)
