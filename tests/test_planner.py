@@ -13,18 +13,25 @@ from lp_fx.tools import evaluate, planner
 from lp_fx.tools.evaluate import Pairing
 from .models import VOCAB, hf_model
 
-# Single-pair costs (as log-ppl increments) for a 10-layer model; pairs starting at 3 and 5 look
-# cheapest alone but interact badly together, which only a measured combination reveals.
-SINGLE = {0: 5.0, 1: 2.0, 2: 0.9, 3: 0.1, 4: 0.3, 5: 0.1, 6: 0.4, 7: 0.6, 8: 3.0}
-CLASH = {frozenset({3, 5}): 2.0}
 BASE_PPL = 10.0
 
 
-def fake_measure(pairing: Pairing) -> float:
-    starts = {a for a, _ in pairing.pairs}
-    cost = sum(SINGLE[a] for a in starts)
-    cost += sum(extra for clash, extra in CLASH.items() if clash <= starts)
-    return BASE_PPL * (1 + cost)
+def additive(single: dict, clash: dict) -> planner.Measure:
+    """Perplexity ``BASE_PPL * (1 + cost)``: the single costs of the chosen ``(start, mode)``s, plus
+    an extra cost for each clashing group among them (the interactions only measuring reveals)."""
+
+    def measure(pairing: Pairing) -> float:
+        chosen = {(a, mode) for (a, _), mode in zip(pairing.pairs, pairing.modes or ("lp",) * pairing.num_pairs)}
+        cost = sum(single[c] for c in chosen) + sum(extra for group, extra in clash.items() if group <= chosen)
+        return BASE_PPL * (1 + cost)
+
+    return measure
+
+
+# Single-pair costs for a 10-layer model; pairs starting at 3 and 5 look cheapest alone but
+# interact badly together.
+SINGLE = {0: 5.0, 1: 2.0, 2: 0.9, 3: 0.1, 4: 0.3, 5: 0.1, 6: 0.4, 7: 0.6, 8: 3.0}
+fake_measure = additive({(a, "lp"): cost for a, cost in SINGLE.items()}, {frozenset({(3, "lp"), (5, "lp")}): 2.0})
 
 
 def test_select_checks_combined_cost_and_avoids_clash() -> None:
@@ -92,22 +99,79 @@ def test_bad_plan_files(tmp_path: Path) -> None:
         load_plan(path)
 
 
-def test_plan_on_tiny_model_through_backend(tmp_path: Path) -> None:
-    """The real path: every measurement compiles the tiny model with the layer_parallel backend."""
-    model = hf_model("llama", layers=4)
+def test_swapping_leaves_the_greedy_trap():
+    """(2,3) is cheapest alone but clashes with both next-cheapest pairs; growing keeps it, a swap
+    round replaces it and the two others go together."""
+    single = {(a, "lp"): cost for a, cost in {0: 5, 1: 3, 2: 0.1, 3: 2, 4: 0.2, 5: 2, 6: 0.2, 7: 2, 8: 5}.items()}
+    clash = {frozenset({(2, "lp"), (4, "lp")}): 1.0, frozenset({(2, "lp"), (6, "lp")}): 1.0}
+    measure = planner.cached(additive(single, clash))
+    candidates = planner.score_singles(measure, 10, progress=False)
+    grown = planner.select(measure, candidates, BASE_PPL, num_pairs=2, refine=2, progress=False)
+    assert [c.pair for c in grown.chosen] == [(2, 3), (4, 5)]
+    best = planner.search(measure, candidates, BASE_PPL, num_pairs=2, refine=2, passes=2, progress=False)
+    assert sorted(c.pair for c in best.chosen) == [(4, 5), (6, 7)]
+    assert best.ppl == pytest.approx(BASE_PPL * 1.4) and best.ppl < grown.ppl
+    assert [s["step"] for s in best.steps].count("swap") >= 2
+
+
+def test_swapping_tries_a_pair_in_its_other_mode():
+    """(2,3) in lp clashes with (5,6) in lp; in block it does not. Refine=1 shortlists only (0,1),
+    which clashes too: the mode flip is tried anyway, and wins."""
+    single = {(0, "lp"): 0.2, (0, "block"): 3.0, (2, "lp"): 0.1, (2, "block"): 0.5, (5, "lp"): 0.1, (5, "block"): 3.0}
+    clash = {frozenset({(2, "lp"), (5, "lp")}): 1.0, frozenset({(0, "lp"), (5, "lp")}): 2.0}
+    measure = planner.cached(additive(single, clash))
+    candidates = [
+        planner.Candidate((a, a + 1), mode, measure(Pairing("one", ((a, a + 1),), (mode,)))) for a, mode in single
+    ]
+    start = [c for c in candidates if c.mode == "lp" and c.pair != (0, 1)]
+    selection = planner.Selection(start, measure(planner.Selection(start).pairing()))
+    better = planner.improve(measure, candidates, selection, refine=1, progress=False)
+    assert sorted((c.pair, c.mode) for c in better.chosen) == [((2, 3), "block"), ((5, 6), "lp")]
+    assert better.ppl == pytest.approx(BASE_PPL * 1.6)
+
+
+def test_budget_set_grows_again_after_a_swap():
+    """With a budget and no pair count: growing takes (2,3), then (4,5), which clash a little, and
+    stops; swapping (2,3) for (6,7) lowers the perplexity, which leaves room for (8,9)."""
+    single = {(a, "lp"): cost for a, cost in {0: 5, 1: 3, 2: 0.1, 3: 2, 4: 0.2, 5: 2, 6: 0.2, 7: 2, 8: 0.25}.items()}
+    clash = {frozenset({(2, "lp"), (4, "lp")}): 0.15, frozenset({(2, "lp"), (6, "lp")}): 1.0,
+             frozenset({(2, "lp"), (8, "lp")}): 1.0}
+    measure = planner.cached(additive(single, clash))
+    candidates = planner.score_singles(measure, 10, progress=False)
+    grown = planner.select(measure, candidates, BASE_PPL, max_ppl_ratio=1.7, refine=2, progress=False)
+    assert [c.pair for c in grown.chosen] == [(2, 3), (4, 5)]
+    best = planner.search(measure, candidates, BASE_PPL, max_ppl_ratio=1.7, refine=2, passes=2, progress=False)
+    assert sorted(c.pair for c in best.chosen) == [(4, 5), (6, 7), (8, 9)]
+    assert best.ppl == pytest.approx(BASE_PPL * 1.65)
+
+
+def test_plain_disagreement_names_both_numbers():
+    plan = {"calibration": {"plan_ppl": 30.0, "plan_ppl_plain": 30.0 * (1 + 1e-4)}}
+    assert planner.plain_disagreement(plan) is None
+    plan["calibration"]["plan_ppl_plain"] = 30.6
+    assert "30.0000" in planner.plain_disagreement(plan) and "30.6000" in planner.plain_disagreement(plan)
+
+
+def test_plan_on_tiny_model_scores_every_pairing_with_one_compile():
+    """The real path: each pairing is scored by setting the gates of one compiled graph; the plan's
+    score equals the plain compile of the chosen pairing, and single scores equal theirs."""
+    model = hf_model("llama", layers=6)
     torch.manual_seed(0)
     windows = evaluate.make_windows(torch.randint(0, VOCAB, (4 * 32,)), 32)
-
-    def measure(pairing: Pairing) -> float:
-        logits = evaluate.compile_pairing(model, pairing, inner="eager")
-        return evaluate.perplexity(logits, windows, progress=False).ppl
-
+    scorer = planner.GatedScorer(model, windows, ("lp", "block"), "eager")
+    plain = planner.compiled_scorer(model, windows, "eager")
     plan = planner.make_plan(
-        measure, 4, "tiny", num_pairs=2, modes=("lp", "block"), refine=2, progress=False
+        scorer, 6, "tiny", num_pairs=2, modes=("lp", "block"), refine=2, passes=1, verify=plain, progress=False
     )
-    assert plan["pairs"] == [[0, 1], [2, 3]] and len(plan["candidates"]) == 6
+    assert scorer.compiles == 1 and plan["search"]["pairings_scored"] > len(plan["candidates"]) == 10
+    layers = [layer for pair in plan["pairs"] for layer in pair]
+    assert len(plan["pairs"]) == 2 and len(set(layers)) == 4 and all(b == a + 1 for a, b in plan["pairs"])
+    calib = plan["calibration"]
+    assert calib["plan_ppl"] == pytest.approx(calib["plan_ppl_plain"], rel=1e-5)
+    assert planner.plain_disagreement(plan) is None
     base = evaluate.perplexity(evaluate.eager_logits(model), windows, progress=False).ppl
-    assert plan["calibration"]["baseline_ppl"] == pytest.approx(base, rel=1e-5)
-    pairing = planner.plan_pairing(plan, "plan")
-    again = measure(pairing)
-    assert again == pytest.approx(plan["calibration"]["plan_ppl"], rel=1e-5)
+    assert calib["baseline_ppl"] == pytest.approx(base, rel=1e-6)
+    for single in sorted(plan["candidates"], key=lambda c: c["ppl"])[::9]:  # the cheapest and the dearest
+        pairing = Pairing("single", (tuple(single["pair"]),), (single["mode"],))
+        assert single["ppl"] == pytest.approx(plain(pairing), rel=1e-5)
+    assert calib["plan_ppl"] != pytest.approx(base, rel=1e-3)  # the plan changed the model

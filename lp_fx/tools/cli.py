@@ -333,7 +333,12 @@ def add_plan(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--calib-windows", type=int, default=8, help="windows from the first half of WikiText-2")
     parser.add_argument("--modes", default="lp", help="modes to consider per pair: lp, block or lp,block")
-    parser.add_argument("--refine", type=int, default=3, help="cheapest candidates tried together at each step")
+    parser.add_argument(
+        "--refine", type=int, default=3,
+        help="cheapest candidates (alone) tried with the chosen pairs at each step (growing and swapping)",
+    )
+    parser.add_argument("--passes", type=int, default=2,
+                        help="rounds of swapping each chosen pair for a better one (0: grow only)")
     parser.add_argument("--out", default=str(RESULTS / "plan.json"),
                         help="plan file, accepted by options={'plan': ...} (folders are created)")
     parser.set_defaults(func=run_plan)
@@ -347,29 +352,35 @@ def run_plan(args: argparse.Namespace) -> None:
     windows = evaluate.wikitext_windows(
         loaded.tokenizer, data_dir, args.window, "calib", args.calib_windows
     )
+    modes = tuple(args.modes.split(","))
     print(f"model {loaded.name} ({loaded.num_layers} layers); calibration: {windows.shape[0]} "
           f"windows of {args.window} tokens from the first half of WikiText-2 raw test")
-
-    def measure(pairing: Pairing) -> float:
-        logits_fn = evaluate.compile_pairing(loaded.model, pairing, args.mode, args.inner)
-        return evaluate.perplexity(logits_fn, windows, pairing.name, progress=False).ppl
-
+    scorer = planner.GatedScorer(loaded.model, windows, modes, args.inner)
     plan = planner.make_plan(
-        measure,
+        scorer,
         loaded.num_layers,
         loaded.name,
         num_pairs=args.num_pairs,
         max_ppl_ratio=args.max_ppl_ratio,
-        modes=tuple(args.modes.split(",")),
+        modes=modes,
         refine=args.refine,
+        passes=args.passes,
         calibration={"split": "calib", "windows": int(windows.shape[0]), "window": args.window},
+        verify=planner.compiled_scorer(loaded.model, windows, args.inner),
         progress=not args.no_progress,
     )
-    calib = plan["calibration"]
+    plan["search"]["graphs_compiled"] = scorer.compiles
+    calib, search = plan["calibration"], plan["search"]
     print(f"pairs {plan['pairs']} modes {plan['modes']}")
-    print(f"calibration ppl: baseline {calib['baseline_ppl']:.3f}, plan {calib['plan_ppl']:.3f}")
+    print(f"calibration ppl: baseline {calib['baseline_ppl']:.3f}, plan {calib['plan_ppl']:.3f} "
+          f"(compiled plainly: {calib['plan_ppl_plain']:.3f})")
+    print(f"{search['pairings_scored']} pairings scored with {search['graphs_compiled']} compiled graph(s) "
+          f"in {search['seconds']:.0f} s")
     planner.save_plan(plan, args.out)
     print(f"wrote {args.out}")
+    problem = planner.plain_disagreement(plan)
+    if problem:
+        raise ValueError(f"{problem}: do not trust {args.out}")
 
 
 def add_finetune(subparsers: argparse._SubParsersAction) -> None:

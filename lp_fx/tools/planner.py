@@ -1,12 +1,22 @@
 """Choose which layers to pair by measured perplexity cost, and read/write plan files.
 
-1. Each candidate pair ``(i, i+1)`` (and, if asked, each mode) is paired alone and its
-   perplexity is measured on calibration text (the first half of WikiText-2 raw test).
-2. Pairs are then added one at a time: among the ``refine`` cheapest candidates that do not
-   share a layer with the pairs already chosen, the one whose *combined* perplexity (all chosen
-   pairs together, measured) is lowest is taken, because effects do not add up exactly.
-   This stops at the requested number of pairs, or before the first pair that would push the
-   calibration perplexity above the budget.
+Every score is the calibration perplexity (first half of WikiText-2 raw test) of a whole pairing,
+measured, because the costs of pairs do not add up:
+
+1. singles: each candidate pair ``(i, i+1)``, in each mode asked for, paired alone;
+2. grow: pairs are added one at a time: of the ``refine`` cheapest candidates (alone) that share
+   no layer with those chosen, the one whose perplexity *together with them* is lowest. This stops
+   at the requested number of pairs, or before the first pair that would push the perplexity
+   above the budget;
+3. improve (local search, up to ``passes`` rounds): each chosen pair in turn is replaced by the
+   best of the ``refine`` cheapest candidates that share no layer with the other chosen pairs,
+   or by itself in another mode, when that lowers the measured perplexity of the whole set.
+   With fewer pairs than asked (a budget), the set grows again after a round that improved it.
+
+:class:`GatedScorer` scores all of this with one compiled graph (:class:`lp_fx.GatedLayerParallel`):
+a score sets the gates and runs the calibration windows. The chosen pairing is then compiled
+plainly once (:func:`compiled_scorer`) and its perplexity recorded next to the gated one, which
+must agree to ``PLAIN_TOLERANCE``.
 
 A plan file records the model's layer count so that a plan made for another model is refused.
 ``options={"pairs": plan["pairs"]}`` and ``options={"plan": path}`` both accept it.
@@ -16,12 +26,15 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+import torch
 from tqdm.auto import tqdm
 
+from lp_fx.tools import evaluate
 from lp_fx.tools.evaluate import Pair, Pairing
 
 log = logging.getLogger(__name__)
@@ -75,17 +88,28 @@ class Selection:
 Measure = Callable[[Pairing], float]
 
 
-def cached(measure: Measure) -> Measure:
+class CachedMeasure:
     """``measure`` remembered per set of (pair, mode), whatever the pairing's name."""
-    memo: dict[tuple, float] = {}
 
-    def wrapped(pairing: Pairing) -> float:
+    def __init__(self, measure: Measure) -> None:
+        self._measure = measure
+        self._memo: dict[tuple, float] = {}
+
+    def __call__(self, pairing: Pairing) -> float:
         key = tuple(sorted(zip(pairing.pairs, pairing.modes or ("lp",) * pairing.num_pairs)))
-        if key not in memo:
-            memo[key] = measure(pairing)
-        return memo[key]
+        if key not in self._memo:
+            self._memo[key] = self._measure(pairing)
+        return self._memo[key]
 
-    return wrapped
+    @property
+    def scored(self) -> int:
+        """How many different pairings were measured."""
+        return len(self._memo)
+
+
+def cached(measure: Measure) -> CachedMeasure:
+    """``measure`` with a memory (itself if it already has one)."""
+    return measure if isinstance(measure, CachedMeasure) else CachedMeasure(measure)
 
 
 def score_singles(
@@ -107,14 +131,16 @@ def select(
     max_ppl_ratio: float | None = None,
     refine: int = 3,
     progress: bool = True,
+    start: Selection | None = None,
 ) -> Selection:
-    """Greedy choice with the combined perplexity measured at every step (see module doc)."""
+    """Grow ``start`` (default: nothing chosen) one pair at a time, measuring the combined
+    perplexity of each trial set (see the module doc)."""
     if num_pairs is None and max_ppl_ratio is None:
         raise ValueError("give a number of pairs, a perplexity budget, or both")
     budget = baseline_ppl * max_ppl_ratio if max_ppl_ratio is not None else float("inf")
-    selection = Selection(ppl=baseline_ppl)
+    selection = _copy(start) if start is not None else Selection(ppl=baseline_ppl)
     target = num_pairs if num_pairs is not None else len(candidates)
-    bar = tqdm(total=num_pairs, desc="choosing pairs", disable=not progress)
+    bar = tqdm(total=num_pairs, initial=len(selection.chosen), desc="choosing pairs", disable=not progress)
     while len(selection.chosen) < target:
         shortlist = _shortlist(candidates, selection.layers(), refine)
         if not shortlist:
@@ -124,10 +150,10 @@ def select(
                     f"{num_pairs} were asked for"
                 )
             break
-        tried = [(measure(_with(selection, c)), c) for c in shortlist]
+        tried = [(measure(_pairing(selection.chosen + [c])), c) for c in shortlist]
         best_ppl, best = min(tried, key=lambda t: t[0])
         selection.steps.append(
-            {"tried": [_describe(c, ppl) for ppl, c in tried], "chosen": _describe(best, best_ppl)}
+            {"step": "add", "tried": [_describe(c, ppl) for ppl, c in tried], "chosen": _describe(best, best_ppl)}
         )
         if best_ppl > budget:
             log.info("stopping: adding %s would give ppl %.3f > budget %.3f", best.pair, best_ppl, budget)
@@ -140,18 +166,86 @@ def select(
     return selection
 
 
+def improve(
+    measure: Measure, candidates: Sequence[Candidate], selection: Selection, refine: int = 3, progress: bool = True
+) -> Selection:
+    """One round of local search: each chosen pair in turn is replaced by the best of its
+    :func:`_alternatives` when that lowers the measured perplexity of the whole set."""
+    current = _copy(selection)
+    for old in tqdm(list(current.chosen), desc="swapping pairs", disable=not progress):
+        others = [c for c in current.chosen if c is not old]
+        alternatives = _alternatives(candidates, old, others, refine)
+        if not alternatives:
+            continue
+        tried = [(measure(_pairing(others + [c])), c) for c in alternatives]
+        best_ppl, best = min(tried, key=lambda t: t[0])
+        swap = best_ppl < current.ppl
+        current.steps.append({
+            "step": "swap", "removed": _describe(old, current.ppl), "tried": [_describe(c, ppl) for ppl, c in tried],
+            "chosen": _describe(best if swap else old, min(best_ppl, current.ppl)),
+        })
+        if swap:
+            log.info("swapped %s %s for %s %s: combined ppl %.3f -> %.3f",
+                     old.pair, old.mode, best.pair, best.mode, current.ppl, best_ppl)
+            current.chosen[current.chosen.index(old)] = best
+            current.ppl = best_ppl
+    return current
+
+
+def search(
+    measure: Measure,
+    candidates: Sequence[Candidate],
+    baseline_ppl: float,
+    num_pairs: int | None = None,
+    max_ppl_ratio: float | None = None,
+    refine: int = 3,
+    passes: int = 2,
+    progress: bool = True,
+) -> Selection:
+    """Grow a set (:func:`select`), then up to ``passes`` rounds of :func:`improve`, stopping after
+    a round that changed nothing; a set with fewer pairs than asked grows again after a change."""
+    selection = select(measure, candidates, baseline_ppl, num_pairs, max_ppl_ratio, refine, progress)
+    for _ in range(passes):
+        before = selection.ppl
+        selection = improve(measure, candidates, selection, refine, progress)
+        if selection.ppl >= before:
+            break
+        if num_pairs is None or len(selection.chosen) < num_pairs:
+            selection = select(
+                measure, candidates, baseline_ppl, num_pairs, max_ppl_ratio, refine, progress, start=selection
+            )
+    return selection
+
+
 def _shortlist(candidates: Sequence[Candidate], used: set[int], refine: int) -> list[Candidate]:
     free = [c for c in candidates if not used.intersection(c.pair)]
     return sorted(free, key=lambda c: c.ppl)[:refine]
 
 
-def _with(selection: Selection, candidate: Candidate) -> Pairing:
-    trial = Selection(selection.chosen + [candidate])
-    return trial.pairing("trial")
+def _alternatives(
+    candidates: Sequence[Candidate], old: Candidate, others: Sequence[Candidate], refine: int
+) -> list[Candidate]:
+    """What may replace ``old``: the ``refine`` cheapest candidates (alone) that share no layer
+    with ``others``, and ``old``'s pair in its other modes."""
+    used = {layer for c in others for layer in c.pair}
+    cheapest = _shortlist([c for c in candidates if c != old], used, refine)
+    flips = [c for c in candidates if c.pair == old.pair and c != old and c not in cheapest]
+    return cheapest + flips
+
+
+def _copy(selection: Selection) -> Selection:
+    return Selection(list(selection.chosen), selection.ppl, list(selection.steps))
+
+
+def _pairing(chosen: Sequence[Candidate]) -> Pairing:
+    return Selection(list(chosen)).pairing("trial")
 
 
 def _describe(candidate: Candidate, ppl: float) -> dict:
     return {"pair": list(candidate.pair), "mode": candidate.mode, "single_ppl": candidate.ppl, "ppl": ppl}
+
+
+PLAIN_TOLERANCE = 1e-3  # relative: the gated graph's perplexity of the plan against the plain compile's
 
 
 def make_plan(
@@ -162,26 +256,89 @@ def make_plan(
     max_ppl_ratio: float | None = None,
     modes: Sequence[str] = ("lp",),
     refine: int = 3,
+    passes: int = 2,
     calibration: dict | None = None,
+    verify: Measure | None = None,
     progress: bool = True,
 ) -> dict:
-    """Measure the baseline and every candidate, choose pairs, return the plan as a dict."""
+    """Measure the baseline and every candidate, choose pairs, return the plan as a dict.
+
+    ``verify`` (e.g. :func:`compiled_scorer`) measures the chosen pairing once more, another way;
+    its perplexity is recorded as ``calibration.plan_ppl_plain`` (see :func:`plain_disagreement`).
+    """
     unknown = set(modes) - set(MODES)
     if unknown:
         raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
+    if refine < 1 or passes < 0:
+        raise ValueError(f"refine must be >= 1 and passes >= 0 (got refine={refine}, passes={passes})")
+    began = time.monotonic()
     measure = cached(measure)
     baseline_ppl = measure(Pairing("baseline"))
     candidates = score_singles(measure, num_layers, modes, progress)
-    selection = select(measure, candidates, baseline_ppl, num_pairs, max_ppl_ratio, refine, progress)
+    selection = search(measure, candidates, baseline_ppl, num_pairs, max_ppl_ratio, refine, passes, progress)
     pairing = selection.pairing()
+    calib = {**(calibration or {}), "baseline_ppl": baseline_ppl, "plan_ppl": selection.ppl}
+    search_record = {"pairings_scored": measure.scored, "seconds": round(time.monotonic() - began, 1)}
+    if verify is not None:
+        calib["plan_ppl_plain"] = verify(pairing)
     return {
         "version": PLAN_VERSION,
         "model": model_name,
         "num_layers": num_layers,
         "pairs": [list(pair) for pair in pairing.pairs],
         "modes": list(pairing.modes or ()),
-        "objective": {"num_pairs": num_pairs, "max_ppl_ratio": max_ppl_ratio, "refine": refine},
-        "calibration": {**(calibration or {}), "baseline_ppl": baseline_ppl, "plan_ppl": selection.ppl},
+        "objective": {"num_pairs": num_pairs, "max_ppl_ratio": max_ppl_ratio, "refine": refine, "passes": passes},
+        "calibration": calib,
+        "search": search_record,
         "candidates": [_describe(c, c.ppl) for c in candidates],
         "steps": selection.steps,
     }
+
+
+def plain_disagreement(plan: dict) -> str | None:
+    """Why the plan's searched perplexity cannot be trusted (it differs from the plain compile's
+    by more than ``PLAIN_TOLERANCE``), or None."""
+    calib = plan["calibration"]
+    plain, searched = calib.get("plan_ppl_plain"), calib["plan_ppl"]
+    if plain is None or abs(searched - plain) <= PLAIN_TOLERANCE * plain:
+        return None
+    return (
+        f"the searched perplexity of the plan, {searched:.4f}, differs from the plain compile's, {plain:.4f}, "
+        f"by more than {PLAIN_TOLERANCE:.1%}"
+    )
+
+
+# ------------------------------------------------------------------------------------- scorers
+
+
+class GatedScorer:
+    """Calibration perplexity of any pairing from one compiled graph: a score sets the gates of
+    :class:`lp_fx.GatedLayerParallel` and runs the windows; nothing is compiled again."""
+
+    def __init__(self, model: torch.nn.Module, windows: torch.Tensor, modes: Sequence[str], inner: str) -> None:
+        from lp_fx import GatedLayerParallel
+
+        torch._dynamo.reset()
+        self.backend = GatedLayerParallel(model.config.num_hidden_layers, modes, inner)
+        compiled = torch.compile(model, backend=self.backend)
+        self._logits: evaluate.LogitsFn = lambda ids: compiled(input_ids=ids, use_cache=False).logits
+        self.windows = windows
+
+    def __call__(self, pairing: Pairing) -> float:
+        self.backend.set_pairing(pairing.pairs, pairing.modes or ("lp",) * pairing.num_pairs)
+        return evaluate.perplexity(self._logits, self.windows, pairing.name, progress=False).ppl
+
+    @property
+    def compiles(self) -> int:
+        """How many graphs the backend compiled."""
+        return len(self.backend.reports)
+
+
+def compiled_scorer(model: torch.nn.Module, windows: torch.Tensor, inner: str) -> Measure:
+    """Calibration perplexity of a pairing compiled plainly (one compile per call)."""
+
+    def score(pairing: Pairing) -> float:
+        logits_fn = evaluate.compile_pairing(model, pairing, "lp", inner)
+        return evaluate.perplexity(logits_fn, windows, pairing.name, progress=False).ppl
+
+    return score
