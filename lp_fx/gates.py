@@ -106,13 +106,14 @@ def sub_block_bodies(layer: Layer) -> list[SubBlockBody] | str:
             seen = [stage[arg] for arg in node.all_input_nodes if arg in stage]
             if seen:
                 stage[node] = max(seen)
+    cache = "(a KV cache? compile the forward with use_cache=False)"
     for node in stage:
         if node is not layer.output and node in layer.nodes:
             if mutated_input(node) is not None:
-                return f"{node.name} writes memory in place from the stream (a KV cache? use use_cache=False)"
-            outside = [user.name for user in node.users if user not in layer.nodes]
+                return f"{node.name} writes memory in place from the stream {cache}"
+            outside = ", ".join(user.name for user in node.users if user not in layer.nodes)
             if outside:
-                return f"{node.name}, computed from the stream, is read outside the layer by {', '.join(outside)}"
+                return f"{node.name}, computed from the stream, is read outside the layer by {outside} {cache}"
     bodies = []
     for j, block in enumerate(layer.blocks):
         body = _body(block.deltas, j, streams, stage)

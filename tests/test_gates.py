@@ -112,6 +112,13 @@ def test_block_gates_on_a_post_norm_model_and_lp_refused(tmp_path):
         gated_logits(model, [((), ())], modes=("lp",))
 
 
+def test_lp_gates_refuse_a_forward_that_returns_its_kv_cache():
+    """A copied attention would feed the cache a second set of keys: refused, with the way out."""
+    with pytest.raises(Exception, match="cannot be gated in mode 'lp'.*read outside the layer.*use_cache=False"):
+        with torch.no_grad():
+            torch.compile(make("llama"), backend=GatedLayerParallel(4, ("lp",), inner="eager"))(ids(), use_cache=True)
+
+
 def test_bad_settings_name_what_is_valid():
     backend = GatedLayerParallel(4, modes=("lp",), inner="eager")
     with pytest.raises(LayerParallelError, match="overlap"):
