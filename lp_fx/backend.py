@@ -18,7 +18,7 @@ from torch import fx
 from .config import PAIRING_MODES, LayerParallelError, LPConfig, Pair, Shuffle, config_from_options, validate_pairs
 from .find_layers import LayerStack, available_stacks, find_layers
 from .fx_utils import copy_graph_module
-from .gates import GATE_VALUES, gate_pairs
+from .gates import GATE_VALUES, OFF, gate_pairs
 from .merge import merge_problem, merged_weights
 from .report import GraphReport, LayerInfo
 from .rewrite import PairRewrite, pair_problem, rewrite_pairs, skip_problem
@@ -190,7 +190,7 @@ class GatedLayerParallel:
         self.num_layers = num_layers
         self.modes = tuple(dict.fromkeys(modes))
         self.config = config_from_options(inner=inner, stack=stack)
-        self.gates = torch.zeros(num_layers - 1, dtype=torch.long)
+        self.gates = torch.full((num_layers - 1,), OFF, dtype=torch.long)
         self.reports: list[GraphReport] = []
 
     def set_pairing(self, pairs: Sequence[Pair], modes: Sequence[str]) -> None:
@@ -199,7 +199,7 @@ class GatedLayerParallel:
         validate_pairs(pairs)
         if len(modes) != len(pairs):
             raise LayerParallelError(f"give one mode per pair: {len(pairs)} pairs, {len(modes)} modes")
-        values = torch.zeros_like(self.gates)
+        values = torch.full_like(self.gates, OFF)
         for (i, j), mode in zip(pairs, modes):
             if j >= self.num_layers:
                 last = self.num_layers - 1
