@@ -150,8 +150,7 @@ def select(
                     f"{num_pairs} were asked for"
                 )
             break
-        tried = [(measure(_pairing(selection.chosen + [c])), c) for c in shortlist]
-        best_ppl, best = min(tried, key=lambda t: t[0])
+        tried, best_ppl, best = _best_trial(measure, selection.chosen, shortlist)
         selection.steps.append(
             {"step": "add", "tried": [_describe(c, ppl) for ppl, c in tried], "chosen": _describe(best, best_ppl)}
         )
@@ -166,6 +165,15 @@ def select(
     return selection
 
 
+def _best_trial(
+    measure: Measure, kept: Sequence[Candidate], options: Sequence[Candidate]
+) -> tuple[list[tuple[float, Candidate]], float, Candidate]:
+    """Each option added to ``kept``, measured: all the trials, and the lowest perplexity and its option."""
+    tried = [(measure(_pairing([*kept, c])), c) for c in options]
+    best_ppl, best = min(tried, key=lambda t: t[0])
+    return tried, best_ppl, best
+
+
 def improve(
     measure: Measure, candidates: Sequence[Candidate], selection: Selection, refine: int = 3, progress: bool = True
 ) -> Selection:
@@ -177,8 +185,7 @@ def improve(
         alternatives = _alternatives(candidates, old, others, refine)
         if not alternatives:
             continue
-        tried = [(measure(_pairing(others + [c])), c) for c in alternatives]
-        best_ppl, best = min(tried, key=lambda t: t[0])
+        tried, best_ppl, best = _best_trial(measure, others, alternatives)
         swap = best_ppl < current.ppl
         current.steps.append({
             "step": "swap", "removed": _describe(old, current.ppl), "tried": [_describe(c, ppl) for ppl, c in tried],
