@@ -441,13 +441,17 @@ class Ranks:
         self.group = mesh.get_group()
         self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
         self.backend = backend
+        self._counts: list[float] | None = None  # ranks reading each parameter whole: fixed once compiled
 
     @property
     def use(self) -> dict[int, str]:
         return parameter_use(self.backend.reports)
 
     def complete_gradients(self, params: Sequence[torch.Tensor]) -> None:
-        sync_gradients(params, self.use, self.group)
+        use = self.use
+        if self._counts is None:
+            self._counts = whole_read_counts(params, use, self.group)
+        sync_gradients(params, use, self._counts, self.group)
 
     def drop_gradients_not_read(self, params: Sequence[torch.Tensor]) -> None:
         use = self.use
@@ -483,28 +487,35 @@ def parameter_use(reports: Sequence[Any]) -> dict[int, str]:
     return use
 
 
-def sync_gradients(params: Sequence[torch.Tensor], use: dict[int, str], group: Any) -> None:
+def whole_read_counts(params: Sequence[torch.Tensor], use: dict[int, str], group: Any) -> list[float]:
+    """For each parameter, the number of ranks whose graph reads it whole (one all-reduce)."""
+    import torch.distributed as dist
+
+    whole = torch.tensor([float(use.get(id(p)) == "whole") for p in params], dtype=torch.float64)
+    dist.all_reduce(whole, group=group)
+    return whole.tolist()
+
+
+def sync_gradients(params: Sequence[torch.Tensor], use: dict[int, str], counts: Sequence[float], group: Any) -> None:
     """Complete every gradient across ranks, so that each rank holds the single-device one.
 
     Under placement a rank reads a parameter whole (its branch of a pair, or a replicated
     weight: its gradient there is already the full one, the same on every rank that reads it
     whole), through slices (tensor parallel: the gradient is zero outside them), or not at all
     (the other branch: no gradient). The sum over ranks, with whole-read gradients divided by the
-    number of ranks that read them whole, is the full gradient. One all-reduce for the counts and
-    one for all the gradients.
+    number of ranks that read them whole (``counts``, :func:`whole_read_counts`), is the full
+    gradient: one all-reduce of all the gradients, which then are views of its buffer.
     """
     import torch.distributed as dist
 
-    whole = torch.tensor([float(use.get(id(p)) == "whole") for p in params], dtype=torch.float64)
-    dist.all_reduce(whole, group=group)
     grads = []
-    for param, count in zip(params, whole.tolist()):
+    for param, count in zip(params, counts):
         grad = param.grad if param.grad is not None else torch.zeros_like(param)
         grads.append(grad / count if use.get(id(param)) == "whole" and count > 1 else grad)
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat, group=group)
     for param, piece in zip(params, flat.split([p.numel() for p in params])):
-        param.grad = piece.view_as(param).clone()
+        param.grad = piece.view_as(param)
 
 
 def plot_record(record: dict[str, Any], path: str | Path) -> None:
