@@ -19,11 +19,12 @@ from .config import PAIRING_MODES, LayerParallelError, LPConfig, Pair, Shuffle, 
 from .find_layers import LayerStack, available_stacks, find_layers
 from .fx_utils import copy_graph_module
 from .gates import GATE_VALUES, OFF, gate_pairs
+from .fuse import FuseResult, checked_call, count_gemms, fuse_pairs
 from .merge import merge_problem, merged_weights
 from .report import GraphReport, LayerInfo
 from .rewrite import PairRewrite, pair_problem, rewrite_pairs, skip_problem
 from .shuffle import shuffle_layers, shuffle_problem
-from .weights import WeightStore, keep_own_weights
+from .weights import WeightStore, keep_own_weights, unique_bytes
 
 logger = logging.getLogger("lp_fx")
 
@@ -45,6 +46,8 @@ class LayerParallel:
             )
         report = GraphReport(graph=len(self.reports))
         self.reports.append(report)
+        if self.config.fuse:
+            gm = copy_graph_module(gm)  # fusing adds inputs: Dynamo must not see them in its graph
         stack = find_layers(gm, self.config.stack)
         rewrites: list[PairRewrite] = []
         replaced: dict[int, torch.Tensor] = {}  # input position -> the tensor passed there instead
@@ -58,10 +61,38 @@ class LayerParallel:
             gm = place(gm, example_inputs, stack, rewrites, self.config, report, self._say)
             if self.config.free_weights and report.collectives is not None:  # placed on several ranks
                 replaced, report.released_bytes = keep_own_weights(gm, example_inputs, self.weights)
-        inputs = _replace(list(example_inputs), _static_fakes(example_inputs, replaced))
+        fused = self._fuse(gm, example_inputs, stack, rewrites, report) if self.config.fuse and rewrites else None
+        if fused is not None:  # the fused parameters are views now: trace them as Dynamo saw them
+            replaced_fakes = {**fused.traced, **_static_fakes(example_inputs, replaced)}
+        else:
+            replaced_fakes = _static_fakes(example_inputs, replaced)
+        inputs = _replace(list(example_inputs), replaced_fakes)
+        if fused is not None and fused.buffers:
+            inputs += _static_fakes(example_inputs, dict(enumerate(fused.buffers))).values()
         logger.debug("%s", report.summary())
         compiled = compile_inner(gm, inputs, self.config.inner)
+        if fused is not None and fused.buffers:
+            compiled = checked_call(compiled, fused.checks, fused.buffers)
         return _with_inputs_replaced(compiled, replaced) if replaced else compiled
+
+    def _fuse(
+        self, gm: fx.GraphModule, example_inputs: Sequence[Any], stack: LayerStack, rewrites: list[PairRewrite],
+        report: GraphReport,
+    ) -> FuseResult:
+        """Fuse the rewritten pairs' GEMMs (:mod:`lp_fx.fuse`) and report what it did."""
+        params = {i: v for i, v in enumerate(example_inputs) if isinstance(v, torch.nn.Parameter)}
+        before, gemms = unique_bytes(params.values()), count_gemms(gm)
+        traced = _static_fakes(example_inputs, params)
+        result = fuse_pairs(gm, example_inputs, stack, [r.pair for r in rewrites], self.weights)
+        result.traced = {i: traced[i] for i, _ in result.checks}
+        held = [buffer for buffer, _ in self.weights.fused.values()]
+        report.gemms = (gemms, count_gemms(gm))
+        report.fuse_bytes = (before, unique_bytes([*params.values(), *held]))
+        report.pairs_fused = result.fused
+        report.fuse_skipped = result.skipped
+        for pair, why in result.skipped:
+            self._say(f"pair {pair}: not all of its GEMMs fused: {why}")
+        return result
 
     def _no_layers(self, gm: fx.GraphModule, report: GraphReport) -> None:
         if not self.config.pairs and self.config.shuffle is None:

@@ -19,6 +19,7 @@ MODES = PAIRING_MODES + SKIP_MODES
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 OPTION_NAMES = (
     "pairs", "start", "end", "plan", "mode", "shuffle", "inner", "stack", "strict", "mesh", "tp", "free_weights",
+    "fuse",
 )
 SHUFFLE_KEYS = ("start", "end", "seed")
 
@@ -56,6 +57,7 @@ class LPConfig:
     mesh: Any = None
     tp: bool = True
     free_weights: bool = False
+    fuse: bool = False
     plan_num_layers: int | None = None
     pair_modes: Mapping[Pair, str] = field(default_factory=dict)
 
@@ -82,8 +84,14 @@ def config_from_options(options: Mapping[str, Any] | None = None, **kwargs: Any)
     free_weights = _bool(opts.get("free_weights", False), "free_weights")
     if free_weights and opts.get("mesh") is None:
         raise LayerParallelError("free_weights=True needs a mesh: on one device every weight is computed with")
+    fuse = _bool(opts.get("fuse", False), "fuse")
     if opts.get("mesh") is not None:
         _check_placeable(mode, pair_modes, shuffle)
+        if fuse:
+            raise LayerParallelError(
+                "fuse=True is for one device: with a mesh each rank already computes one branch of a pair, "
+                "so there is nothing to fuse; drop 'fuse' or 'mesh'"
+            )
     return LPConfig(
         pairs=pairs,
         mode=mode,
@@ -94,6 +102,7 @@ def config_from_options(options: Mapping[str, Any] | None = None, **kwargs: Any)
         mesh=opts.get("mesh"),
         tp=_bool(opts.get("tp", True), "tp"),
         free_weights=free_weights,
+        fuse=fuse,
         plan_num_layers=plan_num_layers,
         pair_modes=pair_modes,
     )

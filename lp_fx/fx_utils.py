@@ -172,6 +172,11 @@ def depends_on(node: fx.Node, ancestor: fx.Node, nodes: set[fx.Node]) -> bool:
     return False
 
 
+def placeholder_positions(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    """Each placeholder's position among the graph's inputs."""
+    return {node: i for i, node in enumerate(gm.graph.find_nodes(op="placeholder"))}
+
+
 def in_graph_order(nodes: set[fx.Node]) -> list[fx.Node]:
     """``nodes`` in the order they stand in their graph."""
     if not nodes:
@@ -187,9 +192,34 @@ def _has_side_effect(node: fx.Node) -> bool:
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A new graph module with a copy of ``gm``'s graph (nodes and their meta), sharing its
     attributes. Dynamo reads the placeholders of the graph it handed to a backend after the
-    backend returns, so a rewrite that adds an input must work on a copy."""
+    backend returns, so a rewrite that adds an input must work on a copy.
+
+    What AOTAutograd reads to know a graph came from Dynamo is kept (the module's meta and
+    parameter sources, each placeholder's source): it decides which inputs CUDA graphs may
+    treat as static (the parameters) instead of copying them on every call."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     _, output = graph.graph_copy(gm.graph, env, return_output_node=True)
     graph.node_copy(output, env.__getitem__)
-    return fx.GraphModule(gm, graph)
+    copy = fx.GraphModule(gm, graph)
+    copy.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        copy._param_name_to_source = gm._param_name_to_source
+    for old in gm.graph.find_nodes(op="placeholder"):
+        if hasattr(old, "_dynamo_source"):
+            env[old]._dynamo_source = old._dynamo_source
+    return copy
+
+
+def append_input(gm: fx.GraphModule, name: str, static: bool = False) -> fx.Node:
+    """A new placeholder after the graph's inputs (the caller passes the value, after Dynamo's).
+
+    It has no source in the user's code; ``static``: CUDA graphs read it in place (a weight buffer
+    that keeps its address) instead of copying it on every call."""
+    graph = gm.graph
+    with graph.inserting_after(graph.find_nodes(op="placeholder")[-1]):
+        node = graph.placeholder(name)
+    node._dynamo_source = None
+    if static:
+        node.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
+    return node

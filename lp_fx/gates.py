@@ -40,7 +40,7 @@ from torch import fx
 
 from .config import LayerParallelError
 from .find_layers import Layer, LayerStack
-from .fx_utils import in_graph_order, mutated_input, stable_topological_sort
+from .fx_utils import append_input, in_graph_order, mutated_input, stable_topological_sort
 from .rewrite import new_node, pair_problem, pair_sum, sum_deltas
 
 OFF, LP, BLOCK = 0, 1, 2
@@ -65,8 +65,7 @@ def gate_pairs(gm: fx.GraphModule, stack: LayerStack, modes: Sequence[str]) -> f
     _check_pairs(layers, modes)
     bodies = [_bodies_or_raise(layer) for layer in layers] if "lp" in modes else []
     graph = gm.graph
-    with graph.inserting_after(graph.find_nodes(op="placeholder")[-1]):
-        gates = graph.placeholder("lp_gates")
+    gates = append_input(gm, "lp_gates")
     with graph.inserting_before(graph.output_node()):
         _GatedStack(graph, gates, layers, bodies, modes).build()
     stable_topological_sort(graph)

@@ -23,6 +23,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .config import LayerParallelError
 from .find_layers import Layer, parameter_paths
+from .fx_utils import placeholder_positions
 from .weights import WeightStore
 
 # Parameters named in a "do not correspond" message, at most.
@@ -40,7 +41,7 @@ def merge_problem(gm: fx.GraphModule, example_inputs: Sequence[Any], a: Layer, b
             f"(only in {a.index}: {_names(params_a.keys() - params_b.keys())}; "
             f"only in {b.index}: {_names(params_b.keys() - params_a.keys())})"
         )
-    pair_nodes, position = a.nodes | b.nodes, _positions(gm)
+    pair_nodes, position = a.nodes | b.nodes, placeholder_positions(gm)
     for name, node_a in params_a.items():
         why = _cannot_average(example_inputs[position[node_a]], example_inputs[position[params_b[name]]])
         if why:
@@ -58,7 +59,7 @@ def merged_weights(
 ) -> dict[int, torch.Tensor]:
     """``{input position of a parameter of A: its average with B's}`` for each pair (A, B),
     already checked with :func:`merge_problem`."""
-    averages, position = {}, _positions(gm)
+    averages, position = {}, placeholder_positions(gm)
     for a, b in pairs:
         params_b = layer_parameters(gm, b)
         for name, node_a in layer_parameters(gm, a).items():
@@ -91,11 +92,6 @@ def _refuse_gradients(*params: torch.Tensor) -> None:
             "parameters, so no gradient would reach them. Compile and run under torch.no_grad() "
             "(or call model.requires_grad_(False))"
         )
-
-
-def _positions(gm: fx.GraphModule) -> dict[fx.Node, int]:
-    """Each placeholder's position among the graph's inputs."""
-    return {node: i for i, node in enumerate(gm.graph.find_nodes(op="placeholder"))}
 
 
 def _names(names: set[str]) -> str:

@@ -33,6 +33,10 @@ class GraphReport:
     collectives: int | None = None
     param_bytes: int | None = None
     released_bytes: int | None = None
+    gemms: tuple[int, int] | None = None  # GEMM calls in the graph before and after fuse=True
+    fuse_bytes: tuple[int, int] | None = None  # parameter bytes the graph reads, before and after fusing
+    pairs_fused: list[tuple[Pair, int]] = field(default_factory=list)  # (pair, batched GEMMs it runs)
+    fuse_skipped: list[tuple[Pair, str]] = field(default_factory=list)
     parameter_use: dict[int, str] | None = field(default=None, repr=False)  # id(param) -> "whole" | "slice"
     notes: list[str] = field(default_factory=list)
 
@@ -49,6 +53,11 @@ class GraphReport:
             )
         if self.shuffle_skipped:
             lines.append(f"  shuffle not applied: {self.shuffle_skipped}")
+        if self.gemms is not None:
+            fused = ", ".join(f"{p} ({n} GEMMs)" for p, n in self.pairs_fused) or "none"
+            lines.append(f"  fused pairs: {fused}; GEMMs {self.gemms[0]} -> {self.gemms[1]}; parameter bytes "
+                         f"{self.fuse_bytes[0]} -> {self.fuse_bytes[1]}")
+        lines += [f"  not fused in {p}: {why}" for p, why in self.fuse_skipped]
         if self.collectives is not None:
             lines.append(f"  rank {self.rank}: {self.collectives} collectives, {self.param_bytes} parameter bytes")
         if self.released_bytes:

@@ -34,6 +34,7 @@ class WeightStore:
     def __init__(self) -> None:
         self.slices: dict[tuple[int, int, int, int], torch.Tensor] = {}
         self.averages: dict[tuple[int, int], torch.Tensor] = {}
+        self.fused: dict[tuple[int, ...], tuple[torch.Tensor, list[torch.Tensor]]] = {}
 
     def slice_of(self, param: torch.Tensor, dim: int, start: int, size: int) -> torch.Tensor:
         """A contiguous copy of ``param.narrow(dim, start, size)``, made once."""
@@ -53,8 +54,38 @@ class WeightStore:
                 self.averages[key] = total.mul_(0.5).to(a.dtype)
         return self.averages[key]
 
+    def stacked(
+        self, branches: tuple[list[torch.Tensor], list[torch.Tensor]], transposed: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """A buffer ``[2, rows, in]`` holding branch A's parameters (concatenated along rows) in
+        slice 0 and B's in slice 1 (``[2, in, out]`` for one transposed weight per branch), made
+        once; the parameters become views of it, so their values are kept and not held twice
+        (see :mod:`lp_fx.fuse`). Returns the buffer and those views (A's, then B's)."""
+        params = [*branches[0], *branches[1]]
+        key = tuple(id(p) for p in params)
+        held = self.fused.get(key)
+        if held is not None and all(p.data_ptr() == v.data_ptr() for p, v in zip(params, held[1])):
+            return held
+        with torch.no_grad():
+            buffer = torch.stack([
+                branch[0].detach() if transposed else torch.cat([p.detach() for p in branch], dim=0)
+                for branch in branches
+            ])
+        views = [
+            view
+            for b, branch in enumerate(branches)
+            for view in ([buffer[b]] if transposed else torch.split(buffer[b], [p.shape[0] for p in branch], dim=0))
+        ]
+        for param, view in zip(params, views):
+            param.data = view
+        self.fused[key] = (buffer, views)
+        return buffer, views
+
     def nbytes(self) -> int:
-        return _unique_bytes([*self.slices.values(), *self.averages.values()])
+        return unique_bytes(self.tensors())
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.slices.values(), *self.averages.values(), *(buffer for buffer, _ in self.fused.values())]
 
 
 def keep_own_weights(
@@ -98,8 +129,9 @@ def keep_own_weights(
 
 
 def resident_bytes(model: torch.nn.Module, store: WeightStore | None = None) -> int:
-    """Bytes of parameter memory this process holds for ``model`` (and the backend's slices)."""
-    return _unique_bytes(model.parameters()) + (store.nbytes() if store is not None else 0)
+    """Bytes of parameter memory this process holds for ``model`` and the backend's own tensors
+    (a storage both share, as the fused buffers and the parameters that are views of them, counts once)."""
+    return unique_bytes([*model.parameters(), *(store.tensors() if store is not None else [])])
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -127,7 +159,7 @@ def _storages(t: torch.Tensor) -> list[torch.UntypedStorage]:
     return [leaf.untyped_storage() for leaf in _plain_tensors(t)]
 
 
-def _unique_bytes(tensors: Iterable[torch.Tensor]) -> int:
+def unique_bytes(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes of the distinct storages behind ``tensors`` (tied weights share one)."""
     return sum({s._cdata: s.nbytes() for t in tensors for s in _storages(t)}.values())
 

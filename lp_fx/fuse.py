@@ -1,0 +1,269 @@
+"""``fuse=True`` (one device): the GEMMs of the two layers of a rewritten pair run as one batched GEMM each.
+
+After the rewrite both layers of a pair read the same stream, so each of B's projections can run
+in the same kernel as A's projection of the same name. Projections are matched by their weight's
+name inside the layer (``self_attn.q_proj.weight`` of A and of B), and those of one layer that read
+the same input (q, k and v; gate and up) are grouped. Each group becomes ONE ``bmm`` over
+``stack([input_A, input_B])`` and a weight buffer ``[2, rows, in]`` that holds A's weights
+(concatenated along their output rows) in slice 0 and B's in slice 1; the outputs are slices of
+the result. For a pre-norm Llama pair that is 4 GEMMs instead of 14.
+
+Why a batched GEMM over each branch's own normalised input, rather than folding the norm weights
+into the projections to make one GEMM over a shared input: it needs no knowledge of the norm (RMS,
+Gemma's ``1 + w``, LayerNorm with bias, or none), each branch computes exactly the products it
+computed before, and the buffer can hold the weights' *own values*: the model's parameters become
+views of it (``param.data = buffer[b, rows]``), so the weights are not held twice and the model
+keeps computing as before in eager mode. At decode the GEMMs are bound by weight bytes and launch
+latency, not by their width, so one ``bmm`` over two inputs costs about what one layer's GEMM costs.
+Inductor's own ``batch_linear`` pre-grad fusion does the same grouping but stacks the weights with
+``torch.stack`` on every call, which reads and writes every weight once more per token.
+
+The buffers are built when a graph is compiled and held by the backend object (shared by the
+prefill and decode graphs). In-place changes of the parameters (``load_state_dict``, an optimizer)
+write into the buffer and are seen; a parameter given a new tensor (``param.data = t``) is copied
+back into the buffer before the next call. ``fuse`` is for inference: with gradients enabled the
+pair is compiled unfused (the buffer is not the parameter autograd would differentiate).
+
+A group is left unfused, with the reason in the report, when the two layers' projections differ
+in shape, dtype or bias, when a weight is not a plain floating-point tensor (torchao's quantized
+weights: their scales do not stack), or when one branch's input depends on the other's output.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+from .config import Pair
+from .find_layers import Layer, LayerStack, example_value
+from .fx_utils import append_input, depends_on, placeholder_positions, stable_topological_sort
+from .merge import layer_parameters
+from .weights import WeightStore
+
+LINEAR = torch._C._nn.linear
+GEMM_TARGETS = (LINEAR, torch.addmm, torch.mm, torch.bmm, torch.baddbmm, torch.matmul, operator.matmul)
+
+
+def count_gemms(gm: fx.GraphModule) -> int:
+    """GEMM calls in ``gm`` (linear, addmm, mm, bmm, baddbmm, matmul): one kernel launch each."""
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in GEMM_TARGETS)
+
+
+@dataclass
+class Projection:
+    """One GEMM of a layer whose weight is a parameter: ``linear(x, w, b)`` or Conv1D's ``addmm(b, x, w)``."""
+
+    node: fx.Node
+    input: fx.Node
+    weight: fx.Node
+    bias: fx.Node | None
+    transposed: bool  # the weight is stored ``[in, out]`` (Conv1D), not ``[out, in]``
+
+
+@dataclass
+class FuseResult:
+    """What fusion did to one graph: the pairs fused (with their GEMM groups), and why not for the rest."""
+
+    fused: list[tuple[Pair, int]] = field(default_factory=list)
+    skipped: list[tuple[Pair, str]] = field(default_factory=list)
+    checks: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (input position, view it must be)
+    buffers: list[torch.Tensor] = field(default_factory=list)  # read by placeholders appended to the graph
+    traced: dict[int, Any] = field(default_factory=dict)  # input position -> the value to trace it with
+
+
+def fuse_pairs(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], stack: LayerStack, pairs: Sequence[Pair], store: WeightStore
+) -> FuseResult:
+    """Fuse the GEMMs of each rewritten pair of ``gm`` (``lp`` or ``block``) where it is exact."""
+    result = FuseResult()
+    positions = placeholder_positions(gm)
+    if torch.is_grad_enabled() and any(getattr(v, "requires_grad", False) for v in example_inputs):
+        result.skipped = [(p, "gradients are enabled: fuse=True is for inference (torch.no_grad())") for p in pairs]
+        return result
+    for pair in pairs:
+        a, b = stack.layers[pair[0]], stack.layers[pair[1]]
+        groups, why = _groups(gm, example_inputs, positions, a, b)
+        for group in groups:
+            result.checks += _fuse_group(gm, example_inputs, positions, group, store, result)
+        if groups:
+            result.fused.append((pair, len(groups)))
+        if why:
+            result.skipped.append((pair, why))
+    if result.fused:
+        stable_topological_sort(gm.graph)
+        gm.graph.lint()
+        gm.recompile()
+    return result
+
+
+Group = list[tuple[Projection, Projection]]
+
+
+def _groups(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], positions: dict[fx.Node, int], a: Layer, b: Layer
+) -> tuple[list[Group], str | None]:
+    """A's and B's projections matched by name and grouped by their inputs; and what could not be fused."""
+    proj_a, proj_b = _projections(gm, a), _projections(gm, b)
+    groups: dict[tuple, Group] = {}
+    problems = []
+    for name in sorted(proj_a.keys() | proj_b.keys()):
+        pa, pb = proj_a.get(name), proj_b.get(name)
+        why = _cannot_fuse(pa, pb, example_inputs, positions, a, b)
+        if why:
+            problems.append(f"{name}: {why}")
+            continue
+        key = (pa.input, pb.input, pa.node if pa.transposed else None)
+        groups.setdefault(key, []).append((pa, pb))
+    return list(groups.values()), "; ".join(problems) or None
+
+
+def _projections(gm: fx.GraphModule, layer: Layer) -> dict[str, Projection]:
+    """The layer's GEMMs whose weight is one of its parameters, by the weight's name in the layer."""
+    names = {node: name for name, node in layer_parameters(gm, layer).items()}
+    out = {}
+    for node in layer.nodes:
+        proj = _projection(node)
+        if proj is not None and proj.weight in names:
+            out[names[proj.weight]] = proj
+    return out
+
+
+def _projection(node: fx.Node) -> Projection | None:
+    if node.op != "call_function" or node.kwargs:
+        return None
+    if node.target is LINEAR and len(node.args) in (2, 3):
+        x, w, *rest = node.args
+        return Projection(node, x, w, rest[0] if rest else None, transposed=False)
+    if node.target is torch.addmm and len(node.args) == 3:
+        bias, x, w = node.args
+        return Projection(node, x, w, bias, transposed=True)
+    return None
+
+
+def _cannot_fuse(
+    pa: Projection | None, pb: Projection | None, example_inputs: Sequence[Any], positions: dict[fx.Node, int],
+    a: Layer, b: Layer,
+) -> str | None:
+    if pa is None or pb is None:
+        return f"only in layer {a.index if pb is None else b.index}"
+    if pa.transposed != pb.transposed or (pa.bias is None) != (pb.bias is None):
+        return "the two layers compute it differently"
+    tensors = [(pa.weight, pb.weight)] + ([(pa.bias, pb.bias)] if pa.bias is not None else [])
+    for node_a, node_b in tensors:
+        if not all(isinstance(n, fx.Node) and n in positions for n in (node_a, node_b)):
+            return "its weight or bias is not a parameter of the layer"
+        ta, tb = example_inputs[positions[node_a]], example_inputs[positions[node_b]]
+        why = _cannot_stack(ta, tb)
+        if why:
+            return why
+        if any(user is not proj.node for proj, n in ((pa, node_a), (pb, node_b)) for user in n.users):
+            return "its weight is read elsewhere too (a tied weight)"
+    if _shape(pa.input) != _shape(pb.input):
+        return f"inputs of different shapes {_shape(pa.input)} and {_shape(pb.input)}"
+    pair_nodes = a.nodes | b.nodes
+    if depends_on(pa.input, pb.node, pair_nodes) or depends_on(pb.input, pa.node, pair_nodes):
+        return "one layer's input depends on the other's output"
+    return None
+
+
+def _cannot_stack(ta: Any, tb: Any) -> str | None:
+    if not isinstance(ta, torch.nn.Parameter) or not isinstance(tb, torch.nn.Parameter):
+        return "not a parameter"
+    if is_traceable_wrapper_subclass(ta) or is_traceable_wrapper_subclass(tb) or not ta.is_floating_point():
+        return f"{type(ta).__name__} weights (quantized?) do not stack: plain floating-point tensors only"
+    if ta.shape != tb.shape or ta.dtype != tb.dtype or ta.device != tb.device:
+        return f"shapes/dtypes differ ({tuple(ta.shape)} {ta.dtype} vs {tuple(tb.shape)} {tb.dtype})"
+    return None
+
+
+def _fuse_group(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], positions: dict[fx.Node, int], group: Group, store: WeightStore,
+    result: FuseResult,
+) -> list[tuple[int, torch.Tensor]]:
+    """Replace one group by ``bmm(stack(x_A, x_B), W)`` and slices; returns (position, view) per parameter."""
+    graph = gm.graph
+    transposed = group[0][0].transposed
+    members = [[proj for proj, _ in group], [proj for _, proj in group]]
+    weights, views = store.stacked(
+        tuple([example_inputs[positions[p.weight]] for p in branch] for branch in members), transposed
+    )
+    checks = [(positions[p.weight], v) for p, v in zip([*members[0], *members[1]], views)]
+    biases = None
+    if group[0][0].bias is not None:
+        biases, bias_views = store.stacked(
+            tuple([example_inputs[positions[p.bias]] for p in branch] for branch in members), transposed=False
+        )
+        checks += [(positions[p.bias], v) for p, v in zip([*members[0], *members[1]], bias_views)]
+    x_a, x_b = group[0][0].input, group[0][1].input
+    anchor = max((x_a, x_b), key=_order(graph).__getitem__)
+    with graph.inserting_after(anchor):
+        w = _buffer_node(gm, weights, result)
+        inputs = graph.call_function(torch.stack, ([_rows(graph, x_a), _rows(graph, x_b)],))
+        w_t = w if transposed else graph.call_method("transpose", (w, 1, 2))
+        if biases is None:
+            y = graph.call_function(torch.bmm, (inputs, w_t))
+        else:
+            bias = graph.call_function(operator.getitem, (_buffer_node(gm, biases, result), (slice(None), None)))
+            y = graph.call_function(torch.baddbmm, (bias, inputs, w_t))
+        leading = graph.call_function(operator.getitem, (graph.call_method("size", (x_a,)), slice(None, -1)))
+        for branch, projs in enumerate(members):
+            start = 0
+            for proj in projs:
+                width = example_inputs[positions[proj.weight]].shape[0 if not transposed else 1]
+                part = graph.call_function(operator.getitem, (y, (branch, slice(None), slice(start, start + width))))
+                shape = graph.call_function(operator.add, (leading, (width,)))
+                out = graph.call_method("view", (graph.call_method("contiguous", (part,)), shape))
+                proj.node.replace_all_uses_with(out)
+                graph.erase_node(proj.node)
+                start += width
+    return checks
+
+
+def _rows(graph: fx.Graph, x: fx.Node) -> fx.Node:
+    """``x`` as a matrix of rows ``[M, in]``."""
+    return graph.call_method("reshape", (x, -1, _width(x)))
+
+
+def _buffer_node(gm: fx.GraphModule, tensor: torch.Tensor, result: FuseResult) -> fx.Node:
+    """The placeholder through which the graph reads ``tensor``, appended to its inputs (the caller
+    passes the buffers, :func:`checked_call`)."""
+    result.buffers.append(tensor)
+    return append_input(gm, f"lp_fx_fused_{len(result.buffers) - 1}", static=True)
+
+
+def _order(graph: fx.Graph) -> dict[fx.Node, int]:
+    return {n: i for i, n in enumerate(graph.nodes)}
+
+
+def _shape(node: fx.Node) -> tuple | None:
+    value = example_value(node)
+    # Compared as text: equality of symbolic sizes would add guards to a graph already traced.
+    return tuple(str(d) for d in value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def _width(node: fx.Node) -> int:
+    return int(example_value(node).shape[-1])
+
+
+def checked_call(
+    compiled: Callable, checks: Sequence[tuple[int, torch.Tensor]], buffers: Sequence[torch.Tensor]
+) -> Callable:
+    """``compiled`` with the fused buffers appended to its inputs, first making sure each fused parameter is still a view of its buffer: one that
+    was given a new tensor since (``param.data = t``) is copied into the buffer and pointed back at it."""
+
+    def call(*args: Any) -> Any:
+        for i, view in checks:
+            param = args[i]
+            if param.data_ptr() != view.data_ptr():
+                with torch.no_grad():
+                    view.copy_(param.detach())
+                param.data = view
+        return compiled(*args, *buffers)
+
+    return call

@@ -1,0 +1,155 @@
+"""``fuse=True``: each rewritten pair's GEMMs run as batched GEMMs over a stacked weight buffer,
+with the same result as the unfused pairing and its independent eager reference."""
+
+import pytest
+import torch
+
+from lp_fx import LayerParallel, LayerParallelError
+from lp_fx.weights import resident_bytes
+
+from .models import VOCAB, hf_model, init_scale, tiny_hand_written
+from .reference import eager_pairing, layer_list
+from .test_generate import NEW_TOKENS, greedy
+from .test_transforms import logits, random_ids
+
+ARCHS = ["llama", "qwen2", "mistral", "gemma3", "gpt2", "nanogpt", "titan"]
+PAIRS = [(1, 2)]
+
+
+def make(arch, layers=4):
+    model = tiny_hand_written(arch) if arch in ("nanogpt", "titan") else hf_model(arch, layers=layers)
+    return init_scale(model)
+
+
+def compiled_logits(model, ids, **options):
+    backend = LayerParallel(pairs=PAIRS, **{"inner": "aot_eager", "strict": True, **options})
+    with torch.no_grad():
+        out = logits(torch.compile(model, backend=backend), ids)
+    torch._dynamo.reset()
+    return out, backend
+
+
+# Batched GEMMs per fused pair: q/k/v, o, gate/up, down (GPT-2 and nanoGPT: c_attn, attn.c_proj, c_fc, mlp.c_proj).
+GROUPS = 4
+
+
+def gemms_per_layer(arch):
+    return 4 if arch in ("gpt2", "nanogpt") else 7
+
+
+@pytest.mark.parametrize("mode", ["lp", "block"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fused_pair_matches_eager_reference_and_unfused(arch, mode):
+    model = make(arch)
+    ids = random_ids(5)
+    with torch.no_grad(), eager_pairing(model, PAIRS, mode) as reference:
+        expected = logits(reference, ids)
+    unfused, _ = compiled_logits(model, ids, mode=mode)
+    fused, backend = compiled_logits(model, ids, mode=mode, fuse=True)
+    report = backend.reports[0]
+    assert report.pairs_fused == [((1, 2), GROUPS)], report.summary()
+    assert not report.fuse_skipped
+    assert report.gemms[0] - report.gemms[1] == 2 * gemms_per_layer(arch) - GROUPS
+    assert (fused - unfused).abs().max().item() <= 1e-4
+    assert (fused - expected).abs().max().item() <= 1e-4
+
+
+def test_fused_model_holds_its_weights_once_and_still_runs_eagerly():
+    model = make("llama")
+    ids = random_ids(6)
+    with torch.no_grad():
+        plain = logits(model, ids)
+    before = resident_bytes(model)
+    _, backend = compiled_logits(model, ids, fuse=True)
+    after = resident_bytes(model, backend.weights)
+    assert after <= 1.05 * before, (before, after)
+    assert backend.reports[0].fuse_bytes[1] <= 1.05 * backend.reports[0].fuse_bytes[0]
+    with torch.no_grad():
+        assert torch.equal(logits(model, ids), plain)  # the parameters are views of the buffers, same values
+    q_a = layer_list(model)[1].self_attn.q_proj.weight
+    buffers = {buffer.untyped_storage().data_ptr() for buffer, _ in backend.weights.fused.values()}
+    assert q_a.untyped_storage().data_ptr() in buffers
+
+
+@pytest.mark.parametrize("change", ["in_place", "new_tensor"])
+def test_changed_weights_reach_the_fused_graph(change):
+    model = make("llama")
+    ids = random_ids(7)
+    backend = LayerParallel(pairs=PAIRS, inner="aot_eager", fuse=True)
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        logits(compiled, ids)
+        up_b = layer_list(model)[2].mlp.up_proj.weight
+        new = torch.randn_like(up_b)
+        if change == "in_place":
+            up_b.copy_(new)
+        else:
+            up_b.data = new
+        got = logits(compiled, ids)
+        with eager_pairing(model, PAIRS, "lp") as reference:
+            expected = logits(reference, ids)
+    assert len(backend.reports) == 1  # no recompile
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_static_cache_generation_fused_matches_eager_reference():
+    model = make("llama", layers=6)
+    pairs = [(1, 2), (3, 4)]
+    ids = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), eager_pairing(model, pairs, "lp"):
+        expected = greedy(model, ids)
+    backend = LayerParallel(pairs=pairs, inner="aot_eager", fuse=True)
+    model.forward = torch.compile(model.forward, backend=backend)
+    with torch.no_grad():
+        got = greedy(model, ids)
+    assert got.shape[1] == ids.shape[1] + NEW_TOKENS
+    assert torch.equal(got, expected)
+    fused = [r for r in backend.reports if r.pairs_fused]
+    assert len(fused) >= 2, [r.summary() for r in backend.reports]  # prefill and decode
+    assert all(r.pairs_fused == [((1, 2), 4), ((3, 4), 4)] for r in fused)
+    assert len(backend.weights.fused) == 8  # made once, shared by both graphs: 4 weight buffers per pair
+
+
+def test_fused_pairs_through_inductor():
+    model = make("llama")
+    ids = random_ids(8)
+    with torch.no_grad(), eager_pairing(model, PAIRS, "lp") as reference:
+        expected = logits(reference, ids)
+    got, backend = compiled_logits(model, ids, fuse=True, inner="inductor")
+    assert backend.reports[0].pairs_fused == [((1, 2), 4)]
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_gradients_enabled_leave_the_pair_unfused_and_say_why():
+    model = make("llama")
+    ids = random_ids(9)
+    with torch.no_grad(), eager_pairing(model, PAIRS, "lp") as reference:
+        expected = logits(reference, ids)
+    backend = LayerParallel(pairs=PAIRS, inner="aot_eager", fuse=True)
+    got = logits(torch.compile(model, backend=backend), ids)
+    report = backend.reports[0]
+    assert not report.pairs_fused
+    assert "gradients are enabled" in report.fuse_skipped[0][1]
+    assert report.gemms[0] == report.gemms[1]
+    assert (got.detach() - expected).abs().max().item() <= 1e-4
+
+
+def test_int8_weights_compile_unfused_and_match():
+    torchao = pytest.importorskip("torchao.quantization")
+    model = make("llama")
+    try:
+        torchao.quantize_(model, torchao.Int8WeightOnlyConfig())
+    except Exception as error:  # noqa: BLE001 - torchao's CPU kernels are optional
+        pytest.skip(f"torchao int8 weight-only quantization does not run here: {error}")
+    ids = random_ids(10)
+    unfused, _ = compiled_logits(model, ids)
+    fused, backend = compiled_logits(model, ids, fuse=True, strict=False)
+    report = backend.reports[0]
+    assert not report.pairs_fused
+    assert "do not stack" in report.fuse_skipped[0][1]
+    assert (fused - unfused).abs().max().item() <= 1e-4
+
+
+def test_fuse_with_a_mesh_is_refused():
+    with pytest.raises(LayerParallelError, match="fuse=True is for one device"):
+        LayerParallel(pairs=PAIRS, fuse=True, mesh="auto")
