@@ -70,7 +70,7 @@ class LayerParallel:
         if fused is not None and fused.buffers:
             inputs += _static_fakes(example_inputs, dict(enumerate(fused.buffers))).values()
         logger.debug("%s", report.summary())
-        compiled = compile_inner(gm, inputs, self.config.inner)
+        compiled = compile_inner(gm, inputs, self.config.inner, self.config.cudagraphs)
         if fused is not None and fused.buffers:
             compiled = checked_call(compiled, fused.checks, fused.buffers)
         return _with_inputs_replaced(compiled, replaced) if replaced else compiled
@@ -281,8 +281,10 @@ def _holds_whole_stack(stack: LayerStack, present: set[int]) -> bool:
     return last is not None and any(u.op != "output" for u in last.users)
 
 
-def compile_inner(gm: fx.GraphModule, example_inputs: Sequence[Any], inner: str | Callable) -> Callable:
-    """Hand the (rewritten) graph to the inner compiler."""
+def compile_inner(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], inner: str | Callable, cudagraphs: bool = False
+) -> Callable:
+    """Hand the (rewritten) graph to the inner compiler (Inductor with CUDA graphs if asked)."""
     if callable(inner):
         return inner(gm, example_inputs)
     if inner == "eager":
@@ -291,7 +293,7 @@ def compile_inner(gm: fx.GraphModule, example_inputs: Sequence[Any], inner: str 
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs)
+    return compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": True} if cudagraphs else None)
 
 
 def _replace(args: list[Any], by_position: Mapping[int, Any]) -> list[Any]:

@@ -19,7 +19,7 @@ MODES = PAIRING_MODES + SKIP_MODES
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 OPTION_NAMES = (
     "pairs", "start", "end", "plan", "mode", "shuffle", "inner", "stack", "strict", "mesh", "tp", "free_weights",
-    "fuse",
+    "fuse", "cudagraphs",
 )
 SHUFFLE_KEYS = ("start", "end", "seed")
 
@@ -58,6 +58,7 @@ class LPConfig:
     tp: bool = True
     free_weights: bool = False
     fuse: bool = False
+    cudagraphs: bool = False
     plan_num_layers: int | None = None
     pair_modes: Mapping[Pair, str] = field(default_factory=dict)
 
@@ -85,6 +86,10 @@ def config_from_options(options: Mapping[str, Any] | None = None, **kwargs: Any)
     if free_weights and opts.get("mesh") is None:
         raise LayerParallelError("free_weights=True needs a mesh: on one device every weight is computed with")
     fuse = _bool(opts.get("fuse", False), "fuse")
+    inner = _inner(opts.get("inner", "inductor"))
+    cudagraphs = _bool(opts.get("cudagraphs", False), "cudagraphs")
+    if cudagraphs and inner != "inductor":
+        raise LayerParallelError(f"cudagraphs=True is an Inductor setting: it needs inner='inductor', got inner={inner!r}")
     if opts.get("mesh") is not None:
         _check_placeable(mode, pair_modes, shuffle)
         if fuse:
@@ -96,13 +101,14 @@ def config_from_options(options: Mapping[str, Any] | None = None, **kwargs: Any)
         pairs=pairs,
         mode=mode,
         shuffle=shuffle,
-        inner=_inner(opts.get("inner", "inductor")),
+        inner=inner,
         stack=_optional_str(opts.get("stack"), "stack"),
         strict=_bool(opts.get("strict", False), "strict"),
         mesh=opts.get("mesh"),
         tp=_bool(opts.get("tp", True), "tp"),
         free_weights=free_weights,
         fuse=fuse,
+        cudagraphs=cudagraphs,
         plan_num_layers=plan_num_layers,
         pair_modes=pair_modes,
     )

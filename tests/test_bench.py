@@ -4,7 +4,8 @@ import argparse
 
 import pytest
 
-from lp_fx.tools.bench import Variant, _argv, add_arguments, ratio_to_first, table, variants
+from lp_fx.tools.bench import Variant, _argv, add_arguments, generate, ratio_to_first, table, variants
+from lp_fx.tools.bench_single import compile_single, gemm_launches_per_token, single_table, single_variants
 
 
 def _parse(argv):
@@ -34,3 +35,31 @@ def test_table_reports_ratio_ideal_and_memory():
         v.tokens_per_s, v.collectives, v.resident_bytes = speeds, [60, 60], 2**20 * 300
     lines = table(todo, num_layers=30, delta=14).splitlines()
     assert "1.200" in lines[2] and "1.304" in lines[2] and "300" in lines[2]
+
+
+def test_single_device_table_gives_ratios_to_inductor_and_gemms_to_unfused_lp():
+    todo = single_variants(14, 28, ["lp"])
+    assert [v.name for v in todo] == ["Inductor", "LP lp", "LP lp + fuse"]
+    assert todo[0].options is None and todo[2].options["fuse"] and not todo[1].options.get("fuse")
+    for v, speed, gemms in zip(todo, (10.0, 10.0, 12.0), (211.0, 211.0, 141.0)):
+        v.tokens_per_s, v.gemms_per_token, v.resident_bytes = [speed, speed], gemms, 2**20 * 500
+    lines = single_table(todo).splitlines()
+    assert "1.200" in lines[3] and "141.0" in lines[3] and "0.668" in lines[3]
+
+
+def test_profiler_counts_fewer_gemm_launches_per_token_with_fuse():
+    """Tiny Llama, pairs (1, 2) and (3, 4) of 6 layers: 7 GEMMs per layer + the head = 43 per
+    token unfused; fused, each pair runs 4 instead of 14: 23."""
+    import torch
+
+    from .models import hf_model
+
+    model = hf_model("llama", layers=6)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    counts = {}
+    for v in single_variants(1, 5, ["lp"], inner="aot_eager")[1:]:
+        copy_, backend = compile_single(model, v, cudagraphs=False)
+        generate(copy_, ids, 4)
+        counts[v.name] = gemm_launches_per_token(copy_, ids, 4)
+        torch._dynamo.reset()
+    assert counts == {"LP lp": 43.0, "LP lp + fuse": 23.0}

@@ -212,6 +212,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="int8: torchao int8 weight-only linears (a quarter of the weight traffic)")
     parser.add_argument("--nproc", type=int, default=2, help="processes (devices) torchrun starts")
     parser.add_argument("--no-single", action="store_true", help="skip the single-device variant")
+    single = parser.add_argument_group("one device (--single): Inductor vs LP vs LP + fuse, no torchrun")
+    single.add_argument("--single", action="store_true",
+                        help="benchmark on one device: plain Inductor, LP and LP + fuse=True (see lp_fx/tools/bench_single.py)")
+    single.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    single.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    single.add_argument("--cudagraphs", action="store_true", help="Inductor's CUDA graphs for every variant (CUDA only)")
     parser.add_argument("--json", default="lp-fx-results/bench.json", help="where rank 0 writes the results (folders are created)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
 
@@ -232,6 +238,11 @@ def bench(args: argparse.Namespace) -> None:
     from lp_fx.tools.checkpoint import check_writable
 
     check_writable(os.path.dirname(os.path.abspath(args.json)))  # before the work, not after it
+    if args.single:
+        from lp_fx.tools.bench_single import run_single
+
+        run_single(args)
+        return
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
            "--standalone", "-m", "lp_fx.tools.bench"]
     # Passed by environment: torchrun's own parser would claim --start (as --start-method).
@@ -250,7 +261,9 @@ def _argv(args: argparse.Namespace) -> list[str]:
 
 def register(subparsers) -> None:
     """Add ``bench`` to the ``lp-fx`` command line (``subparsers`` from ``add_subparsers``)."""
-    parser = subparsers.add_parser("bench", help="decode tokens/s: TP vs TP+LP vs one device")
+    parser = subparsers.add_parser(
+        "bench", help="decode tokens/s: TP vs TP+LP vs one device; --single: Inductor vs LP vs LP + fuse on one device"
+    )
     add_arguments(parser)
     parser.set_defaults(func=bench)
 

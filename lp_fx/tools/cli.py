@@ -180,6 +180,8 @@ def add_eval(subparsers: argparse._SubParsersAction) -> None:
         "its trained tensors are loaded for its column only",
     )
     _add_quantize_option(parser, several=False)
+    parser.add_argument("--fuse", action="store_true",
+                        help="fuse=True: run each pair's GEMMs batched (one device; same results, fewer GEMMs)")
     parser.add_argument("--out", default=str(RESULTS / "eval.json"), help="JSON results (folders are created)")
     parser.set_defaults(func=run_eval)
 
@@ -204,7 +206,7 @@ def run_eval(args: argparse.Namespace) -> None:
     results = {}
     for pairing in pairings:
         with _finetuned(loaded.model, checkpoints.get(pairing)):
-            logits_fn = evaluate.compile_pairing(loaded.model, pairing, args.mode, args.inner)
+            logits_fn = evaluate.compile_pairing(loaded.model, pairing, args.mode, args.inner, fuse=args.fuse)
             results[pairing.name] = evaluate.run_eval(logits_fn, prepared, not args.no_progress)
     names = [pairing.name for pairing in pairings]
     print(format_table(names, results))
@@ -213,6 +215,7 @@ def run_eval(args: argparse.Namespace) -> None:
             "model": loaded.name,
             "num_layers": loaded.num_layers,
             "mode": args.mode,
+            "fuse": args.fuse,
             "quantize": args.quantize,
             "spec": _spec_record(_eval_spec(args, data_dir)),
             "sizes": prepared.sizes(),
@@ -331,8 +334,11 @@ def add_plan(subparsers: argparse._SubParsersAction) -> None:
         "--max-ppl-ratio", type=float, default=None,
         help="budget: stop before calibration perplexity exceeds this × baseline (e.g. 1.1)",
     )
-    parser.add_argument("--calib-windows", type=int, default=8, help="windows from the first half of WikiText-2")
-    parser.add_argument("--modes", default="lp", help="modes to consider per pair: lp, block or lp,block")
+    parser.add_argument("--calib-windows", type=int, default=4,
+                        help="windows from the first half of WikiText-2 on which each set of pairs is scored")
+    parser.add_argument("--screen-windows", type=int, default=2,
+                        help="windows (from the same half) on which single pairs are scored to rank them")
+    parser.add_argument("--modes", default="lp,block", help="modes to consider per pair: lp, block or lp,block")
     parser.add_argument(
         "--refine", type=int, default=3,
         help="cheapest candidates (alone) tried with the chosen pairs at each step (growing and swapping)",
@@ -349,12 +355,14 @@ def run_plan(args: argparse.Namespace) -> None:
         raise ValueError("give --num-pairs, --max-ppl-ratio, or both")
     _writable(args.out)
     loaded, data_dir = _load(args)
-    windows = evaluate.wikitext_windows(
-        loaded.tokenizer, data_dir, args.window, "calib", args.calib_windows
+    windows, screen_windows = (
+        evaluate.wikitext_windows(loaded.tokenizer, data_dir, args.window, "calib", count)
+        for count in (args.calib_windows, args.screen_windows)
     )
     modes = tuple(args.modes.split(","))
     print(f"model {loaded.name} ({loaded.num_layers} layers); calibration: {windows.shape[0]} "
-          f"windows of {args.window} tokens from the first half of WikiText-2 raw test")
+          f"windows of {args.window} tokens from the first half of WikiText-2 raw test "
+          f"({screen_windows.shape[0]} for single pairs)")
     scorer = planner.GatedScorer(loaded.model, windows, modes, args.inner)
     plan = planner.make_plan(
         scorer,
@@ -365,8 +373,10 @@ def run_plan(args: argparse.Namespace) -> None:
         modes=modes,
         refine=args.refine,
         passes=args.passes,
-        calibration={"split": "calib", "windows": int(windows.shape[0]), "window": args.window},
+        calibration={"split": "calib", "windows": int(windows.shape[0]),
+                     "screen_windows": int(screen_windows.shape[0]), "window": args.window},
         verify=planner.compiled_scorer(loaded.model, windows, args.inner),
+        screen=scorer.on(screen_windows),
         progress=not args.no_progress,
     )
     plan["search"]["graphs_compiled"] = scorer.compiles

@@ -65,16 +65,17 @@ BASELINE = Pairing("baseline")
 
 
 def compile_pairing(
-    model: torch.nn.Module, pairing: Pairing, mode: str = "lp", inner: str = "eager"
+    model: torch.nn.Module, pairing: Pairing, mode: str = "lp", inner: str = "eager", **options: Any
 ) -> LogitsFn:
     """``model`` through ``torch.compile`` with the layer_parallel backend for ``pairing``.
 
     ``mode`` applies to pairs without a mode of their own. Dynamo's caches are reset first so
     that each pairing gets fresh graphs. The backend runs with ``strict=True`` and the first call
     checks its reports: a silently unpaired (or unshuffled) model would be measured as the baseline.
+    More backend ``options`` (``fuse=True``) may be given.
     """
     torch._dynamo.reset()
-    backend = make_backend(model, pairing, mode, inner)
+    backend = make_backend(model, pairing, mode, inner, **options)
     compiled = torch.compile(model, backend=backend)
     checked = False
 
