@@ -18,11 +18,12 @@ def _common(model_dir: Path, data_dir: Path) -> list[str]:
 def test_plan_then_eval_with_the_plan(model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
     plan = tmp_path / "plan.json"
     assert cli.main(["plan", *_common(model_dir, data_dir), "--num-pairs", "1", "--calib-windows", "2",
-                     "--modes", "lp,block", "--passes", "1", "--out", str(plan)]) == 0
+                     "--screen-windows", "1", "--modes", "lp,block", "--passes", "1", "--out", str(plan)]) == 0
     saved = json.loads(plan.read_text())
     assert saved["num_layers"] == 4 and len(saved["pairs"]) == 1 and len(saved["candidates"]) == 6
     assert saved["modes"][0] in ("lp", "block") and saved["search"]["graphs_compiled"] == 1
     calib = saved["calibration"]
+    assert (calib["windows"], calib["screen_windows"]) == (2, 1)
     assert calib["plan_ppl"] == pytest.approx(calib["plan_ppl_plain"], rel=1e-5)
     out = tmp_path / "eval.json"
     args = ["eval", *_common(model_dir, data_dir), "--tasks", "wikitext,winogrande", "--limit", "3",

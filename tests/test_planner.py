@@ -77,6 +77,18 @@ def test_measure_is_cached_per_pair_set() -> None:
     assert len(calls) == 1
 
 
+def test_single_pairs_are_ranked_by_the_screen_and_sets_decided_by_the_measure() -> None:
+    """The screen (fewer windows) scores only the single pairs; every set is measured in full."""
+    screened, measured = [], []
+    screen = lambda pairing: screened.append(pairing.pairs) or fake_measure(pairing)  # noqa: E731
+    measure = lambda pairing: measured.append(pairing.pairs) or fake_measure(pairing)  # noqa: E731
+    plan = planner.make_plan(measure, 10, "fake", num_pairs=3, screen=screen, progress=False)
+    assert sorted(screened) == [((i, i + 1),) for i in range(9)]
+    assert all(len(pairs) != 1 or pairs in {((3, 4),), ((5, 6),), ((4, 5),)} for pairs in measured if pairs)
+    assert len(plan["pairs"]) == 3
+    assert plan["search"]["pairings_scored"] == len(screened) + len(measured)
+
+
 def test_plan_round_trip_and_foreign_plan_refused(tmp_path: Path) -> None:
     plan = planner.make_plan(fake_measure, 10, "fake", num_pairs=3, progress=False)
     path = tmp_path / "plan.json"

@@ -3,7 +3,9 @@
 Every score is the calibration perplexity (first half of WikiText-2 raw test) of a whole pairing,
 measured, because the costs of pairs do not add up:
 
-1. singles: each candidate pair ``(i, i+1)``, in each mode asked for, paired alone;
+1. singles: each candidate pair ``(i, i+1)``, in each mode asked for, paired alone. These only rank
+   the candidates for the shortlists below, so they may be measured on fewer windows (``screen``)
+   than the joint sets, which decide;
 2. grow: pairs are added one at a time: of the ``refine`` cheapest candidates (alone) that share
    no layer with those chosen, the one whose perplexity *together with them* is lowest. This stops
    at the requested number of pairs, or before the first pair that would push the perplexity
@@ -266,9 +268,13 @@ def make_plan(
     passes: int = 2,
     calibration: dict | None = None,
     verify: Measure | None = None,
+    screen: Measure | None = None,
     progress: bool = True,
 ) -> dict:
     """Measure the baseline and every candidate, choose pairs, return the plan as a dict.
+
+    ``screen`` (default ``measure``) measures the single pairs, which only rank the candidates;
+    a cheaper one (fewer windows) leaves more of the time to the joint sets.
 
     ``verify`` (e.g. :func:`compiled_scorer`) measures the chosen pairing once more, another way;
     its perplexity is recorded as ``calibration.plan_ppl_plain`` (see :func:`plain_disagreement`).
@@ -281,11 +287,13 @@ def make_plan(
     began = time.monotonic()
     measure = cached(measure)
     baseline_ppl = measure(Pairing("baseline"))
-    candidates = score_singles(measure, num_layers, modes, progress)
+    screen = measure if screen is None else cached(screen)
+    candidates = score_singles(screen, num_layers, modes, progress)
     selection = search(measure, candidates, baseline_ppl, num_pairs, max_ppl_ratio, refine, passes, progress)
     pairing = selection.pairing()
     calib = {**(calibration or {}), "baseline_ppl": baseline_ppl, "plan_ppl": selection.ppl}
-    search_record = {"pairings_scored": measure.scored, "seconds": round(time.monotonic() - began, 1)}
+    scored = measure.scored + (screen.scored if screen is not measure else 0)
+    search_record = {"pairings_scored": scored, "seconds": round(time.monotonic() - began, 1)}
     if verify is not None:
         calib["plan_ppl_plain"] = verify(pairing)
     return {
@@ -332,8 +340,16 @@ class GatedScorer:
         self.windows = windows
 
     def __call__(self, pairing: Pairing) -> float:
+        return self.score(pairing, self.windows)
+
+    def score(self, pairing: Pairing, windows: torch.Tensor) -> float:
+        """The perplexity of ``pairing`` on ``windows`` (same shape as the compiled ones)."""
         self.backend.set_pairing(pairing.pairs, pairing.modes or ("lp",) * pairing.num_pairs)
-        return evaluate.perplexity(self._logits, self.windows, pairing.name, progress=False).ppl
+        return evaluate.perplexity(self._logits, windows, pairing.name, progress=False).ppl
+
+    def on(self, windows: torch.Tensor) -> Measure:
+        """This scorer measuring on other windows of the same length, from the same graph."""
+        return lambda pairing: self.score(pairing, windows)
 
     @property
     def compiles(self) -> int:
