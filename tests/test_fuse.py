@@ -92,8 +92,9 @@ def test_changed_weights_reach_the_fused_graph(change):
     assert (got - expected).abs().max().item() <= 1e-4
 
 
-def test_static_cache_generation_fused_matches_eager_reference():
-    model = make("llama", layers=6)
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma3", "gpt2"])
+def test_static_cache_generation_fused_matches_eager_reference(arch):
+    model = make(arch, layers=6)
     pairs = [(1, 2), (3, 4)]
     ids = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
     with torch.no_grad(), eager_pairing(model, pairs, "lp"):
@@ -107,7 +108,8 @@ def test_static_cache_generation_fused_matches_eager_reference():
     fused = [r for r in backend.reports if r.pairs_fused]
     assert len(fused) >= 2, [r.summary() for r in backend.reports]  # prefill and decode
     assert all(r.pairs_fused == [((1, 2), 4), ((3, 4), 4)] for r in fused)
-    assert len(backend.weights.fused) == 8  # made once, shared by both graphs: 4 weight buffers per pair
+    # made once, shared by both graphs: 4 weight buffers per pair, and a bias buffer per group with biases
+    assert len(backend.weights.fused) == {"qwen2": 2 * 5, "gpt2": 2 * 8}.get(arch, 2 * 4)
 
 
 def test_fused_pairs_through_inductor():
