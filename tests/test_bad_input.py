@@ -27,6 +27,8 @@ def ids(seed=0):
         ({"pairz": [(1, 2)]}, "unknown option.*'pairz'.*valid options: pairs, start, end"),
         ({"mode": "fast"}, "mode='fast' is not valid; choose one of 'lp', 'block', 'prune', 'merge'"),
         ({"inner": "tvm"}, "'inductor', 'aot_eager', 'eager'"),
+        ({"cudagraphs": True, "inner": "eager"}, "cudagraphs=True is an Inductor setting.*inner='eager'"),
+        ({"fuse": "yes"}, "fuse must be True or False"),
         ({"pairs": [(0, 1)], "start": 2, "end": 4}, "one way only"),
         ({"strict": "yes"}, "True or False"),
     ],

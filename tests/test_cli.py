@@ -37,6 +37,19 @@ def test_plan_then_eval_with_the_plan(model_dir: Path, data_dir: Path, tmp_path:
     assert "wikitext/ppl" in first["pairings"][2]["retention"]["per_metric"]
 
 
+def test_eval_with_fuse_measures_what_the_unfused_pairing_does(model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    results = {}
+    for fuse in ([], ["--fuse"]):
+        out = tmp_path / f"eval{len(fuse)}.json"
+        args = ["eval", *_common(model_dir, data_dir), "--tasks", "wikitext", "--pairs", "0:4", *fuse, "--out", str(out)]
+        assert cli.main(args) == 0
+        results[bool(fuse)] = json.loads(out.read_text())
+    assert results[True]["fuse"] and not results[False]["fuse"]
+    ppl = {fuse: [p["results"]["wikitext"]["ppl"] for p in r["pairings"]] for fuse, r in results.items()}
+    assert ppl[True] == pytest.approx(ppl[False], rel=1e-5)
+    assert ppl[True][1] != pytest.approx(ppl[True][0])  # the pairing did something
+
+
 def _sweep(model_dir: Path, data_dir: Path, tmp_path: Path, *options: str) -> dict:
     """``lp-fx sweep`` on the tiny model with ``options``; its JSON, after checking the PNG."""
     out, plot = tmp_path / "sweep.json", tmp_path / "sweep.png"
