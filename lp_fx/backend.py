@@ -62,11 +62,8 @@ class LayerParallel:
             if self.config.free_weights and report.collectives is not None:  # placed on several ranks
                 replaced, report.released_bytes = keep_own_weights(gm, example_inputs, self.weights)
         fused = self._fuse(gm, example_inputs, stack, rewrites, report) if self.config.fuse and rewrites else None
-        if fused is not None:  # the fused parameters are views now: trace them as Dynamo saw them
-            replaced_fakes = {**fused.traced, **_static_fakes(example_inputs, replaced)}
-        else:
-            replaced_fakes = _static_fakes(example_inputs, replaced)
-        inputs = _replace(list(example_inputs), replaced_fakes)
+        traced = fused.traced if fused is not None else {}
+        inputs = _replace(list(example_inputs), {**traced, **_static_fakes(example_inputs, replaced)})
         if fused is not None and fused.buffers:
             inputs += _static_fakes(example_inputs, dict(enumerate(fused.buffers))).values()
         logger.debug("%s", report.summary())
@@ -80,14 +77,12 @@ class LayerParallel:
         report: GraphReport,
     ) -> FuseResult:
         """Fuse the rewritten pairs' GEMMs (:mod:`lp_fx.fuse`) and report what it did."""
-        params = {i: v for i, v in enumerate(example_inputs) if isinstance(v, torch.nn.Parameter)}
-        before, gemms = unique_bytes(params.values()), count_gemms(gm)
-        traced = _static_fakes(example_inputs, params)
+        params = [v for v in example_inputs if isinstance(v, torch.nn.Parameter)]
+        before, gemms = unique_bytes(params), count_gemms(gm)
         result = fuse_pairs(gm, example_inputs, stack, [r.pair for r in rewrites], self.weights)
-        result.traced = {i: traced[i] for i, _ in result.checks}
         held = [buffer for buffer, _ in self.weights.fused.values()]
         report.gemms = (gemms, count_gemms(gm))
-        report.fuse_bytes = (before, unique_bytes([*params.values(), *held]))
+        report.fuse_bytes = (before, unique_bytes([*params, *held]))
         report.pairs_fused = result.fused
         report.fuse_skipped = result.skipped
         for pair, why in result.skipped:

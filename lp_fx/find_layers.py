@@ -222,7 +222,7 @@ def _walk_residual(out: fx.Node, nodes: set[fx.Node]) -> tuple[fx.Node, list[Sub
         stream, delta = split
         blocks.append(SubBlock(stream=stream, add=cur, deltas=[delta]))
         cur = stream
-    if not blocks or _shape(cur) != _shape(out):
+    if not blocks or shape_key(cur) != shape_key(out):
         return None
     blocks.reverse()
     return cur, _merge_blocks_not_reading_their_stream(blocks, nodes)
@@ -233,7 +233,7 @@ def _split_residual_add(node: fx.Node, nodes: set[fx.Node]) -> tuple[fx.Node, fx
     if not is_add(node):
         return None
     a, b = node.args[0], node.args[1]
-    if not isinstance(a, fx.Node) or not isinstance(b, fx.Node) or _shape(a) != _shape(b):
+    if not isinstance(a, fx.Node) or not isinstance(b, fx.Node) or shape_key(a) != shape_key(b):
         return None
     if depends_on(b, a, nodes):
         return a, b
@@ -262,7 +262,7 @@ def _merge_blocks_not_reading_their_stream(blocks: list[SubBlock], nodes: set[fx
 def _same_shape_input(out: fx.Node, nodes: set[fx.Node], order: dict[fx.Node, int]) -> fx.Node | None:
     """The latest external input of the layer with the output's shape that the output depends on."""
     external = {a for n in nodes for a in n.all_input_nodes if a not in nodes}
-    fits = [a for a in external if _shape(a) == _shape(out) and _is_float_tensor(a) and depends_on(out, a, nodes)]
+    fits = [a for a in external if shape_key(a) == shape_key(out) and _is_float_tensor(a) and depends_on(out, a, nodes)]
     return max(fits, key=order.__getitem__) if fits else None
 
 
@@ -277,7 +277,8 @@ def example_value(node: fx.Node):
     return node.meta.get("example_value", node.meta.get("val"))
 
 
-def _shape(node: object) -> tuple | None:
+def shape_key(node: object) -> tuple | None:
+    """The node's shape as text, for comparing shapes (None for a non-tensor)."""
     value = example_value(node) if isinstance(node, fx.Node) else None
     # Compared as text: equality of symbolic sizes would add guards to a graph already traced.
     return tuple(str(d) for d in value.shape) if isinstance(value, torch.Tensor) else None

@@ -41,7 +41,7 @@ from torch import fx
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .config import Pair
-from .find_layers import Layer, LayerStack, example_value
+from .find_layers import Layer, LayerStack, example_value, shape_key
 from .fx_utils import append_input, depends_on, placeholder_positions, stable_topological_sort
 from .merge import layer_parameters
 from .weights import WeightStore
@@ -74,7 +74,9 @@ class FuseResult:
     skipped: list[tuple[Pair, str]] = field(default_factory=list)
     checks: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (input position, view it must be)
     buffers: list[torch.Tensor] = field(default_factory=list)  # read by placeholders appended to the graph
-    traced: dict[int, Any] = field(default_factory=dict)  # input position -> the value to trace it with
+    # input position -> Dynamo's fake of a fused parameter, to trace with: the parameter itself is
+    # a view of a buffer now, whose storage offset Dynamo's shape environment has not seen
+    traced: dict[int, Any] = field(default_factory=dict)
 
 
 def fuse_pairs(
@@ -95,6 +97,8 @@ def fuse_pairs(
             result.fused.append((pair, len(groups)))
         if why:
             result.skipped.append((pair, why))
+    placeholders = list(positions)
+    result.traced = {i: example_value(placeholders[i]) for i, _ in result.checks}
     if result.fused:
         stable_topological_sort(gm.graph)
         gm.graph.lint()
@@ -164,8 +168,8 @@ def _cannot_fuse(
             return why
         if any(user is not proj.node for proj, n in ((pa, node_a), (pb, node_b)) for user in n.users):
             return "its weight is read elsewhere too (a tied weight)"
-    if _shape(pa.input) != _shape(pb.input):
-        return f"inputs of different shapes {_shape(pa.input)} and {_shape(pb.input)}"
+    if shape_key(pa.input) != shape_key(pb.input):
+        return f"inputs of different shapes {shape_key(pa.input)} and {shape_key(pb.input)}"
     pair_nodes = a.nodes | b.nodes
     if depends_on(pa.input, pb.node, pair_nodes) or depends_on(pb.input, pa.node, pair_nodes):
         return "one layer's input depends on the other's output"
@@ -239,12 +243,6 @@ def _buffer_node(gm: fx.GraphModule, tensor: torch.Tensor, result: FuseResult) -
 
 def _order(graph: fx.Graph) -> dict[fx.Node, int]:
     return {n: i for i, n in enumerate(graph.nodes)}
-
-
-def _shape(node: fx.Node) -> tuple | None:
-    value = example_value(node)
-    # Compared as text: equality of symbolic sizes would add guards to a graph already traced.
-    return tuple(str(d) for d in value.shape) if isinstance(value, torch.Tensor) else None
 
 
 def _width(node: fx.Node) -> int:
