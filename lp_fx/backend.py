@@ -18,9 +18,10 @@ from torch import fx
 from .config import PAIRING_MODES, LayerParallelError, LPConfig, Pair, Shuffle, config_from_options, validate_pairs
 from .find_layers import LayerStack, available_stacks, find_layers
 from .fx_utils import copy_graph_module
+from .graph_breaks import last_graph_break
 from .gates import GATE_VALUES, OFF, gate_pairs
 from .fuse import FuseResult, checked_call, count_gemms, fuse_pairs
-from .merge import merge_problem, merged_weights
+from .merge import merge_problem, merged_inputs
 from .report import GraphReport, LayerInfo
 from .rewrite import PairRewrite, pair_problem, rewrite_pairs, skip_problem
 from .shuffle import shuffle_layers, shuffle_problem
@@ -50,20 +51,23 @@ class LayerParallel:
             gm = copy_graph_module(gm)  # fusing adds inputs: Dynamo must not see them in its graph
         stack = find_layers(gm, self.config.stack)
         rewrites: list[PairRewrite] = []
-        replaced: dict[int, torch.Tensor] = {}  # input position -> the tensor passed there instead
+        replaced: dict[int, Provider] = {}  # input position -> what to pass there instead, from the call's inputs
         if stack is None:
             self._no_layers(gm, report)
         else:
-            rewrites, replaced = self._rewrite(gm, example_inputs, stack, report)
+            rewrites, merged = self._rewrite(gm, example_inputs, stack, report)
+            replaced = {i: _average_of_inputs(self.weights, i, j) for i, j in merged.items()}
         if self.config.mesh is not None:
             from .placement import place
 
             gm = place(gm, example_inputs, stack, rewrites, self.config, report, self._say)
             if self.config.free_weights and report.collectives is not None:  # placed on several ranks
-                replaced, report.released_bytes = keep_own_weights(gm, example_inputs, self.weights)
+                slices, report.released_bytes = keep_own_weights(gm, example_inputs, self.weights)
+                replaced = {i: _fixed(t) for i, t in slices.items()}
         fused = self._fuse(gm, example_inputs, stack, rewrites, report) if self.config.fuse and rewrites else None
         traced = fused.traced if fused is not None else {}
-        inputs = _replace(list(example_inputs), {**traced, **_static_fakes(example_inputs, replaced)})
+        now = {i: provide(example_inputs) for i, provide in replaced.items()}
+        inputs = _replace(list(example_inputs), {**traced, **_static_fakes(example_inputs, now)})
         if fused is not None and fused.buffers:
             inputs += _static_fakes(example_inputs, dict(enumerate(fused.buffers))).values()
         logger.debug("%s", report.summary())
@@ -80,7 +84,7 @@ class LayerParallel:
         params = [v for v in example_inputs if isinstance(v, torch.nn.Parameter)]
         before, gemms = unique_bytes(params), count_gemms(gm)
         result = fuse_pairs(gm, example_inputs, stack, [r.pair for r in rewrites], self.weights)
-        held = [buffer for buffer, _ in self.weights.fused.values()]
+        held = self.weights.buffers()
         report.gemms = (gemms, count_gemms(gm))
         report.fuse_bytes = (before, unique_bytes([*params, *held]))
         report.pairs_fused = result.fused
@@ -90,7 +94,7 @@ class LayerParallel:
         return result
 
     def _no_layers(self, gm: fx.GraphModule, report: GraphReport) -> None:
-        if not self.config.pairs and self.config.shuffle is None:
+        if not self.config.has_pairs and self.config.shuffle is None:
             return
         found = available_stacks(gm) if self.config.stack is not None else []
         if found:
@@ -98,21 +102,29 @@ class LayerParallel:
                 f"no layer stack {self.config.stack!r} in this graph; stacks found: {', '.join(found)} "
                 "(give 'stack' as the module path from the model object, e.g. 'model.layers')"
             )
-        msg = "no decoder layers found in this graph (no module list of same-class children); compiled without pairing"
+        where = last_graph_break()
+        if where is None:
+            msg = "no decoder layers found in this graph (no module list of same-class children); compiled without pairing"
+        else:
+            msg = (
+                f"no layer stack in this graph: split by a graph break at {where}; a graph break inside the "
+                "layer loop makes Dynamo compile each layer on its own, so no graph holds both layers of a "
+                "pair and nothing is paired (remove the graph break: torch._dynamo.explain lists them)"
+            )
         report.notes.append(msg)
         self._say(msg)
 
     def _rewrite(
         self, gm: fx.GraphModule, example_inputs: Sequence[Any], stack: LayerStack, report: GraphReport
-    ) -> tuple[list[PairRewrite], dict[int, torch.Tensor]]:
+    ) -> tuple[list[PairRewrite], dict[int, int]]:
         """Apply the pairs and the shuffle to ``gm``; returns the summed pairs and, for merged
-        pairs, the averaged weights to pass in place of layer A's parameters."""
+        pairs, ``{position of a parameter of A: position of B's}`` (:func:`lp_fx.merge.merged_inputs`)."""
         _describe_layers(report, stack)
         present = {i for i, layer in stack.layers.items() if layer.nodes}
         complete = _holds_whole_stack(stack, present)
-        self._check_plan_matches(stack, complete)
+        self._check_fits(stack, complete)
         todo: list[tuple[Pair, str]] = []
-        for pair in self.config.pairs:
+        for pair in self.config.requested_pairs(max(stack.layers) + 1):
             mode = self.config.mode_of(pair)
             reason = self._why_not(stack, pair, mode, present, complete)
             if reason is None and mode == "merge":
@@ -124,11 +136,11 @@ class LayerParallel:
                 self._say(f"pair {pair} not rewritten: {reason}")
         report.pairs_rewritten = todo
         merged = [(stack.layers[i], stack.layers[j]) for (i, j), mode in todo if mode == "merge"]
-        averages = merged_weights(gm, example_inputs, merged, self.weights)
+        averaged = merged_inputs(gm, example_inputs, merged)
         rewrites = rewrite_pairs(gm, stack, todo)
         if self.config.shuffle is not None:
             self._shuffle(gm, stack, self.config.shuffle, report, present, complete)
-        return rewrites, averages
+        return rewrites, averaged
 
     def _why_not(self, stack: LayerStack, pair: Pair, mode: str, present: set[int], complete: bool) -> str | None:
         """None: rewrite it. "": not in this graph, nothing to say. Otherwise the reason to skip."""
@@ -143,7 +155,7 @@ class LayerParallel:
             return pair_problem(stack.layers[i], stack.layers[j], mode)
         if i in present or j in present:
             here, missing = (i, j) if i in present else (j, i)
-            return f"split by a graph break: layer {here} is in this graph, layer {missing} is not"
+            return _missing_partner(here, missing)
         return ""
 
     def _shuffle(
@@ -161,11 +173,7 @@ class LayerParallel:
         if not here:
             return
         missing = [k for k in indices if k not in present]
-        reason = (
-            f"split by a graph break: layers {here} are in this graph, {missing} are not"
-            if missing
-            else shuffle_problem(stack, indices)
-        )
+        reason = _missing_partner(here, missing) if missing else shuffle_problem(stack, indices)
         if reason is None:
             shuffle_layers(gm, stack, shuffle.order)
             report.shuffled = shuffle.order
@@ -175,12 +183,18 @@ class LayerParallel:
             report.shuffle_skipped = reason
             self._say(f"shuffle of layers {shuffle.start}..{shuffle.end - 1} not applied: {reason}")
 
-    def _check_plan_matches(self, stack: LayerStack, complete: bool) -> None:
-        wanted = self.config.plan_num_layers
+    def _check_fits(self, stack: LayerStack, complete: bool) -> None:
+        """Refuse a plan made for another layer count, or a ``start``/``end`` range past the last layer."""
+        wanted, span = self.config.plan_num_layers, self.config.span
         if complete and wanted is not None and wanted != len(stack):
             raise LayerParallelError(
                 f"the plan was made for a model with {wanted} layers, but {stack.path} has {len(stack)}: "
                 "make a plan for this model with `lp-fx plan`"
+            )
+        if complete and span is not None and span[1] > len(stack):
+            raise LayerParallelError(
+                f"start={span[0]}, end={span[1]} is out of range: {stack.path} has {len(stack)} layers, "
+                f"so end <= {len(stack)}"
             )
 
     def _say(self, msg: str) -> None:
@@ -264,6 +278,22 @@ def _describe_layers(report: GraphReport, stack: LayerStack) -> None:
     ]
 
 
+def _missing_partner(here: int | list[int], missing: int | list[int]) -> str:
+    """Why layer(s) ``here`` of this graph go without ``missing``: a graph break Dynamo made, or
+    else the model not running them in this graph (a skipped layer is no graph break)."""
+    where = last_graph_break()
+    if where is None:
+        return f"{_named(missing)} not run in this graph (skipped by the model, not a graph break); {_named(here)} run here"
+    return f"split by a graph break at {where}: {_named(here)} in this graph, {_named(missing)} not"
+
+
+def _named(layers: int | list[int]) -> str:
+    """``layer 3`` or ``layers 3, 4``."""
+    if isinstance(layers, int) or len(layers) == 1:
+        return f"layer {layers if isinstance(layers, int) else layers[0]}"
+    return "layers " + ", ".join(map(str, layers))
+
+
 def _holds_whole_stack(stack: LayerStack, present: set[int]) -> bool:
     """Whether the graph holds every layer of the stack, so an index past the end is an error.
 
@@ -310,11 +340,25 @@ def _static_fakes(example_inputs: Sequence[Any], tensors: Mapping[int, torch.Ten
     return {i: fake_mode.from_tensor(t, static_shapes=True) for i, t in tensors.items()}
 
 
-def _with_inputs_replaced(compiled: Callable, by_position: Mapping[int, Any]) -> Callable:
-    """``compiled`` called with some inputs replaced (a released parameter by this rank's slice)."""
+Provider = Callable[[Sequence[Any]], Any]
+
+
+def _fixed(tensor: torch.Tensor) -> Provider:
+    """Pass ``tensor`` (this rank's slice of a released parameter) whatever the call's inputs."""
+    return lambda args: tensor
+
+
+def _average_of_inputs(store: WeightStore, i: int, j: int) -> Provider:
+    """Pass the average of the call's inputs ``i`` and ``j`` (a merged pair's parameters), kept by
+    ``store`` and computed again only when either parameter changed."""
+    return lambda args: store.average_of(args[i], args[j])
+
+
+def _with_inputs_replaced(compiled: Callable, by_position: Mapping[int, Provider]) -> Callable:
+    """``compiled`` called with some inputs replaced by what ``by_position`` makes of the call's inputs."""
 
     def call(*args: Any) -> Any:
-        return compiled(*_replace(list(args), by_position))
+        return compiled(*_replace(list(args), {i: provide(args) for i, provide in by_position.items()}))
 
     return call
 
@@ -334,17 +378,28 @@ _BY_OPTIONS: dict[str, LayerParallel] = {}
 def layer_parallel(
     gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None = None, mode: str | None = None
 ) -> Callable:
-    """The backend behind ``backend="layer_parallel"``; ``torch.compile``'s ``mode=`` is the LP mode.
+    """The backend behind ``backend="layer_parallel"``.
 
     One :class:`LayerParallel` is kept per distinct set of options, so each message is logged
-    once however many graphs Dynamo compiles.
+    once however many graphs Dynamo compiles. ``torch.compile``'s own ``mode=`` cannot choose a
+    pairing (torch refuses ``mode`` together with ``options``), so it is ignored, and said so once.
     """
-    opts = dict(options or {})
     if mode is not None:
-        if "mode" in opts:
-            raise LayerParallelError("'mode' given both to torch.compile and in options")
-        opts["mode"] = mode
+        _say_once(
+            f"torch.compile(mode={mode!r}) is ignored by layer_parallel: torch passes no options with mode=, so "
+            "nothing is paired; give the LP mode with the pairs, options={'pairs': [...], 'mode': 'block'}"
+        )
+    opts = dict(options or {})
     key = repr(sorted(opts.items(), key=lambda kv: kv[0]))
     if key not in _BY_OPTIONS:
         _BY_OPTIONS[key] = LayerParallel(opts)
     return _BY_OPTIONS[key](gm, example_inputs)
+
+
+_SAID_BY_NAME: set[str] = set()
+
+
+def _say_once(msg: str) -> None:
+    if msg not in _SAID_BY_NAME:
+        _SAID_BY_NAME.add(msg)
+        logger.warning("lp_fx: %s", msg)

@@ -46,9 +46,12 @@ class Shuffle:
 
 @dataclass(frozen=True)
 class LPConfig:
-    """What the user asked for, checked. ``pairs`` is sorted; empty means no rewrite."""
+    """What the user asked for, checked. ``pairs`` is sorted; ``span`` is a ``start``/``end``
+    range, whose pairs are made only when a graph shows how many layers there are
+    (:meth:`requested_pairs`); neither means no rewrite."""
 
     pairs: tuple[Pair, ...] = ()
+    span: tuple[int, int] | None = None
     mode: str = "lp"
     shuffle: Shuffle | None = None
     inner: str | Callable = "inductor"
@@ -61,6 +64,17 @@ class LPConfig:
     cudagraphs: bool = False
     plan_num_layers: int | None = None
     pair_modes: Mapping[Pair, str] = field(default_factory=dict)
+
+    @property
+    def has_pairs(self) -> bool:
+        return bool(self.pairs) or self.span is not None
+
+    def requested_pairs(self, num_layers: int) -> tuple[Pair, ...]:
+        """The pairs asked for; a ``start``/``end`` range's only as far as ``num_layers`` layers reach."""
+        if self.span is None:
+            return self.pairs
+        start, end = self.span
+        return tuple((i, i + 1) for i in range(start, min(end, num_layers - 1), 2))
 
     def mode_of(self, pair: Pair) -> str:
         """The mode for one pair: the plan's choice for it, else the global ``mode``."""
@@ -79,9 +93,9 @@ def config_from_options(options: Mapping[str, Any] | None = None, **kwargs: Any)
         raise LayerParallelError(
             f"unknown option(s) {', '.join(map(repr, unknown))}; valid options: {', '.join(OPTION_NAMES)}"
         )
-    pairs, plan_num_layers, pair_modes = _pairs_from_options(opts)
+    pairs, span, plan_num_layers, pair_modes = _pairs_from_options(opts)
     mode = _choice(opts.get("mode", "lp"), MODES, "mode")
-    shuffle = _shuffle(opts.get("shuffle"), pairs)
+    shuffle = _shuffle(opts.get("shuffle"), pairs, span)
     free_weights = _bool(opts.get("free_weights", False), "free_weights")
     if free_weights and opts.get("mesh") is None:
         raise LayerParallelError("free_weights=True needs a mesh: on one device every weight is computed with")
@@ -99,6 +113,7 @@ def config_from_options(options: Mapping[str, Any] | None = None, **kwargs: Any)
             )
     return LPConfig(
         pairs=pairs,
+        span=span,
         mode=mode,
         shuffle=shuffle,
         inner=inner,
@@ -114,7 +129,8 @@ def config_from_options(options: Mapping[str, Any] | None = None, **kwargs: Any)
     )
 
 
-def _pairs_from_options(opts: dict) -> tuple[tuple[Pair, ...], int | None, dict[Pair, str]]:
+def _pairs_from_options(opts: dict) -> tuple[tuple[Pair, ...], tuple[int, int] | None, int | None, dict[Pair, str]]:
+    """``(pairs, span, plan_num_layers, pair_modes)`` from the options that choose layers."""
     given = [k for k in ("pairs", "start", "plan") if opts.get(k) is not None]
     if "end" in opts and opts["end"] is not None and "start" not in given:
         given.append("start")
@@ -124,14 +140,15 @@ def _pairs_from_options(opts: dict) -> tuple[tuple[Pair, ...], int | None, dict[
             + ", ".join(given) + ")"
         )
     if "plan" in given:
-        return _pairs_from_plan(opts["plan"])
+        pairs, num_layers, modes = _pairs_from_plan(opts["plan"])
+        return pairs, None, num_layers, modes
     if "start" in given:
-        return pairs_from_range(opts.get("start"), opts.get("end")), None, {}
-    return validate_pairs(opts.get("pairs") or ()), None, {}
+        return (), check_range(opts.get("start"), opts.get("end")), None, {}
+    return validate_pairs(opts.get("pairs") or ()), None, None, {}
 
 
-def pairs_from_range(start: Any, end: Any) -> tuple[Pair, ...]:
-    """The paper's contiguous range: (start, start+1), (start+2, start+3), ... below ``end``."""
+def check_range(start: Any, end: Any) -> tuple[int, int]:
+    """``(start, end)`` of the paper's contiguous range, checked without making its pairs."""
     if not _is_int(start) or not _is_int(end):
         raise LayerParallelError(f"'start' and 'end' must both be integers (got start={start!r}, end={end!r})")
     if start < 0 or end <= start:
@@ -142,6 +159,12 @@ def pairs_from_range(start: Any, end: Any) -> tuple[Pair, ...]:
             f"end - start = {delta} is odd: Δ must be even so that layers pair up "
             f"(e.g. end={end - 1} or end={end + 1})"
         )
+    return start, end
+
+
+def pairs_from_range(start: Any, end: Any) -> tuple[Pair, ...]:
+    """The paper's contiguous range: (start, start+1), (start+2, start+3), ... below ``end``."""
+    start, end = check_range(start, end)
     return tuple((i, i + 1) for i in range(start, end, 2))
 
 
@@ -182,7 +205,11 @@ def load_plan(path: str | Path) -> dict:
         plan = json.loads(path.read_text())
     except FileNotFoundError:
         raise PlanError(f"plan file {path} not found; make one with `lp-fx plan`") from None
-    except json.JSONDecodeError as error:
+    except IsADirectoryError:
+        raise PlanError(f"plan file {path} is a directory; give the JSON file `lp-fx plan` wrote") from None
+    except OSError as error:
+        raise PlanError(f"cannot read plan file {path}: {error.strerror or error}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise PlanError(f"plan file {path} is not valid JSON: {error}") from None
     if not isinstance(plan, dict) or not isinstance(plan.get("pairs"), list):
         raise PlanError(f"plan file {path}: expected an object with a 'pairs' list")
@@ -204,7 +231,7 @@ def check_plan(plan: dict, num_layers: int, source: str | Path = "plan") -> None
         )
 
 
-def _shuffle(value: Any, pairs: Sequence[Pair]) -> Shuffle | None:
+def _shuffle(value: Any, pairs: Sequence[Pair], span: tuple[int, int] | None) -> Shuffle | None:
     """``{"start": s, "end": e, "seed": k}`` (seed optional, 0) -> :class:`Shuffle`, or None."""
     if value is None:
         return None
@@ -223,10 +250,12 @@ def _shuffle(value: Any, pairs: Sequence[Pair]) -> Shuffle | None:
             f"shuffle needs 0 <= start and end >= start + 2, at least two layers to reorder "
             f"(got start={start}, end={end})"
         )
-    for pair in pairs:
-        if start <= pair[1] and pair[0] < end:
+    for first, last, what in [(i, j, f"pair {(i, j)}") for i, j in pairs] + (
+        [(span[0], span[1] - 1, f"the range start={span[0]}, end={span[1]}")] if span else []
+    ):
+        if start <= last and first < end:
             raise LayerParallelError(
-                f"pair {pair} is inside the shuffled layers {start}..{end - 1}: pairs must lie outside that range"
+                f"{what} is inside the shuffled layers {start}..{end - 1}: pairs must lie outside that range"
             )
     return Shuffle(start, end, seed)
 

@@ -26,7 +26,8 @@ pair is compiled unfused (the buffer is not the parameter autograd would differe
 
 A group is left unfused, with the reason in the report, when the two layers' projections differ
 in shape, dtype or bias, when a weight is not a plain floating-point tensor (torchao's quantized
-weights: their scales do not stack), or when one branch's input depends on the other's output.
+weights: their scales do not stack) or not contiguous (a view of the buffer would change its
+strides, which Dynamo guards), or when one branch's input depends on the other's output.
 """
 
 from __future__ import annotations
@@ -183,6 +184,11 @@ def _cannot_stack(ta: Any, tb: Any) -> str | None:
         return f"{type(ta).__name__} weights (quantized?) do not stack: plain floating-point tensors only"
     if ta.shape != tb.shape or ta.dtype != tb.dtype or ta.device != tb.device:
         return f"shapes/dtypes differ ({tuple(ta.shape)} {ta.dtype} vs {tuple(tb.shape)} {tb.dtype})"
+    if not (ta.is_contiguous() and tb.is_contiguous()):
+        return (
+            f"a weight is not contiguous (strides {ta.stride()} and {tb.stride()}): the fused buffer's rows, "
+            "which the parameters become views of, are; make it contiguous (p.data = p.data.contiguous())"
+        )
     return None
 
 

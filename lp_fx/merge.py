@@ -1,15 +1,18 @@
 """``mode="merge"``: layer A of a pair computes with the averages of A's and B's weights; B is skipped.
 
 Same-named parameters of the two layers (``self_attn.q_proj.weight`` of A and of B) are averaged
-elementwise when the graph is compiled, from the tensors Dynamo passes in. The averages are held
-by the backend object (``backend.weights``, shared by the prefill and decode graphs, made once) and
-passed to the compiled graph in place of A's parameters, so the model's own parameters are never
-written. The graph itself is the ``prune`` graph (:func:`lp_fx.rewrite.rewrite_pairs`).
+elementwise. The averages are held by the backend object (``backend.weights``, shared by the
+prefill and decode graphs) and passed to the compiled graph in place of A's parameters, so the
+model's own parameters are never written. The graph itself is the ``prune`` graph
+(:func:`lp_fx.rewrite.rewrite_pairs`).
 
 Merge is for inference: the averages are not the model's parameters, so no gradient would reach
-the model; a graph compiled with gradients enabled for these parameters is refused. The averages
-are taken once: a later in-place change to the model's weights is not seen until the model is
-compiled again (``torch._dynamo.reset()``).
+the model; a graph compiled with gradients enabled for these parameters is refused. An average
+always equals the average of the weights the model holds at the call: before each call the
+compiled graph checks the two parameters it averages and computes the average again when either
+was written in place since (``load_state_dict``, an optimizer step, ``p.copy_``: autograd's
+version counter) or given a new tensor (``p.data = t``). An edit through ``p.data`` in place
+(``p.data.mul_(2)``) is invisible to that counter, as it is to autograd: assign or copy instead.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from .config import LayerParallelError
 from .find_layers import Layer, parameter_paths
 from .fx_utils import placeholder_positions
-from .weights import WeightStore
 
 # Parameters named in a "do not correspond" message, at most.
 _NAMED = 4
@@ -54,19 +56,18 @@ def merge_problem(gm: fx.GraphModule, example_inputs: Sequence[Any], a: Layer, b
     return None
 
 
-def merged_weights(
-    gm: fx.GraphModule, example_inputs: Sequence[Any], pairs: Sequence[tuple[Layer, Layer]], store: WeightStore
-) -> dict[int, torch.Tensor]:
-    """``{input position of a parameter of A: its average with B's}`` for each pair (A, B),
-    already checked with :func:`merge_problem`."""
-    averages, position = {}, placeholder_positions(gm)
+def merged_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any], pairs: Sequence[tuple[Layer, Layer]]) -> dict[int, int]:
+    """``{input position of a parameter of A: position of B's parameter of the same name}`` for
+    each pair (A, B), already checked with :func:`merge_problem`: the compiled graph reads the
+    average of the two at A's position."""
+    merged, position = {}, placeholder_positions(gm)
     for a, b in pairs:
         params_b = layer_parameters(gm, b)
         for name, node_a in layer_parameters(gm, a).items():
             i, j = position[node_a], position[params_b[name]]
             _refuse_gradients(example_inputs[i], example_inputs[j])
-            averages[i] = store.average_of(example_inputs[i], example_inputs[j])
-    return averages
+            merged[i] = j
+    return merged
 
 
 def layer_parameters(gm: fx.GraphModule, layer: Layer) -> dict[str, fx.Node]:

@@ -42,7 +42,8 @@ class GraphReport:
 
     def summary(self) -> str:
         """A few human-readable lines."""
-        lines = [f"graph {self.graph}: " + (f"{len(self.layers)} layers in {self.stack}" if self.stack else "no layers")]
+        found = f"{len(self.layers)} layers in {self.stack or 'the model object'}" if self.layers else "no layers"
+        lines = [f"graph {self.graph}: {found}"]
         if self.pairs_rewritten:
             lines.append("  rewritten: " + ", ".join(f"{p} {m}" for p, m in self.pairs_rewritten))
         lines += [f"  skipped {p}: {why}" for p, why in self.pairs_skipped]

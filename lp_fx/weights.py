@@ -17,42 +17,55 @@ compiled forward afterwards: reading a released parameter raises, and copying th
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import LayerParallelError
 
 
 class WeightStore:
     """The tensors one backend object passes in place of parameters, shared by all of its graphs:
-    slices (``free_weights``) and averages (``mode="merge"``, :mod:`lp_fx.merge`)."""
+    slices (``free_weights``), averages (``mode="merge"``, :mod:`lp_fx.merge`) and fused buffers
+    (:mod:`lp_fx.fuse`).
+
+    Each is held under the parameter it was made from, weakly: when the model's parameters are
+    freed, so is everything made from them, even though a backend chosen by name
+    (``backend="layer_parallel"``) lives as long as the process.
+    """
 
     def __init__(self) -> None:
-        self.slices: dict[tuple[int, int, int, int], torch.Tensor] = {}
-        self.averages: dict[tuple[int, int], torch.Tensor] = {}
-        self.fused: dict[tuple[int, ...], tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        self._slices: WeakIdKeyDictionary = WeakIdKeyDictionary()  # param -> {(dim, start, size): slice}
+        self._averages: WeakIdKeyDictionary = WeakIdKeyDictionary()  # a -> {b -> _Average}
+        self._fused: WeakIdKeyDictionary = WeakIdKeyDictionary()  # first param -> {ids: (buffer, views)}
 
     def slice_of(self, param: torch.Tensor, dim: int, start: int, size: int) -> torch.Tensor:
         """A contiguous copy of ``param.narrow(dim, start, size)``, made once."""
-        key = (id(param), dim, start, size)
-        if key not in self.slices:
+        held = self._slices.setdefault(param, {})
+        key = (dim, start, size)
+        if key not in held:
             _check_not_released(param, "a slice of it")
             # clone: a row slice is already contiguous, and .contiguous() would keep the full storage
-            self.slices[key] = param.detach().narrow(dim, start, size).clone(memory_format=torch.contiguous_format)
-        return self.slices[key]
+            held[key] = param.detach().narrow(dim, start, size).clone(memory_format=torch.contiguous_format)
+        return held[key]
 
     def average_of(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``(a + b) / 2`` elementwise (accumulated in at least fp32), made once."""
-        key = (id(a), id(b))
-        if key not in self.averages:
-            with torch.no_grad():
-                total = a.detach().to(torch.promote_types(a.dtype, torch.float32)) + b.detach()
-                self.averages[key] = total.mul_(0.5).to(a.dtype)
-        return self.averages[key]
+        """``(a + b) / 2`` elementwise (accumulated in at least fp32), made once and made again, in
+        place, whenever ``a`` or ``b`` changed since: written in place (their version counter, as
+        autograd keeps it) or given a new tensor (``param.data = t``)."""
+        held = self._averages.setdefault(a, WeakIdKeyDictionary()).get(b)
+        stamp = _stamp(a, b)
+        if held is None:
+            held = self._averages[a][b] = _Average(_mean(a, b), stamp)
+        elif held.stamp != stamp:
+            held.tensor.copy_(_mean(a, b))
+            held.stamp = stamp
+        return held.tensor
 
     def stacked(
         self, branches: tuple[list[torch.Tensor], list[torch.Tensor]], transposed: bool
@@ -62,8 +75,9 @@ class WeightStore:
         once; the parameters become views of it, so their values are kept and not held twice
         (see :mod:`lp_fx.fuse`). Returns the buffer and those views (A's, then B's)."""
         params = [*branches[0], *branches[1]]
+        held_by_first = self._fused.setdefault(params[0], {})
         key = tuple(id(p) for p in params)
-        held = self.fused.get(key)
+        held = held_by_first.get(key)
         if held is not None and all(p.data_ptr() == v.data_ptr() for p, v in zip(params, held[1])):
             return held
         with torch.no_grad():
@@ -78,14 +92,39 @@ class WeightStore:
         ]
         for param, view in zip(params, views):
             param.data = view
-        self.fused[key] = (buffer, views)
+        held_by_first[key] = (buffer, views)
         return buffer, views
 
-    def nbytes(self) -> int:
-        return unique_bytes(self.tensors())
+    def averages(self) -> list[torch.Tensor]:
+        """The averaged weights held now."""
+        return [held.tensor for per_a in self._averages.values() for held in per_a.values()]
+
+    def buffers(self) -> list[torch.Tensor]:
+        """The fused weight buffers held now."""
+        return [buffer for per_first in self._fused.values() for buffer, _ in per_first.values()]
 
     def tensors(self) -> list[torch.Tensor]:
-        return [*self.slices.values(), *self.averages.values(), *(buffer for buffer, _ in self.fused.values())]
+        """Every tensor held now."""
+        slices = [t for per_param in self._slices.values() for t in per_param.values()]
+        return [*slices, *self.averages(), *self.buffers()]
+
+
+@dataclass
+class _Average:
+    tensor: torch.Tensor
+    stamp: tuple  # what the two parameters were when ``tensor`` was computed from them
+
+
+def _stamp(*tensors: torch.Tensor) -> tuple:
+    """Where each tensor's data lives and how often it was written in place (None for inference
+    tensors, which keep no version counter)."""
+    return tuple((t.data_ptr(), t._version if not t.is_inference() else None) for t in tensors)
+
+
+def _mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        total = a.detach().to(torch.promote_types(a.dtype, torch.float32)) + b.detach()
+        return total.mul_(0.5).to(a.dtype)
 
 
 def keep_own_weights(

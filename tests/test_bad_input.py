@@ -103,8 +103,9 @@ def test_pair_split_by_graph_break_warns_and_is_left_alone(lp_warnings):
         lp = LayerParallel(pairs=[(1, 2)], inner="eager")
         got = torch.compile(model, backend=lp)(ids())
     assert torch.allclose(got, expected, atol=1e-5)
-    assert "split by a graph break: layer 1 is in this graph, layer 2 is not" in lp_warnings.text
-    assert "split by a graph break: layer 2 is in this graph, layer 1 is not" in lp_warnings.text
+    where = f"test_bad_input.py:{BrokenGPT.forward.__code__.co_firstlineno + 4} in forward"
+    assert f"split by a graph break at {where} (Call to `torch._dynamo.graph_break()`): layer 1 in this graph, layer 2 not" in lp_warnings.text
+    assert f"split by a graph break at {where} (Call to `torch._dynamo.graph_break()`): layer 2 in this graph, layer 1 not" in lp_warnings.text
     assert len(lp.reports) == 2
     assert all(not r.pairs_rewritten for r in lp.reports)
 

@@ -67,7 +67,7 @@ def test_fused_model_holds_its_weights_once_and_still_runs_eagerly():
     with torch.no_grad():
         assert torch.equal(logits(model, ids), plain)  # the parameters are views of the buffers, same values
     q_a = layer_list(model)[1].self_attn.q_proj.weight
-    buffers = {buffer.untyped_storage().data_ptr() for buffer, _ in backend.weights.fused.values()}
+    buffers = {buffer.untyped_storage().data_ptr() for buffer in backend.weights.buffers()}
     assert q_a.untyped_storage().data_ptr() in buffers
 
 
@@ -109,7 +109,7 @@ def test_static_cache_generation_fused_matches_eager_reference(arch):
     assert len(fused) >= 2, [r.summary() for r in backend.reports]  # prefill and decode
     assert all(r.pairs_fused == [((1, 2), 4), ((3, 4), 4)] for r in fused)
     # made once, shared by both graphs: 4 weight buffers per pair, and a bias buffer per group with biases
-    assert len(backend.weights.fused) == {"qwen2": 2 * 5, "gpt2": 2 * 8}.get(arch, 2 * 4)
+    assert len(backend.weights.buffers()) == {"qwen2": 2 * 5, "gpt2": 2 * 8}.get(arch, 2 * 4)
 
 
 def test_fused_pairs_through_inductor():

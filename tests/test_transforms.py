@@ -161,7 +161,7 @@ def test_static_cache_generation_matches_eager_reference(transform):
             assert_layer_is_gone(gm, 2)
             assert_each_layer_writes_its_own_cache(gm, (0, 1, 3))
     if transform == "merge":  # one average per parameter of layer 1, shared by the prefill and decode graphs
-        assert len(lp.weights.averages) == len(list(layer_list(model)[1].parameters()))
+        assert len(lp.weights.averages()) == len(list(layer_list(model)[1].parameters()))
 
 
 def test_merge_leaves_the_model_parameters_bit_identical():
@@ -170,7 +170,7 @@ def test_merge_leaves_the_model_parameters_bit_identical():
     lp = LayerParallel(pairs=PAIRS, mode="merge", inner="aot_eager")
     with torch.no_grad():
         torch.compile(model, backend=lp)(random_ids(5), use_cache=False)
-    assert lp.weights.averages, "merge should hold the averaged weights in the backend"
+    assert lp.weights.averages(), "merge should hold the averaged weights in the backend"
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
 
 
@@ -199,7 +199,7 @@ def test_merge_of_layers_with_different_weights_is_skipped_and_left_alone(lp_war
     assert torch.allclose(got, plain, atol=1e-5)
     (pair, reason), = lp.reports[0].pairs_skipped
     assert pair == (1, 2) and "mlp.c_fc.weight" in reason and "(256, 64)" in reason and "(128, 64)" in reason
-    assert "not rewritten" in lp_warnings.text and not lp.weights.averages
+    assert "not rewritten" in lp_warnings.text and not lp.weights.averages()
 
 
 def test_merge_of_layers_with_different_weights_is_an_error_when_strict():
