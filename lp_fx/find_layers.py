@@ -11,7 +11,7 @@ from __future__ import annotations
 import operator
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -124,7 +124,7 @@ def find_layers(gm: fx.GraphModule, stack: str | None = None) -> LayerStack | No
         stacks = {p: c for p, c in stacks.items() if normalize_path(p, roots) == wanted}
     if not stacks:
         return None
-    prefix = max(stacks, key=lambda p: (len(stacks[p]), -len(p)))
+    prefix = next(iter(stacks))
     return _build_stack(gm.graph, prefix, stacks[prefix], roots)
 
 
@@ -135,26 +135,42 @@ def available_stacks(gm: fx.GraphModule) -> list[str]:
 
 
 def _candidate_stacks(graph: fx.Graph) -> dict[str, dict[str, tuple[str, str]]]:
-    """Outermost containers of numbered children all of one class: prefix -> {key: (path, class)}.
-
-    ``layers.0``, ``h.3``, torchtitan's ``layers['0']``. Named same-class children (two norms,
-    three Linears of an MLP) are not a layer list.
-    """
-    children: dict[str, dict[str, tuple[str, type]]] = defaultdict(dict)
+    """:func:`layer_lists` of the modules the graph's ``nn_module_stack`` records."""
+    children: dict[str, dict[str, tuple[str, str]]] = defaultdict(dict)
     for node in graph.nodes:
         for path, cls in (node.meta.get("nn_module_stack") or {}).values():
             m = _CHILD.match(path)
             if m:
                 key = m.group("attr") or m.group("item")
-                children[m.group("prefix")][key] = (path, cls)
+                children[m.group("prefix")][key] = (path, _class_name(cls))
+    return layer_lists(children)
+
+
+def layer_lists(children: Mapping[str, Mapping[str, tuple[str, str]]]) -> dict[str, dict[str, tuple[str, str]]]:
+    """The containers that can be the layer stack, the stack first; the one rule for what the
+    layer stack is, used on a graph (:func:`find_layers`) and on a model's modules
+    (``lp_fx.tools.checkpoint.layer_stack_of``).
+
+    ``children``: container path -> {child key: (child path, class name)}. A candidate has
+    numbered children all of one class (``layers.0``, ``h.3``, torchtitan's ``layers['0']``;
+    named same-class children, two norms or three Linears of an MLP, are not a layer list) and
+    is not inside a child of another candidate (MoE experts inside a layer are not the layer
+    list). The stack is the candidate with the most children, the outermost on a tie.
+    """
     lists = {
-        p: {k: (path, _class_name(cls)) for k, (path, cls) in c.items()}
+        p: dict(c)
         for p, c in children.items()
-        if all(k.isdigit() for k in c) and len({_class_name(cls) for _, cls in c.values()}) == 1
+        if c and all(k.isdigit() for k in c) and len({cls for _, cls in c.values()}) == 1
     }
-    # A numbered list inside a layer (MoE experts) is not the layer list.
-    inner = {p for p in lists for q in lists if p != q and any(p.startswith(path) for path, _ in lists[q].values())}
-    return {p: c for p, c in lists.items() if p not in inner}
+    inner = {p for p in lists for q in lists if p != q and any(_is_inside(p, path) for path, _ in lists[q].values())}
+    outer = [p for p in lists if p not in inner]
+    return {p: lists[p] for p in sorted(outer, key=lambda p: (-len(lists[p]), len(p)))}
+
+
+def _is_inside(path: str, module: str) -> bool:
+    """``path`` is ``module`` or a module under it (``layers.1.mlp`` is under ``layers.1``, not
+    ``layers.10``; Dynamo writes ``layers[1].mlp``)."""
+    return path == module or path.startswith((module + ".", module + "["))
 
 
 def _class_name(cls: object) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import lp_fx
 from lp_fx import LayerParallel
 from lp_fx.tools import cli
 from lp_fx.tools import finetune as ft
-from lp_fx.tools.checkpoint import PAIRING, RECORD, TENSORS, CheckpointError, load_finetuned
+from lp_fx.tools.checkpoint import CURRENT, PAIRING, RECORD, TENSORS, CheckpointError, load_finetuned
 
 from .models import VOCAB, hf_model
 
@@ -102,7 +103,9 @@ def test_interrupted_run_leaves_an_earlier_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         ft.finetune(model, tokens(64), config(), tmp_path, progress=False)
     assert json.loads((tmp_path / RECORD).read_text())["step"] == 5
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([PAIRING, RECORD, TENSORS])  # no temporary left
+    current = os.readlink(tmp_path / CURRENT)  # no temporary left: the files, their links, the current folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CURRENT, PAIRING, RECORD, TENSORS, current])
+    assert sorted(p.name for p in (tmp_path / current).iterdir()) == sorted([PAIRING, RECORD, TENSORS])
     assert "stack" in lp_fx.load_finetuned(hf_model("llama"), tmp_path)
 
 
@@ -133,7 +136,7 @@ def _corrupt(directory: Path) -> None:
     [
         (lambda d: None, r"made for another model: num_layers 4 .*this model has 6"),
         (lambda d: (d / TENSORS).unlink(), "trained.safetensors is missing"),
-        (_corrupt, "cannot be read .*corrupt"),
+        (_corrupt, "not a valid safetensors file .*corrupt"),
         (lambda d: (d / PAIRING).write_text("{ not json"), "not valid JSON"),
     ],
     ids=["other-model", "missing-tensors", "corrupt-tensors", "corrupt-pairing"],

@@ -429,6 +429,8 @@ def add_finetune(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--mesh", default=None, choices=["auto"],
                         help="auto: one rank per process under torchrun, each training the branch it computes")
     parser.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory (created)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into --out even when it holds another model's checkpoint or other files")
     parser.set_defaults(func=run_finetune)
 
 
@@ -444,15 +446,16 @@ def _layer_list(spec: str | None) -> tuple[int, ...] | None:
 
 def run_finetune(args: argparse.Namespace) -> None:
     from lp_fx.tools import finetune
-    from lp_fx.tools.checkpoint import check_writable
+    from lp_fx.tools.checkpoint import check_checkpoint_dir
 
-    out = check_writable(args.out)  # before any work: a run must not end unable to save
+    out = check_checkpoint_dir(args.out, overwrite=args.overwrite)  # before any work: a run must be able to save
     mesh = _init_mesh(args.mesh)
     train_path = Path(args.train_data) if args.train_data else None
     data_dir = data.resolve_data_dir(args.data_dir)
     train_path = train_path or data_dir / "wikitext-2" / "train.txt"
     text = finetune.load_training_text(train_path)
     loaded, _ = _load(args)
+    check_checkpoint_dir(out, loaded.model, args.overwrite)  # another model's checkpoint: known once loaded
     pairing = parse_pairing(args.plan or args.pairs, loaded.num_layers)
     config = finetune.FinetuneConfig(
         pairs=pairing.pairs, modes=pairing.modes, mode=args.mode, loss=args.loss, train=args.train,
@@ -470,6 +473,7 @@ def run_finetune(args: argparse.Namespace) -> None:
         loaded.model, train_ids, config, out, heldout=heldout, mesh=mesh, progress=rank0 and not args.no_progress,
         extra_args={"model": args.model, "pairing": pairing.name, "train_data": str(train_path),
                     "eval_windows": args.eval_windows, "window": args.window},
+        overwrite=args.overwrite,
     )
     if rank0:
         points = record["heldout"]

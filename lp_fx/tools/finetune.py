@@ -12,7 +12,7 @@ served. Two losses:
 By default only the parameters of the paired layers train (``requires_grad=False`` elsewhere).
 AdamW with a linear warm-up and a cosine decay to a tenth of the rate, gradient clipping, a seed
 that fixes the data order and the initial state, held-out perplexity every ``eval_every`` steps,
-and an atomic checkpoint every ``save_every`` steps and at the end (``lp_fx.tools.checkpoint``).
+and an all-or-nothing checkpoint every ``save_every`` steps and at the end (``lp_fx.tools.checkpoint``).
 
 On a device mesh (``mesh=...``, one process per rank under torchrun) each rank computes and
 trains the branch it owns; gradients are completed across ranks before the optimizer step so
@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from lp_fx.config import PAIRING_MODES, LayerParallelError, Pair, validate_pairs
 from lp_fx.tools.checkpoint import (
-    check_writable,
+    check_checkpoint_dir,
     layer_parameter_names,
     layer_stack_of,
     pairing_record,
@@ -311,14 +311,17 @@ def finetune(
     mesh: Any = None,
     progress: bool = True,
     extra_args: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune ``model`` in place through its compiled pairing; write checkpoints to ``out_dir``.
 
     ``train_ids``: the tokenized training text. ``heldout``: ``(N, T)`` windows of text never
     trained on, whose perplexity is measured before training, every ``eval_every`` steps and at
-    the end. Returns the run record (also ``out_dir/train.json``).
+    the end. Returns the run record (also ``out_dir/train.json``). ``out_dir`` holding another
+    model's checkpoint or other files is refused before any work unless ``overwrite``
+    (:func:`lp_fx.tools.checkpoint.check_checkpoint_dir`).
     """
-    out_dir = check_writable(out_dir)
+    out_dir = check_checkpoint_dir(out_dir, model, overwrite)
     torch.manual_seed(config.seed)
     check_layers(model, config)
     chunks = training_chunks(train_ids, config.seq_len, config.batch)
@@ -335,7 +338,7 @@ def finetune(
     )
     batches = Batches(chunks, config.batch, config.seed)
     state = TrainState(config, extra=dict(extra_args or {}))
-    pairing = pairing_record(model, config.pairs, config.pair_modes, unique_tensors(model, names))
+    pairing = pairing_record(model, config.pairs, config.pair_modes)
     log.info(
         "fine-tuning %d tensors (%.1f M parameters) of %d pairs, loss %s, %d steps of %d x %d tokens",
         len(names), sum(p.numel() for p in params) / 1e6, len(config.pairs), config.loss,
