@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from lp_fx.tools.arguments import OneLineParser, int_at_least, non_negative_int, positive_int
 from lp_fx.tools.models import PRECISIONS
 from lp_fx.weights import resident_bytes
 
@@ -201,16 +202,17 @@ def run(args: argparse.Namespace) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2", help="'smollm2', a .gguf file or a Hugging Face directory")
-    parser.add_argument("--start", type=int, default=14)
-    parser.add_argument("--end", type=int, default=28)
+    parser.add_argument("--start", type=non_negative_int, default=14)
+    parser.add_argument("--end", type=positive_int, default=28)
     parser.add_argument("--modes", nargs="+", default=["lp", "block"], choices=["lp", "block"])
     parser.add_argument("--inner", default="inductor", choices=["inductor", "aot_eager", "eager"])
-    parser.add_argument("--tokens", type=int, default=32, help="new tokens per generation")
-    parser.add_argument("--rounds", type=int, default=5, help="timed generations per variant, interleaved")
+    parser.add_argument("--tokens", type=int_at_least(2), default=32,
+                        help="new tokens per generation (decode speed is timed from the first to the last)")
+    parser.add_argument("--rounds", type=positive_int, default=5, help="timed generations per variant, interleaved")
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--quantize", default="fp32", choices=PRECISIONS,
                         help="int8: torchao int8 weight-only linears (a quarter of the weight traffic)")
-    parser.add_argument("--nproc", type=int, default=2, help="processes (devices) torchrun starts")
+    parser.add_argument("--nproc", type=positive_int, default=2, help="processes (devices) torchrun starts")
     parser.add_argument("--no-single", action="store_true", help="skip the single-device variant")
     single = parser.add_argument_group("one device (--single): Inductor vs LP vs LP + fuse, no torchrun")
     single.add_argument("--single", action="store_true",
@@ -223,7 +225,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="lp-fx bench", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="lp-fx bench", description=__doc__.splitlines()[0])
     add_arguments(parser)
     if argv is None and _ARGS_VAR in os.environ:
         argv = shlex.split(os.environ[_ARGS_VAR])

@@ -17,8 +17,11 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from lp_fx.config import check_plan, load_plan
+from lp_fx.config import check_plan, load_plan, validate_pairs
 from lp_fx.tools import data, evaluate, planner, sweep
+from lp_fx.tools.arguments import (
+    OneLineParser, index_list, int_at_least, non_negative_int, positive_float, positive_int,
+)
 from lp_fx.tools.evaluate import BASELINE, EvalSpec, Pairing
 from lp_fx.tools.models import PRECISIONS, parse_precisions, quantize_weights
 
@@ -37,7 +40,8 @@ def _add_model_options(parser: argparse.ArgumentParser, mode: bool = True) -> No
     )
     parser.add_argument(
         "--data-dir", default=None,
-        help="evaluation data directory (default: ../shared/data next to the repo or the cwd)",
+        help=f"evaluation data directory (default: ${data.DATA_VARIABLE}, else ../shared/data next to the "
+        "repository or the working directory)",
     )
     if mode:
         parser.add_argument("--mode", default="lp", choices=["lp", "block"], help="pairing mode")
@@ -45,7 +49,7 @@ def _add_model_options(parser: argparse.ArgumentParser, mode: bool = True) -> No
         "--inner", default="eager", choices=["eager", "aot_eager", "inductor"],
         help="compiler behind the layer_parallel backend (eager is fastest to compile)",
     )
-    parser.add_argument("--window", type=int, default=512, help="perplexity window in tokens")
+    parser.add_argument("--window", type=int_at_least(2), default=512, help="perplexity window in tokens")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
 
@@ -55,17 +59,17 @@ def _add_eval_options(parser: argparse.ArgumentParser, tasks: str, split: str, w
         "--tasks", default=tasks,
         help=f"comma-separated, from: {', '.join(evaluate.TASKS)} (wikitext = perplexity)",
     )
-    parser.add_argument("--limit", type=int, default=None, help="items per task (fixed-seed subset)")
+    parser.add_argument("--limit", type=positive_int, default=None, help="items per task (fixed-seed subset)")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the --limit subsets")
     parser.add_argument(
         "--split", default=split, choices=["all", "calib", "heldout"],
         help="perplexity windows: all, the first half (calib) or the second half (heldout)",
     )
     parser.add_argument(
-        "--ppl-windows", type=int, default=windows,
+        "--ppl-windows", type=positive_int, default=windows,
         help="use this many evenly spaced windows of the split (default: all)",
     )
-    parser.add_argument("--batch-size", type=int, default=8, help="batch size for task scoring")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="batch size for task scoring")
 
 
 def _eval_spec(args: argparse.Namespace, data_dir: Path) -> EvalSpec:
@@ -87,10 +91,17 @@ def _spec_record(spec: EvalSpec) -> dict:
 
 
 def _load(args: argparse.Namespace) -> tuple[object, Path]:
+    """The model and the data directory; ``--window`` checked against the model's positions."""
     from lp_fx.tools.models import load_model
 
     data_dir = data.resolve_data_dir(args.data_dir)  # fail on a bad data dir before loading
-    return load_model(args.model), data_dir
+    loaded = load_model(args.model, progress=not args.no_progress)
+    positions = getattr(loaded.model.config, "max_position_embeddings", None)
+    if positions is not None and args.window > positions:
+        raise ValueError(
+            f"--window {args.window}: {loaded.name} takes at most {positions} positions; give --window <= {positions}"
+        )
+    return loaded, data_dir
 
 
 def _add_quantize_option(parser: argparse.ArgumentParser, several: bool) -> None:
@@ -104,33 +115,48 @@ def _add_quantize_option(parser: argparse.ArgumentParser, several: bool) -> None
 
 
 def parse_pairing(spec: str, num_layers: int) -> Pairing:
-    """``baseline``, a range ``14:28``, pairs ``14-15,20-21``, or a plan file for this model."""
+    """``baseline``, a range ``14:28``, pairs ``14-15,20-21``, or a plan file for this model.
+
+    A range past the model's ``num_layers`` layers is refused before its pairs are listed; the
+    other checks against the model are :func:`lp_fx.tools.evaluate.check_pairing`'s.
+    """
     if spec == "baseline":
         return BASELINE
     if match := RANGE.match(spec):
         from lp_fx.config import pairs_from_range
 
+        if int(match[2]) > num_layers:
+            raise evaluate.out_of_range(f"range {spec}", num_layers)
         return Pairing(spec, pairs_from_range(int(match[1]), int(match[2])))
     if PAIR_LIST.match(spec):
         pairs = tuple(tuple(map(int, pair.split("-"))) for pair in spec.split(","))
         return Pairing(spec, pairs)  # type: ignore[arg-type]
     plan = load_plan(spec)
     check_plan(plan, num_layers, spec)
+    validate_pairs(plan["pairs"])
     return planner.plan_pairing(plan, Path(spec).stem)
 
 
 def _writable(*paths: str) -> None:
-    """Create the folders of output files and check they can be written, before the work starts."""
+    """Check, before the work starts, that output files can be written: in their folder or, when
+    it does not exist yet, in the nearest one that does. Folders are created only by
+    :func:`_new_file`, when there are results to write, so a refusal leaves no trace."""
     from lp_fx.tools.checkpoint import check_writable
 
-    for path in paths:
-        if Path(path).is_dir():
+    for path in map(Path, paths):
+        if path.is_dir():
             raise ValueError(f"{path} is a directory; give a file name")
-        check_writable(Path(path).parent)
+        check_writable(next(folder for folder in (path.parent, *path.parent.parents) if folder.exists()))
+
+
+def _new_file(path: str) -> str:
+    """``path``, its folders created."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _write_json(payload: dict, path: str) -> None:
-    Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+    Path(_new_file(path)).write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path}")
 
 
@@ -187,8 +213,6 @@ def add_eval(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    from lp_fx.tools.checkpoint import read_pairing
-
     if args.checkpoint and args.quantize != "fp32":
         raise ValueError(
             f"--checkpoint cannot be combined with --quantize {args.quantize}: the fine-tuned fp32 tensors are "
@@ -196,11 +220,9 @@ def run_eval(args: argparse.Namespace) -> None:
         )
     _writable(args.out)
     loaded, data_dir = _load(args)
-    quantize_weights(loaded.model, args.quantize)
-    pairings = [BASELINE] + [parse_pairing(spec, loaded.num_layers) for spec in args.pairs]
-    checkpoints = {_checkpoint_pairing(read_pairing(d), d): d for d in args.checkpoint}  # checked before the work
-    pairings += list(checkpoints)
+    pairings, checkpoints = _eval_pairings(args, loaded)
     prepared = evaluate.prepare(loaded.tokenizer, _eval_spec(args, data_dir))
+    quantize_weights(loaded.model, args.quantize)
     print(f"model {loaded.name} ({loaded.num_layers} layers, {args.quantize} weights); "
           f"items per task: {prepared.sizes()}")
     results = {}
@@ -232,6 +254,26 @@ def run_eval(args: argparse.Namespace) -> None:
     )
 
 
+def _eval_pairings(args: argparse.Namespace, loaded: object) -> tuple[list[Pairing], dict[Pairing, str]]:
+    """The columns to measure, every one checked against the model before anything is measured:
+    the baseline, each ``--pairs`` and each ``--checkpoint`` (and the checkpoint it loads from)."""
+    from lp_fx.tools.checkpoint import read_pairing
+
+    pairings = [BASELINE] + [parse_pairing(spec, loaded.num_layers) for spec in args.pairs]
+    checkpoints = {_checkpoint_pairing(read_pairing(d), d): d for d in args.checkpoint}
+    pairings += list(checkpoints)
+    names = [pairing.name for pairing in pairings]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"pairing {twice[0]!r} is given twice: give each --pairs / --checkpoint once")
+    for pairing in pairings:
+        evaluate.check_pairing(loaded.model, pairing, args.mode, fuse=args.fuse)
+    for directory in checkpoints.values():
+        with _finetuned(loaded.model, directory):  # every check of load_finetuned; the model is restored
+            pass
+    return pairings, checkpoints
+
+
 def _checkpoint_pairing(pairing: dict, directory: str) -> Pairing:
     pairs = tuple(tuple(pair) for pair in pairing["pairs"])
     return Pairing(f"finetuned:{Path(directory).name}", pairs, tuple(pairing["modes"]))  # type: ignore[arg-type]
@@ -247,8 +289,8 @@ def _finetuned(model: object, directory: str | None) -> Iterator[None]:
 
     state = model.state_dict()
     original = {name: tensor.clone() for name, tensor in state.items()}
-    load_finetuned(model, directory)
     try:
+        load_finetuned(model, directory)
         yield
     finally:
         with torch.no_grad():
@@ -268,37 +310,31 @@ def add_sweep(subparsers: argparse._SubParsersAction) -> None:
         "layer of each pair removed, merge folding it into the first; shuffle: the range run in a seeded random order)",
     )
     parser.add_argument(
-        "--starts", default=None,
+        "--starts", type=index_list, default=None,
         help="comma-separated start layers (default: 4 spread over the first half; with several transforms "
         "or shuffle, the last of them)",
     )
     parser.add_argument(
-        "--deltas", default=None,
+        "--deltas", type=index_list, default=None,
         help="comma-separated even Δ values, the number of layers transformed (default: every one that fits; "
         "with several transforms or shuffle, every second one: 2, 6, 10, …)",
     )
-    parser.add_argument("--seeds", type=int, default=3, help="shuffle: seeds per range (distinct orders)")
+    parser.add_argument("--seeds", type=positive_int, default=3, help="shuffle: seeds per range (distinct orders)")
     _add_quantize_option(parser, several=True)
     parser.add_argument("--out", default=str(RESULTS / "sweep.json"), help="JSON results (folders are created)")
     parser.add_argument("--plot", default=str(RESULTS / "sweep.png"), help="PNG plot of perplexity against Δ")
     parser.set_defaults(func=run_sweep)
 
 
-def _int_list(text: str | None) -> list[int] | None:
-    return None if text is None else [int(item) for item in text.split(",")]
-
-
 def run_sweep(args: argparse.Namespace) -> None:
     transforms = sweep.parse_transforms(args.transforms)
     precisions = parse_precisions(args.quantize)
-    if args.seeds < 1:
-        raise ValueError(f"--seeds {args.seeds}: give at least 1 seed per shuffled range")
     _writable(args.out, args.plot)
     loaded, data_dir = _load(args)
     spec = _eval_spec(args, data_dir)
     prepared = evaluate.prepare(loaded.tokenizer, spec)
     starts, step = sweep.default_layout(loaded.num_layers, transforms)
-    ranges = sweep.sweep_ranges(loaded.num_layers, _int_list(args.starts) or starts, _int_list(args.deltas), step)
+    ranges = sweep.sweep_ranges(loaded.num_layers, args.starts or starts, args.deltas, step)
     points = sweep.sweep_points(loaded.num_layers, transforms, ranges, args.seeds)
     print(f"model {loaded.name}: {', '.join(transforms)} on the ranges (start, Δ) {ranges}, "
           f"{len(points)} points, weights {', '.join(precisions)}; sizes {prepared.sizes()}")
@@ -320,7 +356,7 @@ def run_sweep(args: argparse.Namespace) -> None:
         measured = f"WikiText-2 ({args.split}), {prepared.sizes()['wikitext']} windows of {args.window} tokens"
         print(f"{measured}: perplexity; shuffle: mean [min–max] over seeds")
         print(sweep.sweep_table(result))
-        sweep.plot_sweep(result, args.plot, f"{loaded.name}, {measured}")
+        sweep.plot_sweep(result, _new_file(args.plot), f"{loaded.name}, {measured}")
         print(f"wrote {args.plot}")
 
 
@@ -329,21 +365,21 @@ def add_plan(subparsers: argparse._SubParsersAction) -> None:
         "plan", help="choose disjoint pairs by measured perplexity cost on calibration text"
     )
     _add_model_options(parser)
-    parser.add_argument("--num-pairs", type=int, default=None, help="how many pairs to choose")
+    parser.add_argument("--num-pairs", type=positive_int, default=None, help="how many pairs to choose")
     parser.add_argument(
-        "--max-ppl-ratio", type=float, default=None,
+        "--max-ppl-ratio", type=positive_float, default=None,
         help="budget: stop before calibration perplexity exceeds this × baseline (e.g. 1.1)",
     )
-    parser.add_argument("--calib-windows", type=int, default=4,
+    parser.add_argument("--calib-windows", type=positive_int, default=4,
                         help="windows from the first half of WikiText-2 on which each set of pairs is scored")
-    parser.add_argument("--screen-windows", type=int, default=2,
+    parser.add_argument("--screen-windows", type=positive_int, default=2,
                         help="windows (from the same half) on which single pairs are scored to rank them")
     parser.add_argument("--modes", default="lp,block", help="modes to consider per pair: lp, block or lp,block")
     parser.add_argument(
-        "--refine", type=int, default=3,
+        "--refine", type=positive_int, default=3,
         help="cheapest candidates (alone) tried with the chosen pairs at each step (growing and swapping)",
     )
-    parser.add_argument("--passes", type=int, default=2,
+    parser.add_argument("--passes", type=non_negative_int, default=2,
                         help="rounds of swapping each chosen pair for a better one (0: grow only)")
     parser.add_argument("--out", default=str(RESULTS / "plan.json"),
                         help="plan file, accepted by options={'plan': ...} (folders are created)")
@@ -355,6 +391,9 @@ def run_plan(args: argparse.Namespace) -> None:
         raise ValueError("give --num-pairs, --max-ppl-ratio, or both")
     _writable(args.out)
     loaded, data_dir = _load(args)
+    most = loaded.num_layers // 2
+    if args.num_pairs is not None and args.num_pairs > most:
+        raise ValueError(f"--num-pairs {args.num_pairs}: a {loaded.num_layers}-layer model has at most {most} disjoint pairs")
     windows, screen_windows = (
         evaluate.wikitext_windows(loaded.tokenizer, data_dir, args.window, "calib", count)
         for count in (args.calib_windows, args.screen_windows)
@@ -386,7 +425,7 @@ def run_plan(args: argparse.Namespace) -> None:
           f"(compiled plainly: {calib['plan_ppl_plain']:.3f})")
     print(f"{search['pairings_scored']} pairings scored with {search['graphs_compiled']} compiled graph(s) "
           f"in {search['seconds']:.0f} s")
-    planner.save_plan(plan, args.out)
+    planner.save_plan(plan, _new_file(args.out))
     print(f"wrote {args.out}")
     problem = planner.plain_disagreement(plan)
     if problem:
@@ -421,9 +460,9 @@ def add_finetune(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
     parser.add_argument("--seed", type=int, default=0, help="fixes the data order and the run")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: steps / 10)")
-    parser.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")
+    parser.add_argument("--clip", type=positive_float, default=1.0, help="gradient norm clipping")
     parser.add_argument("--eval-every", type=int, default=25, help="held-out perplexity every N steps")
-    parser.add_argument("--eval-windows", type=int, default=8,
+    parser.add_argument("--eval-windows", type=positive_int, default=8,
                         help="held-out windows from the WikiText-2 raw test split (never trained on)")
     parser.add_argument("--save-every", type=int, default=25, help="checkpoint every N steps (and at the end)")
     parser.add_argument("--mesh", default=None, choices=["auto"],
@@ -501,7 +540,7 @@ ERRORS = (data.DataError, FileNotFoundError, ValueError)  # LayerParallelError i
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lp-fx", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="lp-fx", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
         add(subparsers)
@@ -509,31 +548,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one ``lp-fx`` command; its exit status (2: a refused command line or argument)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help, or a bad command line (already reported on one line)
+        return int(exit_.code or 0)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    if not args.verbose:
-        _quiet_imports()
     try:
         args.func(args)
     except ERRORS as error:
         print(f"lp-fx {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0
-
-
-NOISY_LOGGERS = (
-    "torchao",  # "Failed to load ….so" for the CUDA kernels of a CPU build, when transformers imports it
-    "torch.utils._pytree",  # torchao's deprecated register_constant calls
-)
-
-
-def _quiet_imports() -> None:
-    """Keep third-party import-time warnings that say nothing about the run out of our output."""
-    for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def add_bench(subparsers: argparse._SubParsersAction) -> None:

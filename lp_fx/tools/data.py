@@ -10,6 +10,7 @@ never copied.
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +39,23 @@ class LambadaItem:
     target: str
 
 
+DATA_VARIABLE = "LP_FX_DATA"  # a data directory for installed copies; read before the defaults
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent  # the folder holding the lp_fx package
+
+
 def default_data_dir() -> Path | None:
-    """``../shared/data`` next to the repository or the working directory, if it exists."""
-    repo_root = Path(__file__).resolve().parent.parent
-    for base in (repo_root, Path.cwd()):
+    """``$LP_FX_DATA`` when set (it must be a directory), else ``../shared/data`` next to the
+    repository, else next to the working directory; None when none of them exists."""
+    from_environment = os.environ.get(DATA_VARIABLE)
+    if from_environment:
+        path = Path(from_environment)
+        if not path.is_dir():
+            raise DataError(
+                f"{DATA_VARIABLE}={path} is not a directory; set it to a directory holding {WIKITEXT_RAW}, "
+                "arc_easy/, hellaswag/, … (see its SOURCES.md), or unset it"
+            )
+        return path
+    for base in (REPO_ROOT, Path.cwd()):
         candidate = (base / ".." / "shared" / "data").resolve()
         if candidate.is_dir():
             return candidate
@@ -54,9 +68,10 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path:
         found = default_data_dir()
         if found is None:
             raise DataError(
-                "no data directory given and none found at ../shared/data (relative to the "
-                "repository or the working directory); pass --data-dir DIR, a directory holding "
-                f"{WIKITEXT_RAW}, arc_easy/, hellaswag/, … as described in its SOURCES.md"
+                f"no data directory given and none found: {DATA_VARIABLE} is not set, and there is no "
+                f"../shared/data next to the repository ({REPO_ROOT}) or the working directory; pass "
+                f"--data-dir DIR or set {DATA_VARIABLE}=DIR, a directory holding {WIKITEXT_RAW}, "
+                "arc_easy/, hellaswag/, … as described in its SOURCES.md"
             )
         return found
     path = Path(data_dir)

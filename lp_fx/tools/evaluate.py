@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from lp_fx.config import Pair, Shuffle
+from lp_fx.config import LayerParallelError, Pair, Shuffle
 from lp_fx.tools import data
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,24 @@ def make_backend(model: torch.nn.Module, pairing: Pairing, mode: str, inner: str
         return LayerParallel(options, plan=str(path))  # the plan is read here
 
 
+def check_pairing(model: torch.nn.Module, pairing: Pairing, mode: str = "lp", **options: Any) -> None:
+    """Refuse, before anything is measured, a pairing that :func:`compile_pairing` would refuse for
+    this model: the backend's own checks of its options (:mod:`lp_fx.config`: consecutive, disjoint,
+    modes, ``options``), then every layer index against the model's layer count."""
+    config = make_backend(model, pairing, mode, "eager", **options).config
+    num_layers = model.config.num_hidden_layers
+    for pair in config.pairs:
+        if pair[1] >= num_layers:
+            raise out_of_range(f"{pairing.name}: pair {pair}", num_layers)
+
+
+def out_of_range(what: str, num_layers: int) -> LayerParallelError:
+    """The error for layers past the end of a model with ``num_layers`` layers."""
+    return LayerParallelError(
+        f"{what} is out of range: the model has {num_layers} layers, valid indices 0..{num_layers - 1}"
+    )
+
+
 def check_rewritten(reports: Sequence, pairing: Pairing, mode: str) -> None:
     """Refuse to measure (or train) a graph in which the pairing was not applied as asked."""
     done = {tuple(pair): how for report in reports for pair, how in report.pairs_rewritten}
@@ -139,7 +157,8 @@ def make_windows(token_ids: Sequence[int] | torch.Tensor, window: int) -> torch.
     ids = torch.as_tensor(token_ids, dtype=torch.long)
     count = ids.numel() // window
     if count == 0:
-        raise ValueError(f"{ids.numel()} tokens make no window of {window}")
+        raise ValueError(f"window {window}: the text has {ids.numel()} tokens, fewer than one window; "
+                         f"give a window of at most {ids.numel()} tokens")
     return ids[: count * window].view(count, window)
 
 
@@ -153,6 +172,10 @@ def split_windows(windows: torch.Tensor, split: str, count: int | None = None) -
     if split not in parts:
         raise ValueError(f"split {split!r}: expected one of {sorted(parts)}")
     part = parts[split]
+    if part.shape[0] == 0:
+        total, size = windows.shape
+        raise ValueError(f"the {split} half of {total} window{'s' * (total != 1)} of {size} tokens is empty; "
+                         "give a smaller window, or the split 'all'")
     if count is None or count >= part.shape[0]:
         return part
     index = torch.linspace(0, part.shape[0] - 1, count).round().long()
@@ -254,6 +277,7 @@ def score_requests(
     for index, request in enumerate(requests):
         by_input.setdefault(_model_input(request), []).append(index)
     inputs = sorted(by_input, key=len, reverse=True)
+    batch_size = min(batch_size, max(len(inputs), 1))  # rows past the inputs would only be padding
     scores: list[Score | None] = [None] * len(requests)
     batches = [inputs[i : i + batch_size] for i in range(0, len(inputs), batch_size)]
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
@@ -351,6 +375,8 @@ class PreparedEval:
 
 def prepare(tokenizer: object, spec: EvalSpec) -> PreparedEval:
     """Read and tokenize the data that ``spec`` asks for (``wikitext`` is perplexity)."""
+    if not spec.tasks:
+        raise ValueError(f"no tasks given; expected some of {', '.join(TASKS)}")
     unknown = set(spec.tasks) - set(TASKS)
     if unknown:
         raise ValueError(f"unknown tasks {sorted(unknown)}; expected some of {', '.join(TASKS)}")

