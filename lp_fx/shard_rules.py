@@ -287,6 +287,8 @@ def _broadcasting(node: fx.Node, splits: dict[fx.Node, Split]) -> Propagated:
     if len(aligned) != 1:
         raise CannotShard(f"{node.name}: inputs split differently")
     split = aligned.pop()
+    if split.dim < 0:
+        raise CannotShard(f"{node.name}: reduces the split dim away")
     for i in inputs:
         src = shape_of(i)
         k = split.dim - (len(dst) - len(src))

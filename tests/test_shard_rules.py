@@ -307,6 +307,11 @@ def test_reduction_over_the_split_dim_cannot_shard(fn, name):
         rule_of(fn, [SCORES], {"x": Split(1, 0, 6)}, name)
 
 
+def test_reduction_of_a_split_tensor_to_a_scalar_cannot_shard():
+    with pytest.raises(CannotShard, match="reduces the split dim away"):
+        rule_of(lambda x: x.mean(), [SCORES], {"x": Split(1, 0, 6)}, "mean")
+
+
 # ----- a whole sub-block, one rank at a time -----
 
 
