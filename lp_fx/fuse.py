@@ -43,11 +43,10 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .config import Pair
 from .find_layers import Layer, LayerStack, example_value, shape_key
-from .fx_utils import append_input, depends_on, placeholder_positions, stable_topological_sort
+from .fx_utils import LINEAR, append_input, depends_on, placeholder_positions, stable_topological_sort
 from .merge import layer_parameters
 from .weights import WeightStore
 
-LINEAR = torch._C._nn.linear
 GEMM_TARGETS = (LINEAR, torch.addmm, torch.mm, torch.bmm, torch.baddbmm, torch.matmul, operator.matmul)
 
 

@@ -9,6 +9,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import fx
 
+# What ``nn.Linear`` and ``F.linear`` are in a Dynamo graph (a ``call_function`` node).
+LINEAR = torch._C._nn.linear
+
 # Ops whose result may share memory with their first argument (so a write through one is seen
 # through the other). Used to keep reads of a mutated cache after the write.
 _ALIASING_METHODS = {
