@@ -250,6 +250,7 @@ def finetune_cases(mesh: DeviceMesh) -> dict:
 def finetune_gradients(train: str, mesh: DeviceMesh | None = None) -> dict[str, torch.Tensor]:
     """The gradients the optimizer sees in the first fine-tuning step (after the cross-rank sum)."""
     from lp_fx.tools import finetune as ft
+    from lp_fx.tools.distributed import Ranks
 
     torch._dynamo.reset()
     model, config = tiny_llama(), finetune_config(train)
@@ -259,7 +260,7 @@ def finetune_gradients(train: str, mesh: DeviceMesh | None = None) -> dict[str, 
     ft.lm_loss(ft.logits_of(student, ids), ids).backward()
     params = [p for p in model.parameters() if p.requires_grad]
     if mesh is not None:
-        ft.Ranks(mesh, backend).complete_gradients(params)
+        Ranks(mesh, backend).complete_gradients(params)
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 

@@ -11,7 +11,8 @@ import torch
 
 import lp_fx
 from lp_fx import LayerParallel
-from lp_fx.tools import cli
+from lp_fx.tools import cli, data
+from lp_fx.tools.data import TrainingTextError
 from lp_fx.tools import finetune as ft
 from lp_fx.tools.checkpoint import CURRENT, PAIRING, RECORD, TENSORS, CheckpointError, load_finetuned
 
@@ -118,10 +119,10 @@ def test_unpaired_control_trains_the_given_layers_with_next_token_loss(tmp_path)
 
 def test_detokenize_wikitext_reads_like_the_raw_text():
     tokenized = " = Valkyria = \n \n It is a well @-@ known game , released in 1 @,@ 000 copies ( 2011 ) . It 's <unk> good . \n"
-    assert ft.detokenize_wikitext(tokenized) == (
+    assert data.detokenize_wikitext(tokenized) == (
         "= Valkyria =\nIt is a well-known game, released in 1,000 copies (2011). It's good.\n"
     )
-    assert ft.looks_tokenized(tokenized) and not ft.looks_tokenized("It is a well-known game.")
+    assert data.looks_tokenized(tokenized) and not data.looks_tokenized("It is a well-known game.")
 
 
 # ------------------------------------------------------------------------------------ bad input
@@ -178,7 +179,7 @@ def test_pairs_out_of_range_name_the_valid_layers(tmp_path):
 
 
 def test_too_little_training_text_is_an_error(tmp_path):
-    with pytest.raises(ft.FinetuneError, match="fewer than one batch"):
+    with pytest.raises(TrainingTextError, match="fewer than one batch"):
         ft.finetune(hf_model("llama"), tokens(40), config(), tmp_path, progress=False)
 
 

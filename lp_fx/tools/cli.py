@@ -492,7 +492,7 @@ def run_finetune(args: argparse.Namespace) -> None:
     train_path = Path(args.train_data) if args.train_data else None
     data_dir = data.resolve_data_dir(args.data_dir)
     train_path = train_path or data_dir / "wikitext-2" / "train.txt"
-    text = finetune.load_training_text(train_path)
+    text = data.load_training_text(train_path)
     loaded, _ = _load(args)
     check_checkpoint_dir(out, loaded.model, args.overwrite)  # another model's checkpoint: known once loaded
     pairing = parse_pairing(args.plan or args.pairs, loaded.num_layers)

@@ -1,4 +1,5 @@
-"""Readers for the evaluation sets under the shared data directory (see its SOURCES.md).
+"""Text in and out of the tools: the evaluation sets under the shared data directory (see its
+SOURCES.md), and the training text fine-tuning reads, in chunks and seeded batches.
 
 Every multiple-choice task becomes a list of :class:`MCItem`: one ``(context, continuation)``
 request per choice and the gold index. The prompt formats follow lm-evaluation-harness
@@ -10,11 +11,19 @@ never copied.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from lp_fx.config import LayerParallelError
+
+log = logging.getLogger(__name__)
 
 WIKITEXT_RAW = "wikitext-2-raw/wiki.test.raw"
 
@@ -233,3 +242,92 @@ def subset(items: list, limit: int | None, seed: int) -> list:
         return items
     chosen = sorted(random.Random(seed).sample(range(len(items)), limit))
     return [items[index] for index in chosen]
+
+
+class TrainingTextError(LayerParallelError):
+    """A training text that cannot be used: missing, empty, or too short for one batch."""
+
+
+# ------------------------------------------------------------------------- text to fine-tune on
+
+
+_WIKITEXT_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(pattern), repl)
+    for pattern, repl in (
+        (r" @(.)@ ", r"\1"),  # 1 @,@ 000 -> 1,000; well @-@ known -> well-known
+        (r" <unk>", ""),  # words the tokenized release replaced; the raw words are not there
+        (r"<unk> ?", ""),
+        (r" ([.,;:!?%)\]}])", r"\1"),
+        (r"([(\[{$]) ", r"\1"),
+        (r" (n't|'s|'re|'ve|'m|'ll|'d)\b", r"\1"),
+        (r"^ *(=+) (.*?) (=+) *$", r"\1 \2 \3"),
+    )
+)
+
+
+def detokenize_wikitext(text: str) -> str:
+    """Undo the tokenization of the WikiText ``.tokens``/``train.txt`` release, line by line.
+
+    ``1 @,@ 000`` -> ``1,000``, ``well @-@ known`` -> ``well-known``, no space before punctuation or
+    after an opening bracket, contractions joined, ``<unk>`` dropped (the raw word is not known),
+    and the ``" "`` separator lines removed, so the training text reads like the raw test text.
+    """
+    lines = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        for pattern, repl in _WIKITEXT_RULES:
+            line = pattern.sub(repl, line)
+        lines.append(line.strip())
+    return "\n".join(lines) + "\n"
+
+
+def looks_tokenized(text: str) -> bool:
+    """Whether ``text`` is the tokenized WikiText release (``@-@``, ``<unk>``, `` , ``)."""
+    sample = text[:200_000]
+    return " @-@ " in sample or " @,@ " in sample or sample.count("<unk>") > 3
+
+
+def load_training_text(path: str | Path) -> str:
+    """A plain text file to train on; the tokenized WikiText release is detokenized first."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingTextError(f"training text {path} not found; give --train-data FILE (any plain text file)")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise TrainingTextError(f"training text {path} is empty")
+    if looks_tokenized(text):
+        log.info("%s is tokenized WikiText: detokenizing before training", path)
+        text = detokenize_wikitext(text)
+    return text
+
+
+def training_chunks(token_ids: Sequence[int] | torch.Tensor, seq_len: int, needed: int) -> torch.Tensor:
+    """Non-overlapping ``(N, seq_len)`` chunks of the token stream; at least ``needed`` are asked
+    for, and fewer than one batch is an error."""
+    ids = torch.as_tensor(token_ids, dtype=torch.long)
+    count = ids.numel() // seq_len
+    if count < needed:
+        raise TrainingTextError(
+            f"the training text has {ids.numel()} tokens: {count} chunks of {seq_len}, fewer than one batch "
+            f"({needed}); give a longer text or a smaller --batch / --seq-len"
+        )
+    return ids[: count * seq_len].view(count, seq_len)
+
+
+class Batches:
+    """Batches of chunks in a seeded random order, reshuffled each pass over the data."""
+
+    def __init__(self, chunks: torch.Tensor, batch: int, seed: int) -> None:
+        self.chunks, self.batch = chunks, batch
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order = torch.empty(0, dtype=torch.long)
+        self.position = 0
+
+    def next(self) -> torch.Tensor:
+        if self.position + self.batch > self.order.numel():
+            self.order = torch.randperm(self.chunks.shape[0], generator=self.generator)
+            self.position = 0
+        index = self.order[self.position : self.position + self.batch]
+        self.position += self.batch
+        return self.chunks[index]

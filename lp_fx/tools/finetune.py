@@ -16,7 +16,7 @@ and an all-or-nothing checkpoint every ``save_every`` steps and at the end (``lp
 
 On a device mesh (``mesh=...``, one process per rank under torchrun) each rank computes and
 trains the branch it owns; gradients are completed across ranks before the optimizer step so
-that every rank applies the single-device update (see :func:`sync_gradients`).
+that every rank applies the single-device update (see :func:`lp_fx.tools.distributed.sync_gradients`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -45,6 +44,8 @@ from lp_fx.tools.checkpoint import (
     save_checkpoint,
     unique_tensors,
 )
+from lp_fx.tools.data import Batches, training_chunks
+from lp_fx.tools.distributed import Ranks, resolve_mesh
 from lp_fx.tools.evaluate import Pairing, check_rewritten, perplexity
 
 log = logging.getLogger(__name__)
@@ -121,91 +122,6 @@ class FinetuneConfig:
 def _check_choice(value: Any, valid: Sequence[str], name: str) -> None:
     if value not in valid:
         raise FinetuneError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, valid))}")
-
-
-# ------------------------------------------------------------------------------------------ data
-
-
-_WIKITEXT_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
-    (re.compile(pattern), repl)
-    for pattern, repl in (
-        (r" @(.)@ ", r"\1"),  # 1 @,@ 000 -> 1,000; well @-@ known -> well-known
-        (r" <unk>", ""),  # words the tokenized release replaced; the raw words are not there
-        (r"<unk> ?", ""),
-        (r" ([.,;:!?%)\]}])", r"\1"),
-        (r"([(\[{$]) ", r"\1"),
-        (r" (n't|'s|'re|'ve|'m|'ll|'d)\b", r"\1"),
-        (r"^ *(=+) (.*?) (=+) *$", r"\1 \2 \3"),
-    )
-)
-
-
-def detokenize_wikitext(text: str) -> str:
-    """Undo the tokenization of the WikiText ``.tokens``/``train.txt`` release, line by line.
-
-    ``1 @,@ 000`` -> ``1,000``, ``well @-@ known`` -> ``well-known``, no space before punctuation or
-    after an opening bracket, contractions joined, ``<unk>`` dropped (the raw word is not known),
-    and the ``" "`` separator lines removed, so the training text reads like the raw test text.
-    """
-    lines = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        for pattern, repl in _WIKITEXT_RULES:
-            line = pattern.sub(repl, line)
-        lines.append(line.strip())
-    return "\n".join(lines) + "\n"
-
-
-def looks_tokenized(text: str) -> bool:
-    """Whether ``text`` is the tokenized WikiText release (``@-@``, ``<unk>``, `` , ``)."""
-    sample = text[:200_000]
-    return " @-@ " in sample or " @,@ " in sample or sample.count("<unk>") > 3
-
-
-def load_training_text(path: str | Path) -> str:
-    """A plain text file to train on; the tokenized WikiText release is detokenized first."""
-    path = Path(path)
-    if not path.is_file():
-        raise FinetuneError(f"training text {path} not found; give --train-data FILE (any plain text file)")
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise FinetuneError(f"training text {path} is empty")
-    if looks_tokenized(text):
-        log.info("%s is tokenized WikiText: detokenizing before training", path)
-        text = detokenize_wikitext(text)
-    return text
-
-
-def training_chunks(token_ids: Sequence[int] | torch.Tensor, seq_len: int, needed: int) -> torch.Tensor:
-    """Non-overlapping ``(N, seq_len)`` chunks of the token stream; at least ``needed`` are asked
-    for, and fewer than one batch is an error."""
-    ids = torch.as_tensor(token_ids, dtype=torch.long)
-    count = ids.numel() // seq_len
-    if count < needed:
-        raise FinetuneError(
-            f"the training text has {ids.numel()} tokens: {count} chunks of {seq_len}, fewer than one batch "
-            f"({needed}); give a longer text or a smaller --batch / --seq-len"
-        )
-    return ids[: count * seq_len].view(count, seq_len)
-
-
-class Batches:
-    """Batches of chunks in a seeded random order, reshuffled each pass over the data."""
-
-    def __init__(self, chunks: torch.Tensor, batch: int, seed: int) -> None:
-        self.chunks, self.batch = chunks, batch
-        self.generator = torch.Generator().manual_seed(seed)
-        self.order = torch.empty(0, dtype=torch.long)
-        self.position = 0
-
-    def next(self) -> torch.Tensor:
-        if self.position + self.batch > self.order.numel():
-            self.order = torch.randperm(self.chunks.shape[0], generator=self.generator)
-            self.position = 0
-        index = self.order[self.position : self.position + self.batch]
-        self.position += self.batch
-        return self.chunks[index]
 
 
 # ------------------------------------------------------------------------------------------ loss
@@ -427,98 +343,6 @@ def _save(model: nn.Module, names: Sequence[str], pairing: dict, state: TrainSta
             return
     save_checkpoint(out_dir, unique_tensors(model, names), pairing, state.to_json())
     log.info("step %d: checkpoint written to %s", state.step, out_dir)
-
-
-class Ranks:
-    """Training on a device mesh: each rank computes its part; the updates agree everywhere.
-
-    After backward, gradients are completed across ranks (:func:`sync_gradients`), so every rank
-    sees the same gradient norm and clips alike; each rank then updates only the parameters its
-    graph reads (the branch it computes and the shared weights). Before a checkpoint every
-    trained tensor is sent from the first rank that trains it, so rank 0 writes the whole result.
-    """
-
-    def __init__(self, mesh: Any, backend: Any) -> None:
-        import torch.distributed as dist
-
-        self.group = mesh.get_group()
-        self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
-        self.backend = backend
-        self._counts: list[float] | None = None  # ranks reading each parameter whole: fixed once compiled
-
-    @property
-    def use(self) -> dict[int, str]:
-        return parameter_use(self.backend.reports)
-
-    def complete_gradients(self, params: Sequence[torch.Tensor]) -> None:
-        use = self.use
-        if self._counts is None:
-            self._counts = whole_read_counts(params, use, self.group)
-        sync_gradients(params, use, self._counts, self.group)
-
-    def drop_gradients_not_read(self, params: Sequence[torch.Tensor]) -> None:
-        use = self.use
-        for param in params:
-            if id(param) not in use:
-                param.grad = None
-
-    def gather_to_all(self, model: nn.Module, names: Sequence[str]) -> None:
-        import torch.distributed as dist
-
-        use = self.use
-        tensors = dict(model.named_parameters())
-        owners = torch.tensor([self.rank if id(tensors[n]) in use else self.world for n in names])
-        dist.all_reduce(owners, op=dist.ReduceOp.MIN, group=self.group)
-        with torch.no_grad():
-            for name, owner in zip(names, owners.tolist()):
-                if owner < self.world:
-                    dist.broadcast(tensors[name].data, src=dist.get_global_rank(self.group, owner), group=self.group)
-
-
-def resolve_mesh(mesh: Any, model: nn.Module) -> Any:
-    """A ``DeviceMesh``, or ``"auto"``: the backend's mesh over the default process group."""
-    from lp_fx.collectives import resolve_mesh as resolve
-
-    return resolve(mesh, [next(model.parameters())])
-
-
-def parameter_use(reports: Sequence[Any]) -> dict[int, str]:
-    """How this rank's graphs read each parameter (``id`` -> ``"whole"``/``"slice"``)."""
-    use: dict[int, str] = {}
-    for report in reports:
-        use.update(report.parameter_use or {})
-    return use
-
-
-def whole_read_counts(params: Sequence[torch.Tensor], use: dict[int, str], group: Any) -> list[float]:
-    """For each parameter, the number of ranks whose graph reads it whole (one all-reduce)."""
-    import torch.distributed as dist
-
-    whole = torch.tensor([float(use.get(id(p)) == "whole") for p in params], dtype=torch.float64)
-    dist.all_reduce(whole, group=group)
-    return whole.tolist()
-
-
-def sync_gradients(params: Sequence[torch.Tensor], use: dict[int, str], counts: Sequence[float], group: Any) -> None:
-    """Complete every gradient across ranks, so that each rank holds the single-device one.
-
-    Under placement a rank reads a parameter whole (its branch of a pair, or a replicated
-    weight: its gradient there is already the full one, the same on every rank that reads it
-    whole), through slices (tensor parallel: the gradient is zero outside them), or not at all
-    (the other branch: no gradient). The sum over ranks, with whole-read gradients divided by the
-    number of ranks that read them whole (``counts``, :func:`whole_read_counts`), is the full
-    gradient: one all-reduce of all the gradients, which then are views of its buffer.
-    """
-    import torch.distributed as dist
-
-    grads = []
-    for param, count in zip(params, counts):
-        grad = param.grad if param.grad is not None else torch.zeros_like(param)
-        grads.append(grad / count if use.get(id(param)) == "whole" and count > 1 else grad)
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    for param, piece in zip(params, flat.split([p.numel() for p in params])):
-        param.grad = piece.view_as(param)
 
 
 def plot_record(record: dict[str, Any], path: str | Path) -> None:
