@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from lp_fx.tools import cli
+from lp_fx.tools.commands import options
 
 from .conftest import WORDS
 
@@ -143,7 +144,7 @@ def test_bad_transforms_seeds_or_quantize_are_errors_before_the_work(
     model_dir: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
     command: list[str], expected: str,
 ) -> None:
-    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model was loaded before the options were checked"))
+    monkeypatch.setattr(options, "load", lambda args: pytest.fail("the model was loaded before the options were checked"))
     code = cli.main([*command, *_common(model_dir, data_dir), "--out", str(tmp_path / "out.json")])
     assert code == 2
     assert expected in capsys.readouterr().err
@@ -189,7 +190,7 @@ def test_unwritable_destination_fails_before_the_work(
 ) -> None:
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model was loaded before the destination was checked"))
+    monkeypatch.setattr(options, "load", lambda args: pytest.fail("the model was loaded before the destination was checked"))
     for command in (["eval", "--tasks", "wikitext"], ["sweep"], ["plan", "--num-pairs", "1"]):
         code = cli.main([*command, *_common(model_dir, data_dir), "--out", str(blocker / "out.json")])
         assert code == 2

@@ -14,6 +14,7 @@ import torch
 
 import lp_fx
 from lp_fx.tools import checkpoint, cli, data, evaluate
+from lp_fx.tools.commands import options
 
 from .models import hf_model
 
@@ -85,7 +86,7 @@ def test_bad_numbers_are_refused_while_parsing_naming_what_is_valid(
     model_dir: Path, data_dir: Path, results: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
     command: list[str], option: str, value: str, valid: str,
 ) -> None:
-    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model was loaded before the options were checked"))
+    monkeypatch.setattr(options, "load", lambda args: pytest.fail("the model was loaded before the options were checked"))
     before = _snapshot(results)
     out = ["--out", str(results / "eval.json")] if command[0] != "finetune" else ["--out", str(results / "ckpt")]
     err = _refused([*command, *_common(model_dir, data_dir), option, value, *out], capsys)
@@ -169,7 +170,7 @@ def test_a_plan_that_does_not_fit_the_model_is_refused_before_the_baseline(
 def _checkpoint_of(model: torch.nn.Module, directory: Path, pairs: list[list[int]]) -> Path:
     names = checkpoint.layer_parameter_names(model, "model.layers", [0, 1])
     tensors = checkpoint.unique_tensors(model, names)
-    record = checkpoint.pairing_record(model, [tuple(p) for p in pairs], ["lp"] * len(pairs), tensors)
+    record = checkpoint.pairing_record(model, [tuple(p) for p in pairs], ["lp"] * len(pairs))
     checkpoint.save_checkpoint(directory, tensors, record, {"step": 0})
     return directory
 

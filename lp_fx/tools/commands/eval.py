@@ -1,0 +1,98 @@
+"""``lp-fx eval``: perplexity and task accuracy of the baseline and each pairing, one table."""
+
+from __future__ import annotations
+
+import argparse
+
+from lp_fx.tools import evaluate
+from lp_fx.tools.evaluate import BASELINE, Pairing
+from lp_fx.tools.models import quantize_weights
+from lp_fx.tools.commands import options
+from lp_fx.tools.commands.options import (
+    RESULTS, add_eval_options, add_model_options, add_quantize_option, checkpoint_pairing, eval_spec, finetuned, format_table, parse_pairing, spec_record, writable, write_json,
+)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="perplexity and task accuracy: baseline and pairings, with retention"
+    )
+    add_model_options(parser)
+    add_eval_options(parser, ",".join(evaluate.TASKS), "all", None)
+    parser.add_argument(
+        "--pairs", action="append", default=[], metavar="SPEC",
+        help="a pairing to compare with the baseline (repeatable): a range START:END (e.g. 14:28), "
+        "pairs like 14-15,20-21, or a plan JSON from `lp-fx plan`",
+    )
+    parser.add_argument(
+        "--checkpoint", action="append", default=[], metavar="DIR",
+        help="a fine-tuned pairing from `lp-fx finetune` to compare as well (repeatable); "
+        "its trained tensors are loaded for its column only",
+    )
+    add_quantize_option(parser, several=False)
+    parser.add_argument("--fuse", action="store_true",
+                        help="fuse=True: run each pair's GEMMs batched (one device; same results, fewer GEMMs)")
+    parser.add_argument("--out", default=str(RESULTS / "eval.json"), help="JSON results (folders are created)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.checkpoint and args.quantize != "fp32":
+        raise ValueError(
+            f"--checkpoint cannot be combined with --quantize {args.quantize}: the fine-tuned fp32 tensors are "
+            "loaded into the model's weights, which quantizing replaces; evaluate checkpoints in fp32"
+        )
+    writable(args.out)
+    loaded, data_dir = options.load(args)
+    pairings, checkpoints = _eval_pairings(args, loaded)
+    prepared = evaluate.prepare(loaded.tokenizer, eval_spec(args, data_dir))
+    quantize_weights(loaded.model, args.quantize)
+    print(f"model {loaded.name} ({loaded.num_layers} layers, {args.quantize} weights); "
+          f"items per task: {prepared.sizes()}")
+    results = {}
+    for pairing in pairings:
+        with finetuned(loaded.model, checkpoints.get(pairing)):
+            logits_fn = evaluate.compile_pairing(loaded.model, pairing, args.mode, args.inner, fuse=args.fuse)
+            results[pairing.name] = evaluate.run_eval(logits_fn, prepared, not args.no_progress)
+    names = [pairing.name for pairing in pairings]
+    print(format_table(names, results))
+    write_json(
+        {
+            "model": loaded.name,
+            "num_layers": loaded.num_layers,
+            "mode": args.mode,
+            "fuse": args.fuse,
+            "quantize": args.quantize,
+            "spec": spec_record(eval_spec(args, data_dir)),
+            "sizes": prepared.sizes(),
+            "pairings": [
+                {
+                    **pairing.to_json(),
+                    "results": results[pairing.name],
+                    "retention": evaluate.retention(results[pairing.name], results["baseline"]),
+                }
+                for pairing in pairings
+            ],
+        },
+        args.out,
+    )
+
+
+def _eval_pairings(args: argparse.Namespace, loaded: object) -> tuple[list[Pairing], dict[Pairing, str]]:
+    """The columns to measure, every one checked against the model before anything is measured:
+    the baseline, each ``--pairs`` and each ``--checkpoint`` (and the checkpoint it loads from)."""
+    from lp_fx.tools.checkpoint import read_pairing
+
+    pairings = [BASELINE] + [parse_pairing(spec, loaded.num_layers) for spec in args.pairs]
+    checkpoints = {checkpoint_pairing(read_pairing(d), d): d for d in args.checkpoint}
+    pairings += list(checkpoints)
+    names = [pairing.name for pairing in pairings]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"pairing {twice[0]!r} is given twice: give each --pairs / --checkpoint once")
+    for pairing in pairings:
+        evaluate.check_pairing(loaded.model, pairing, args.mode, fuse=args.fuse)
+    for directory in checkpoints.values():
+        with finetuned(loaded.model, directory):  # every check of load_finetuned; the model is restored
+            pass
+    return pairings, checkpoints

@@ -1,0 +1,201 @@
+"""What the ``lp-fx`` subcommands share: the model and evaluation options, pairing specs, result files and tables."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from lp_fx.config import check_plan, load_plan, validate_pairs
+from lp_fx.tools import data, evaluate, planner
+from lp_fx.tools.arguments import int_at_least, positive_int
+from lp_fx.tools.evaluate import BASELINE, EvalSpec, Pairing
+from lp_fx.tools.models import PRECISIONS
+
+
+RESULTS = Path("lp-fx-results")  # where results go unless --out says otherwise
+
+
+PAIR_LIST = re.compile(r"^\d+-\d+(,\d+-\d+)*$")
+
+
+RANGE = re.compile(r"^(\d+):(\d+)$")
+
+
+def add_model_options(parser: argparse.ArgumentParser, mode: bool = True) -> None:
+    parser.add_argument(
+        "--model", default="smollm2",
+        help="'smollm2' (the bundled SmolLM2-135M-Instruct GGUF), a .gguf file or a local HF model directory",
+    )
+    parser.add_argument(
+        "--data-dir", default=None,
+        help=f"evaluation data directory (default: ${data.DATA_VARIABLE}, else ../shared/data next to the "
+        "repository or the working directory)",
+    )
+    if mode:
+        parser.add_argument("--mode", default="lp", choices=["lp", "block"], help="pairing mode")
+    parser.add_argument(
+        "--inner", default="eager", choices=["eager", "aot_eager", "inductor"],
+        help="compiler behind the layer_parallel backend (eager is fastest to compile)",
+    )
+    parser.add_argument("--window", type=int_at_least(2), default=512, help="perplexity window in tokens")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+
+
+def add_eval_options(parser: argparse.ArgumentParser, tasks: str, split: str, windows: int | None) -> None:
+    parser.add_argument(
+        "--tasks", default=tasks,
+        help=f"comma-separated, from: {', '.join(evaluate.TASKS)} (wikitext = perplexity)",
+    )
+    parser.add_argument("--limit", type=positive_int, default=None, help="items per task (fixed-seed subset)")
+    parser.add_argument("--seed", type=int, default=1234, help="seed of the --limit subsets")
+    parser.add_argument(
+        "--split", default=split, choices=["all", "calib", "heldout"],
+        help="perplexity windows: all, the first half (calib) or the second half (heldout)",
+    )
+    parser.add_argument(
+        "--ppl-windows", type=positive_int, default=windows,
+        help="use this many evenly spaced windows of the split (default: all)",
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="batch size for task scoring")
+
+
+def eval_spec(args: argparse.Namespace, data_dir: Path) -> EvalSpec:
+    return EvalSpec(
+        data_dir=data_dir,
+        tasks=tuple(task.strip() for task in args.tasks.split(",") if task.strip()),
+        limit=args.limit,
+        seed=args.seed,
+        ppl_split=args.split,
+        ppl_windows=args.ppl_windows,
+        window=args.window,
+        batch_size=args.batch_size,
+    )
+
+
+def spec_record(spec: EvalSpec) -> dict:
+    """The spec as the results JSON records it."""
+    return {**vars(spec), "data_dir": str(spec.data_dir)}
+
+
+def load(args: argparse.Namespace) -> tuple[object, Path]:
+    """The model and the data directory; ``--window`` checked against the model's positions."""
+    from lp_fx.tools.models import load_model
+
+    data_dir = data.resolve_data_dir(args.data_dir)  # fail on a bad data dir before loading
+    loaded = load_model(args.model, progress=not args.no_progress)
+    positions = getattr(loaded.model.config, "max_position_embeddings", None)
+    if positions is not None and args.window > positions:
+        raise ValueError(
+            f"--window {args.window}: {loaded.name} takes at most {positions} positions; give --window <= {positions}"
+        )
+    return loaded, data_dir
+
+
+def add_quantize_option(parser: argparse.ArgumentParser, several: bool) -> None:
+    """``--quantize``: one precision, or (``several``) a comma-separated list of them."""
+    what = "comma-separated, each run in turn on the one loaded model (e.g. fp32,int8)" if several else "one of"
+    parser.add_argument(
+        "--quantize", default="fp32", choices=None if several else PRECISIONS,
+        help=f"weights, {what} {', '.join(PRECISIONS)}; int8: torchao Int8WeightOnlyConfig on every linear, "
+        "applied after loading",
+    )
+
+
+def parse_pairing(spec: str, num_layers: int) -> Pairing:
+    """``baseline``, a range ``14:28``, pairs ``14-15,20-21``, or a plan file for this model.
+
+    A range past the model's ``num_layers`` layers is refused before its pairs are listed; the
+    other checks against the model are :func:`lp_fx.tools.evaluate.check_pairing`'s.
+    """
+    if spec == "baseline":
+        return BASELINE
+    if match := RANGE.match(spec):
+        from lp_fx.config import pairs_from_range
+
+        if int(match[2]) > num_layers:
+            raise evaluate.out_of_range(f"range {spec}", num_layers)
+        return Pairing(spec, pairs_from_range(int(match[1]), int(match[2])))
+    if PAIR_LIST.match(spec):
+        pairs = tuple(tuple(map(int, pair.split("-"))) for pair in spec.split(","))
+        return Pairing(spec, pairs)  # type: ignore[arg-type]
+    plan = load_plan(spec)
+    check_plan(plan, num_layers, spec)
+    validate_pairs(plan["pairs"])
+    return planner.plan_pairing(plan, Path(spec).stem)
+
+
+def writable(*paths: str) -> None:
+    """Check, before the work starts, that output files can be written: in their folder or, when
+    it does not exist yet, in the nearest one that does. Folders are created only by
+    :func:`new_file`, when there are results to write, so a refusal leaves no trace."""
+    from lp_fx.tools.checkpoint import check_writable
+
+    for path in map(Path, paths):
+        if path.is_dir():
+            raise ValueError(f"{path} is a directory; give a file name")
+        check_writable(next(folder for folder in (path.parent, *path.parent.parents) if folder.exists()))
+
+
+def new_file(path: str) -> str:
+    """``path``, its folders created."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json(payload: dict, path: str) -> None:
+    Path(new_file(path)).write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def format_table(names: Sequence[str], results: dict[str, dict]) -> str:
+    """Metrics as rows (``[n]`` = items or windows), pairings as columns; after the baseline,
+    ``value (LP/baseline)``; then the mean accuracy retention."""
+    values = {name: evaluate.metric_values(results[name]) for name in names}
+    baseline = values[names[0]]
+    rows: list[tuple[str, list[str]]] = []
+    for task, metric in baseline:
+        size = results[names[0]][task].get("n", results[names[0]][task].get("windows"))
+        cells = [f"{baseline[(task, metric)]:.4g}"]
+        for name in names[1:]:
+            value = values[name].get((task, metric))
+            cells.append("n/a" if value is None else f"{value:.4g} ({value / baseline[(task, metric)]:.3f})")
+        rows.append((f"{task}/{metric} [{size}]", cells))
+    for key in ("mean_acc", "mean_acc_norm"):
+        means = [evaluate.retention(results[name], results[names[0]]).get(key) for name in names[1:]]
+        rows.append((f"retention {key}", ["", *("n/a" if m is None else f"{m:.3f}" for m in means)]))
+    label = max(len(row[0]) for row in rows) + 2
+    width = max(18, *(len(name) + 2 for name in names), *(len(c) + 2 for _, cells in rows for c in cells))
+    lines = ["metric".ljust(label) + "".join(name.rjust(width) for name in names)]
+    lines += [text.ljust(label) + "".join(cell.rjust(width) for cell in cells) for text, cells in rows]
+    return "\n".join(lines)
+
+
+def checkpoint_pairing(pairing: dict, directory: str) -> Pairing:
+    pairs = tuple(tuple(pair) for pair in pairing["pairs"])
+    return Pairing(f"finetuned:{Path(directory).name}", pairs, tuple(pairing["modes"]))  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def finetuned(model: object, directory: str | None) -> Iterator[None]:
+    """The model with a checkpoint's tensors loaded, restored afterwards (None: unchanged)."""
+    if directory is None:
+        yield
+        return
+    from lp_fx.tools.checkpoint import load_finetuned
+
+    state = model.state_dict()
+    original = {name: tensor.clone() for name, tensor in state.items()}
+    try:
+        load_finetuned(model, directory)
+        yield
+    finally:
+        with torch.no_grad():
+            for name, tensor in original.items():
+                state[name].copy_(tensor)
