@@ -44,6 +44,7 @@ from torch import nn
 
 from lp_fx.config import PAIRING_MODES, LayerParallelError, Pair, config_from_options, validate_pairs
 from lp_fx.find_layers import layer_lists
+from lp_fx.tools.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -190,12 +191,12 @@ def _write_version(
     folder = Path(tempfile.mkdtemp(dir=directory, prefix=f"ckpt-step{step:06d}-"))
     try:
         folder.chmod(0o755)
-        _write_file(folder / PAIRING, lambda path: path.write_text(json.dumps(pairing, indent=2) + "\n"))
+        write_json(folder / PAIRING, pairing)
         _write_file(
             folder / TENSORS,
             lambda path: save_file(dict(tensors), str(path), metadata={"format": FORMAT, "step": str(step)}),
         )
-        _write_file(folder / RECORD, lambda path: path.write_text(json.dumps(record, indent=2) + "\n"))
+        write_json(folder / RECORD, record)
         _fsync_directory(folder)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)

@@ -26,7 +26,6 @@ A plan file records the model's layer count so that a plan made for another mode
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from tqdm.auto import tqdm
 
 from lp_fx.tools import evaluate
 from lp_fx.tools.evaluate import Pair, Pairing
+from lp_fx.tools.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def plan_pairing(plan: dict, name: str) -> Pairing:
 
 
 def save_plan(plan: dict, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(plan, indent=2) + "\n")
+    write_json(path, plan)
 
 
 # ------------------------------------------------------------------------------------- planning

@@ -9,7 +9,7 @@ from lp_fx.tools.evaluate import BASELINE, Pairing
 from lp_fx.tools.models import quantize_weights
 from lp_fx.tools.commands import options
 from lp_fx.tools.commands.options import (
-    RESULTS, add_eval_options, add_model_options, add_quantize_option, checkpoint_pairing, eval_spec, finetuned, format_table, parse_pairing, spec_record, writable, write_json,
+    RESULTS, add_eval_options, add_model_options, add_quantize_option, checkpoint_pairing, eval_spec, finetuned, format_table, parse_pairing, spec_record, writable, write_results,
 )
 
 
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> None:
             results[pairing.name] = evaluate.run_eval(logits_fn, prepared, not args.no_progress)
     names = [pairing.name for pairing in pairings]
     print(format_table(names, results))
-    write_json(
+    write_results(
         {
             "model": loaded.name,
             "num_layers": loaded.num_layers,

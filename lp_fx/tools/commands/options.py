@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import re
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -16,6 +15,7 @@ from lp_fx.tools import data, evaluate, planner
 from lp_fx.tools.arguments import int_at_least, positive_int
 from lp_fx.tools.evaluate import BASELINE, EvalSpec, Pairing
 from lp_fx.tools.models import PRECISIONS
+from lp_fx.tools.files import write_json
 
 
 RESULTS = Path("lp-fx-results")  # where results go unless --out says otherwise
@@ -149,8 +149,8 @@ def new_file(path: str) -> str:
     return path
 
 
-def write_json(payload: dict, path: str) -> None:
-    Path(new_file(path)).write_text(json.dumps(payload, indent=2) + "\n")
+def write_results(payload: dict, path: str) -> None:
+    write_json(path, payload)
     print(f"wrote {path}")
 
 

@@ -7,7 +7,7 @@ import argparse
 from lp_fx.tools import evaluate, planner
 from lp_fx.tools.arguments import non_negative_int, positive_float, positive_int
 from lp_fx.tools.commands import options
-from lp_fx.tools.commands.options import RESULTS, add_model_options, new_file, writable
+from lp_fx.tools.commands.options import RESULTS, add_model_options, writable
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> None:
           f"(compiled plainly: {calib['plan_ppl_plain']:.3f})")
     print(f"{search['pairings_scored']} pairings scored with {search['graphs_compiled']} compiled graph(s) "
           f"in {search['seconds']:.0f} s")
-    planner.save_plan(plan, new_file(args.out))
+    planner.save_plan(plan, args.out)
     print(f"wrote {args.out}")
     problem = planner.plain_disagreement(plan)
     if problem:

@@ -10,7 +10,7 @@ from lp_fx.tools.evaluate import Pairing
 from lp_fx.tools.models import parse_precisions, quantize_weights
 from lp_fx.tools.commands import options
 from lp_fx.tools.commands.options import (
-    RESULTS, add_eval_options, add_model_options, add_quantize_option, eval_spec, new_file, spec_record, writable, write_json,
+    RESULTS, add_eval_options, add_model_options, add_quantize_option, eval_spec, new_file, spec_record, writable, write_results,
 )
 
 
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> None:
     )
     result.update(model=loaded.name, transforms=list(transforms), seeds=args.seeds)
     result.update(spec=spec_record(spec), sizes=prepared.sizes())
-    write_json(result, args.out)
+    write_results(result, args.out)
     if "wikitext" in spec.tasks:
         measured = f"WikiText-2 ({args.split}), {prepared.sizes()['wikitext']} windows of {args.window} tokens"
         print(f"{measured}: perplexity; shuffle: mean [min–max] over seeds")
