@@ -1,4 +1,11 @@
-"""With ``free_weights=True``: each rank keeps in memory only the weights it computes with.
+"""Tensors the backend passes in place of parameters, and what parameters cost in memory.
+
+:class:`WeightStore` holds, per backend object and weakly per parameter, the tensors its graphs
+read instead of the model's own: slices (``free_weights``), averages (``mode="merge"``) and fused
+buffers (``fuse=True``). :func:`keep_own_weights` is ``free_weights=True``, described below; the
+byte counters (:func:`resident_bytes`, :func:`unique_bytes`, ...) serve the reports and benches.
+
+With ``free_weights=True`` each rank keeps in memory only the weights it computes with.
 
 After placement a rank's graph reads some parameters whole (its branch of a pair, replicated
 layers, embedding and head), some only through ``narrow`` slices (tensor-parallel linears) and
