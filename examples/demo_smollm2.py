@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 
 import torch
 
 import lp_fx
 from lp_fx import LayerParallel
-from lp_fx.tools.data import load_wikitext, resolve_data_dir
+from lp_fx.config import INNER_COMPILERS, PAIRING_MODES, check_range
+from lp_fx.tools.arguments import OneLineParser, int_at_least, non_negative_int, positive_int
+from lp_fx.tools.data import DataError, load_wikitext, resolve_data_dir
 from lp_fx.tools.evaluate import make_windows, perplexity
 from lp_fx.tools.models import load_model
 
@@ -25,14 +28,15 @@ PROMPT = "What is the capital of France?"
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--start", type=int, default=14)
-    p.add_argument("--end", type=int, default=28)
-    p.add_argument("--mode", choices=["lp", "block"], default="lp")
-    p.add_argument("--inner", choices=["inductor", "aot_eager", "eager"], default="aot_eager",
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--start", type=non_negative_int, default=14)
+    p.add_argument("--end", type=positive_int, default=28)
+    p.add_argument("--mode", choices=PAIRING_MODES, default="lp")
+    p.add_argument("--inner", choices=INNER_COMPILERS, default="aot_eager",
                    help="inner compiler after the rewrite (inductor: faster to run, ~1-2 min more to compile)")
-    p.add_argument("--tokens", type=int, default=4096, help="WikiText-2 tokens to score (multiple of 512)")
-    p.add_argument("--new-tokens", type=int, default=24)
+    p.add_argument("--tokens", type=int_at_least(512), default=4096,
+                   help="WikiText-2 tokens to score, in 512-token windows (at least 512)")
+    p.add_argument("--new-tokens", type=positive_int, default=24)
     p.add_argument("--data-dir", default=None, help="evaluation data (default: ../shared/data)")
     p.add_argument("--checkpoint", default=None, metavar="DIR",
                    help="a fine-tuned pairing from `lp-fx finetune`: shown after baseline and LP")
@@ -63,11 +67,23 @@ def run(name: str, loaded, backend: LayerParallel, windows: torch.Tensor, new_to
     return {"name": name, "ppl": ppl, "answer": text, "pairs": rewritten}
 
 
-def main() -> None:
+def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args()
-    data_dir = resolve_data_dir(args.data_dir)
+    try:
+        check_range(args.start, args.end)
+        data_dir = resolve_data_dir(args.data_dir)
+        demo(args, data_dir)
+    except (DataError, OSError, ValueError) as error:  # LayerParallelError is a ValueError
+        print(f"demo_smollm2: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def demo(args: argparse.Namespace, data_dir) -> None:
     loaded = load_model("smollm2")
+    if args.end > loaded.num_layers:
+        raise ValueError(f"--end {args.end} is past the last layer: SmolLM2-135M has {loaded.num_layers} layers")
     ids = loaded.tokenizer.encode(load_wikitext(data_dir), add_special_tokens=False)[: args.tokens]
     windows = make_windows(ids, 512)
     layers = loaded.num_layers
@@ -93,4 +109,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
