@@ -354,3 +354,78 @@ def test_tokenizer_fields_of_a_gguf_source_are_copied(tmp_path, bpe_dir):
     tokenizer_a = {k: v for k, v in a.items() if k.startswith("tokenizer.")}
     assert tokenizer_a and tokenizer_a == {k: v for k, v in b.items() if k.startswith("tokenizer.")}
     assert a["general.architecture"] == "llama" and a["llama.block_count"] == LAYERS
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def bpe_model_dir(tmp_path_factory, bpe_dir) -> Path:
+    """A local Hugging Face model folder: the tiny BPE model and its tokenizer."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("bpe_model")
+    for item in bpe_dir.iterdir():
+        shutil.copy(item, path)
+    bpe_model().save_pretrained(path)
+    return path
+
+
+def test_cli_exports_a_range_a_plan_and_the_baseline(tmp_path, bpe_model_dir, capsys):
+    from lp_fx.tools import cli
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"num_layers": LAYERS, "pairs": [[1, 2], [3, 4]], "modes": ["lp", "merge"]}))
+    runs = {"range": ["--pairs", "1:5"], "plan": ["--plan", str(plan)], "baseline": ["--pairs", "baseline"]}
+    for name, spec in runs.items():
+        assert cli.main(["export", "--model", str(bpe_model_dir), *spec, "--out", str(tmp_path / f"{name}.gguf")]) == 0
+    assert "6 -> 4 layers (gguf, f32); wide layers (1, 2)->8h/256, (3, 4)->8h/256" in capsys.readouterr().out
+    fields = {name: read(tmp_path / f"{name}.gguf")[0] for name in runs}
+    assert fields["range"]["deci.attention.head_count"] == [4, 8, 8, 4]
+    assert fields["plan"]["deci.attention.head_count"] == [4, 8, 4, 4]
+    assert fields["baseline"]["general.architecture"] == "llama" and fields["baseline"]["llama.block_count"] == LAYERS
+
+
+def test_cli_writes_a_hugging_face_folder_for_merge(tmp_path, bpe_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from lp_fx.tools import cli
+
+    out = tmp_path / "merged"
+    args = ["export", "--model", str(bpe_model_dir), "--pairs", "1-2", "--mode", "merge", "--format", "hf",
+            "--dtype", "f16", "--out", str(out)]
+    assert cli.main(args) == 0
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert loaded.config.num_hidden_layers == LAYERS - 1 and loaded.dtype == torch.float16
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--pairs", "1-2", "--mode", "block"], "pair (1, 2) has mode 'block', which is not one layer"),
+    (["--pairs", "1:5", "--format", "hf"], "an lp pairing has layers of two widths"),
+    ([], "give --pairs, --plan or --checkpoint"),
+    (["--pairs", "1-2", "--checkpoint", "nowhere"], "checkpoint directory nowhere does not exist"),
+])
+def test_cli_refusals_are_one_line_and_write_nothing(tmp_path, bpe_model_dir, capsys, extra, message):
+    from lp_fx.tools import cli
+
+    out = tmp_path / "out" / "m.gguf"
+    assert cli.main(["export", "--model", str(bpe_model_dir), *extra, "--out", str(out)]) == 2
+    err = capsys.readouterr().err  # (above it, transformers' progress bar while the model loads)
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("lp-fx export: error: ") and message in last, err
+    assert not out.exists() and (not out.parent.exists() or not list(out.parent.iterdir()))
+
+
+def test_cli_takes_the_pairing_of_a_checkpoint_and_refuses_another(tmp_path, bpe_model_dir, capsys):
+    from lp_fx.tools import cli
+    from lp_fx.tools.checkpoint import layer_parameter_names, pairing_record, save_checkpoint, unique_tensors
+
+    model = bpe_model()
+    trained = unique_tensors(model, layer_parameter_names(model, "model.layers", [3, 4]))
+    save_checkpoint(tmp_path / "ckpt", trained, pairing_record(model, [(3, 4)], ["lp"], trained), {"step": 1})
+    common = ["export", "--model", str(bpe_model_dir), "--checkpoint", str(tmp_path / "ckpt")]
+    assert cli.main([*common, "--out", str(tmp_path / "a.gguf")]) == 0
+    assert read(tmp_path / "a.gguf")[0]["deci.attention.head_count"] == [4, 4, 4, 8, 4]
+    assert cli.main([*common, "--pairs", "1-2", "--out", str(tmp_path / "b.gguf")]) == 2
+    assert "was trained for pairs [(3, 4)] modes ['lp'], not 1-2 [(1, 2)]" in capsys.readouterr().err
+    assert not (tmp_path / "b.gguf").exists()
