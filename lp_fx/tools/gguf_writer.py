@@ -11,6 +11,7 @@ tokenizer is copied: the ``tokenizer.*`` fields of a source GGUF as they are, or
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -71,12 +72,28 @@ def check_gguf(config: Any, source: Source) -> None:
 
 
 def _gguf_token_count(path: Path) -> int:
+    tokens = gguf_tokenizer_fields(path).get("tokenizer.ggml.tokens")
+    if tokens is None:
+        raise ExportError(f"{path} has no tokenizer.ggml.tokens to copy")
+    return len(tokens[0])
+
+
+def gguf_tokenizer_fields(path: Path) -> dict[str, tuple[Any, Any, Any]]:
+    """``{name: (value, type, item type of an array)}`` of the ``tokenizer.*`` fields of a GGUF (read
+    once for the check and the copy, unless the file changed: parsing a 49k-token vocabulary takes seconds)."""
+    return _tokenizer_fields(path.resolve(), path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer_fields(path: Path, mtime_ns: int) -> dict[str, tuple[Any, Any, Any]]:
     import gguf
 
-    field = gguf.GGUFReader(path).fields.get("tokenizer.ggml.tokens")
-    if field is None:
-        raise ExportError(f"{path} has no tokenizer.ggml.tokens to copy")
-    return len(field.data)
+    fields = {}
+    for name, field in gguf.GGUFReader(path).fields.items():
+        if name.startswith("tokenizer."):
+            kind = field.types[0]
+            fields[name] = (field.contents(), kind, field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+    return fields
 
 
 def _sliding(config: Any) -> bool:
@@ -169,13 +186,8 @@ def _add_tokenizer(writer: Any, tokenizer: Path, vocab_size: int) -> None:
 
 def _copy_gguf_tokenizer(writer: Any, path: Path) -> None:
     """Every ``tokenizer.*`` field of the source GGUF, with its value types."""
-    import gguf
-
-    for name, field in gguf.GGUFReader(path).fields.items():
-        if name.startswith("tokenizer."):
-            kind = field.types[0]
-            sub_type = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(name, field.contents(), kind, sub_type=sub_type)
+    for name, (value, kind, sub_type) in gguf_tokenizer_fields(path).items():
+        writer.add_key_value(name, value, kind, sub_type=sub_type)
 
 
 def _add_hf_tokenizer(writer: Any, directory: Path, vocab_size: int) -> None:
