@@ -30,14 +30,16 @@ INSTALL = (
 )
 
 
-def open_gguf(path: str | Path, threads: int, n_ctx: int = 512) -> Any:
-    """A llama.cpp context on ``path`` that keeps the logits of every position."""
+def open_gguf(path: str | Path, threads: int, n_ctx: int = 512, f32_cache: bool = False) -> Any:
+    """A llama.cpp context on ``path`` that keeps the logits of every position; its KV cache is
+    llama.cpp's default f16 unless ``f32_cache`` (then an f32 export computes in f32 throughout)."""
     try:
-        from llama_cpp import Llama
+        import llama_cpp
     except ImportError:
         raise ValueError(INSTALL) from None
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-                 n_threads=threads, n_threads_batch=threads, verbose=False)
+    cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_cache else {}
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                           n_threads=threads, n_threads_batch=threads, verbose=False, **cache)
 
 
 def logits(llm: Any, ids: Sequence[int]) -> np.ndarray:
@@ -180,7 +182,7 @@ def check(model_spec: str, specs: Sequence[str], dtypes: Sequence[str], windows:
             for dtype in dtypes:
                 path = Path(tmp) / f"{dtype}.gguf"
                 export(loaded.model, pairing.pairs, modes, path, source, "gguf", dtype)
-                llm = open_gguf(path, threads, n_ctx=max(512, ids.shape[1] + tokens))
+                llm = open_gguf(path, threads, n_ctx=max(512, ids.shape[1] + tokens), f32_cache=True)
                 ppl = perplexity(llm, text)
                 got = greedy(llm, ids[0].tolist(), tokens)
                 matched = next((i for i, (a, b) in enumerate(zip(got, row["pass_greedy"])) if a != b), tokens)
