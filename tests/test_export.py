@@ -429,3 +429,16 @@ def test_cli_takes_the_pairing_of_a_checkpoint_and_refuses_another(tmp_path, bpe
     assert cli.main([*common, "--pairs", "1-2", "--out", str(tmp_path / "b.gguf")]) == 2
     assert "was trained for pairs [(3, 4)] modes ['lp'], not 1-2 [(1, 2)]" in capsys.readouterr().err
     assert not (tmp_path / "b.gguf").exists()
+
+
+def test_bench_llamacpp_refuses_a_dtype_without_its_unpaired_export(tmp_path, bpe_dir, capsys):
+    from lp_fx.tools import cli
+
+    paths = {}
+    for name, pairs, modes, dtype in (("base", [], [], "f32"), ("lp", PAIRS, ["lp", "lp"], "f32"), ("lp8", PAIRS, ["lp", "lp"], "q8_0")):
+        paths[name] = tmp_path / f"{name}.gguf"
+        ex.export(bpe_model(), pairs, modes, paths[name], Source("tiny", bpe_dir), dtype=dtype)
+    args = ["bench", "--llamacpp", *map(str, paths.values()), "--json", str(tmp_path / "b.json")]
+    assert cli.main(args) == 2
+    assert "no unpaired export (`lp-fx export --pairs baseline`) among the GGUFs for dtype(s) q8_0" in capsys.readouterr().err
+    assert not (tmp_path / "b.json").exists()

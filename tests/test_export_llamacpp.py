@@ -4,6 +4,8 @@ SmolLM2 (``-m slow``) perplexity within 0.5 % (f32) / 1 % (q8_0) of the pass's."
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -45,3 +47,21 @@ def test_smollm2_in_llamacpp_equals_the_pass(capsys):
         f32, q8 = row["llamacpp"]["f32"], row["llamacpp"]["q8_0"]
         assert abs(f32["rel_diff"]) <= 0.005 and abs(q8["rel_diff"]) <= 0.01, row
         assert f32["greedy_matched"] == 32, row
+
+
+def test_bench_gives_each_export_a_ratio_to_the_unpaired_one_of_its_dtype(tmp_path, bpe_dir):  # noqa: F811
+    from lp_fx.tools import cli
+
+    paths = []
+    for dtype in ("f32", "q8_0"):
+        for pairs, modes in (([], []), (PAIRS, ["lp", "lp"])):
+            paths.append(tmp_path / f"{dtype}_{len(pairs)}.gguf")
+            export(bpe_model(), pairs, modes, paths[-1], Source("tiny", bpe_dir), dtype=dtype)
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--llamacpp", *map(str, paths), "--tokens", "4", "--rounds", "2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [(m["dtype"], m["layers"], len(m["tokens_per_s"])) for m in result["models"]] == [
+        ("f32", 6, 2), ("f32", 4, 2), ("q8_0", 6, 2), ("q8_0", 4, 2)
+    ]
+    ratios = result["ratio_to_unpaired"]
+    assert ratios[str(paths[0])] == 1.0 and ratios[str(paths[2])] == 1.0 and ratios[str(paths[1])] > 0

@@ -223,6 +223,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="decode tokens/s in llama.cpp of GGUFs from `lp-fx export`, each paired one as a ratio to the "
                      "unpaired export (--pairs baseline) of the same dtype; uses --tokens, --rounds, --prompt")
     cpp.add_argument("--threads", type=int, default=2, help="llama.cpp threads (the same for every GGUF)")
+    cpp.add_argument("--flash-attn", action="store_true",
+                     help="llama.cpp flash attention (without it the V cache of every layer is padded to the widest layer's)")
     parser.add_argument("--json", default="lp-fx-results/bench.json", help="where rank 0 writes the results (folders are created)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
 
@@ -262,8 +264,9 @@ def bench(args: argparse.Namespace) -> None:
 def _bench_llamacpp(args: argparse.Namespace) -> None:
     from lp_fx.tools import llamacpp
 
-    result = llamacpp.bench(args.llamacpp, args.threads, args.tokens, args.rounds, args.prompt)
-    print(f"llama.cpp, {args.threads} threads, {args.tokens} tokens after the prompt, {args.rounds} rounds interleaved, "
+    result = llamacpp.bench(args.llamacpp, args.threads, args.tokens, args.rounds, args.prompt, args.flash_attn)
+    print(f"llama.cpp, {args.threads} threads, flash attention {'on' if args.flash_attn else 'off'}, "
+          f"{args.tokens} tokens after the prompt, {args.rounds} rounds interleaved, "
           "batch 1; median decode tokens/s, median per-round ratio to the unpaired export of the same dtype")
     print(llamacpp.bench_table(result))
     with open(args.json, "w") as f:

@@ -30,16 +30,17 @@ INSTALL = (
 )
 
 
-def open_gguf(path: str | Path, threads: int, n_ctx: int = 512, f32_cache: bool = False) -> Any:
+def open_gguf(path: str | Path, threads: int, n_ctx: int = 512, f32_cache: bool = False, flash_attn: bool = False) -> Any:
     """A llama.cpp context on ``path`` that keeps the logits of every position; its KV cache is
-    llama.cpp's default f16 unless ``f32_cache`` (then an f32 export computes in f32 throughout)."""
+    llama.cpp's default f16 unless ``f32_cache`` (then an f32 export computes in f32 throughout).
+    Without ``flash_attn`` llama.cpp pads every layer's V cache to the widest layer's (deci)."""
     try:
         import llama_cpp
     except ImportError:
         raise ValueError(INSTALL) from None
     cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_cache else {}
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-                           n_threads=threads, n_threads_batch=threads, verbose=False, **cache)
+                           n_threads=threads, n_threads_batch=threads, flash_attn=flash_attn, verbose=False, **cache)
 
 
 def logits(llm: Any, ids: Sequence[int]) -> np.ndarray:
@@ -105,7 +106,8 @@ def describe(path: str | Path) -> Timed:
     return Timed(str(path), dtype, pairing["pairs"], int(fields[f"{arch}.block_count"]))
 
 
-def bench(paths: Sequence[str], threads: int, tokens: int, rounds: int, prompt: str = PROMPT) -> dict:
+def bench(paths: Sequence[str], threads: int, tokens: int, rounds: int, prompt: str = PROMPT,
+          flash_attn: bool = False) -> dict:
     """Decode tokens/s of each GGUF, interleaved round after round; each paired export's ratio to
     the unpaired export of the same dtype (median of per-round ratios)."""
     timed = [describe(path) for path in paths]
@@ -114,7 +116,7 @@ def bench(paths: Sequence[str], threads: int, tokens: int, rounds: int, prompt: 
     if missing:
         raise ValueError(f"no unpaired export (`lp-fx export --pairs baseline`) among the GGUFs for dtype(s) "
                          f"{', '.join(missing)}: ratios need one per dtype")
-    contexts = [open_gguf(t.path, threads, n_ctx=64 + tokens) for t in timed]
+    contexts = [open_gguf(t.path, threads, n_ctx=64 + tokens, flash_attn=flash_attn) for t in timed]
     ids = contexts[0].tokenize(prompt.encode(), add_bos=False)
     for llm in contexts:
         decode_tokens_per_s(llm, ids, tokens)  # warm-up
@@ -125,7 +127,7 @@ def bench(paths: Sequence[str], threads: int, tokens: int, rounds: int, prompt: 
         t.path: statistics.median(a / b for a, b in zip(t.tokens_per_s, baselines[t.dtype].tokens_per_s))
         for t in timed
     }
-    return {"threads": threads, "tokens": tokens, "rounds": rounds, "prompt": prompt,
+    return {"threads": threads, "tokens": tokens, "rounds": rounds, "prompt": prompt, "flash_attn": flash_attn,
             "ratio_to_unpaired": ratios, "models": [vars(t) for t in timed]}
 
 
