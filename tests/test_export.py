@@ -442,3 +442,16 @@ def test_bench_llamacpp_refuses_a_dtype_without_its_unpaired_export(tmp_path, bp
     assert cli.main(args) == 2
     assert "no unpaired export (`lp-fx export --pairs baseline`) among the GGUFs for dtype(s) q8_0" in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists()
+
+
+def test_divergence_margin_is_the_pass_logit_gap_where_two_greedy_runs_first_differ():
+    from lp_fx.tools.llamacpp import divergence_margin
+
+    def logits_fn(ids):  # the next token's logits depend on the sequence length only
+        out = torch.zeros(1, ids.shape[1], 8)
+        out[0, -1, ids.shape[1] % 8] = 2.0
+        out[0, -1, (ids.shape[1] + 1) % 8] = 1.5
+        return out
+
+    assert divergence_margin(logits_fn, [1, 2], [2, 3, 4], [2, 3, 4]) is None
+    assert divergence_margin(logits_fn, [1, 2], [2, 3, 4], [2, 4, 4]) == pytest.approx(0.5)  # prompt + 1 token: 3 vs 4

@@ -46,7 +46,8 @@ def test_smollm2_in_llamacpp_equals_the_pass(capsys):
     for row in result["pairings"]:
         f32, q8 = row["llamacpp"]["f32"], row["llamacpp"]["q8_0"]
         assert abs(f32["rel_diff"]) <= 0.005 and abs(q8["rel_diff"]) <= 0.01, row
-        assert f32["greedy_matched"] == 32, row
+        # f32: the same 32 tokens, or a first difference where the pass itself has a near tie
+        assert f32["greedy_matched"] == 32 or abs(f32["pass_margin_at_divergence"]) <= 1e-2, row
 
 
 def test_bench_gives_each_export_a_ratio_to_the_unpaired_one_of_its_dtype(tmp_path, bpe_dir):  # noqa: F811

@@ -189,7 +189,9 @@ def check(model_spec: str, specs: Sequence[str], dtypes: Sequence[str], windows:
                 got = greedy(llm, ids[0].tolist(), tokens)
                 matched = next((i for i, (a, b) in enumerate(zip(got, row["pass_greedy"])) if a != b), tokens)
                 row["llamacpp"][dtype] = {"ppl": ppl, "rel_diff": ppl / row["pass_ppl"] - 1,
-                                          "greedy_matched": matched, "greedy": got}
+                                          "greedy_matched": matched, "greedy": got,
+                                          "pass_margin_at_divergence": divergence_margin(
+                                              logits_fn, ids[0].tolist(), row["pass_greedy"], got)}
                 del llm
             rows.append(row)
             print(check_line(row), flush=True)
@@ -197,9 +199,21 @@ def check(model_spec: str, specs: Sequence[str], dtypes: Sequence[str], windows:
             "threads": threads, "prompt": PROMPT, "pairings": rows}
 
 
+def divergence_margin(logits_fn: Any, prompt: Sequence[int], expected: Sequence[int], got: Sequence[int]) -> float | None:
+    """Where two greedy continuations first differ: the pass's logit of its own token minus its logit
+    of the other's (a near-zero margin is a tie that rounding decides), else None."""
+    k = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), None)
+    if k is None:
+        return None
+    with torch.no_grad():
+        last = logits_fn(torch.tensor([[*prompt, *expected[:k]]]))[0, -1].float()
+    return float(last[expected[k]] - last[got[k]])
+
+
 def check_line(row: dict) -> str:
-    cells = [f"{dtype} {r['ppl']:.4f} ({100 * r['rel_diff']:+.3f} %, greedy {r['greedy_matched']}/{len(r['greedy'])})"
-             for dtype, r in row["llamacpp"].items()]
+    cells = [f"{dtype} {r['ppl']:.4f} ({100 * r['rel_diff']:+.3f} %, greedy {r['greedy_matched']}/{len(r['greedy'])}"
+             + ("" if r["pass_margin_at_divergence"] is None else f", pass margin there {r['pass_margin_at_divergence']:.2g}")
+             + ")" for dtype, r in row["llamacpp"].items()]
     return f"{row['pairing']:<42} pass {row['pass_ppl']:.4f} | llama.cpp " + " | ".join(cells)
 
 
