@@ -144,17 +144,19 @@ def bench_table(result: dict) -> str:
 
 
 def pass_greedy(model: torch.nn.Module, pairing: Any, ids: torch.Tensor, tokens: int) -> list[int]:
-    """Greedy tokens of the ``layer_parallel`` pass (static cache, inner eager) for ``pairing``."""
+    """Greedy tokens of the ``layer_parallel`` pass (static cache, inner eager) for ``pairing``: the
+    argmax at every step, through end-of-sequence tokens as :func:`greedy` does (``min_new_tokens``
+    would instead forbid them, and stopping at one would cut the comparison short)."""
     import copy
 
     from lp_fx.tools.evaluate import make_backend
 
     torch._dynamo.reset()
     paired = copy.deepcopy(model)
+    paired.generation_config.eos_token_id = None
     paired.forward = torch.compile(paired.forward, backend=make_backend(paired, pairing, "lp", "eager"))
     with torch.no_grad():
-        out = paired.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                              cache_implementation="static")
+        out = paired.generate(ids, max_new_tokens=tokens, do_sample=False, cache_implementation="static")
     return out[0, ids.shape[1]:].tolist()
 
 
