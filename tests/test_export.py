@@ -455,3 +455,16 @@ def test_divergence_margin_is_the_pass_logit_gap_where_two_greedy_runs_first_dif
 
     assert divergence_margin(logits_fn, [1, 2], [2, 3, 4], [2, 3, 4]) is None
     assert divergence_margin(logits_fn, [1, 2], [2, 3, 4], [2, 4, 4]) == pytest.approx(0.5)  # prompt + 1 token: 3 vs 4
+
+
+def test_pass_greedy_takes_the_argmax_even_when_it_is_the_end_of_sequence_token():
+    from lp_fx.tools.evaluate import BASELINE
+    from lp_fx.tools.llamacpp import pass_greedy
+
+    model = bpe_model()
+    tokens = ids(seed=2, batch=1, length=5)
+    expected = []
+    for _ in range(6):  # argmax of a full forward at every step, as llama.cpp's greedy() takes it
+        expected.append(int(logits(model, torch.cat([tokens, torch.tensor([expected], dtype=torch.long)], 1))[0, -1].argmax()))
+    model.generation_config.eos_token_id = expected[1]
+    assert pass_greedy(model, BASELINE, tokens, 6) == expected
