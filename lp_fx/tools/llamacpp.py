@@ -26,7 +26,7 @@ import torch
 PROMPT = "The capital of France is"
 INSTALL = (
     "llama-cpp-python is not installed: pip install 'lp_fx[llamacpp]' (it builds llama.cpp from source with "
-    "cmake and a C++ compiler: several minutes, about 20 on 2 busy cores)"
+    "cmake and a C++ compiler: 20 minutes or more on 2 busy cores)"
 )
 
 
