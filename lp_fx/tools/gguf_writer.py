@@ -213,7 +213,7 @@ def gguf_tensors(folded: Folded, dtype: str, arch: str) -> list[tuple[str, np.nd
     permuted = arch == WIDE_ARCHITECTURE or ARCHITECTURES[folded.config.model_type][1]
     out = []
     for name, tensor in _named_tensors(folded):
-        layer = _layer_of(name, folded)
+        layer = int(name.split(".")[1]) if name.startswith("blk.") else None
         if permuted and layer is not None and name.split(".")[-2] in ("attn_q", "attn_k"):
             heads = folded.layers[layer].heads if name.split(".")[-2] == "attn_q" else folded.layers[layer].kv_heads
             tensor = rotary_order(tensor, heads)
@@ -238,10 +238,6 @@ def _named_tensors(folded: Folded) -> list[tuple[str, torch.Tensor]]:
             raise ExportError(f"tensor {name} has no GGUF name here")
         out.append((f"blk.{index}.{LAYER_NAMES[module]}.{kind}", tensor))
     return out
-
-
-def _layer_of(name: str, folded: Folded) -> int | None:
-    return int(name.split(".")[1]) if name.startswith("blk.") else None
 
 
 def rotary_order(tensor: torch.Tensor, heads: int) -> torch.Tensor:
