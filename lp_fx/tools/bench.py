@@ -220,6 +220,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     single.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     single.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     single.add_argument("--cudagraphs", action="store_true", help="Inductor's CUDA graphs for every variant (CUDA only)")
+    cpp = parser.add_argument_group("llama.cpp (--llamacpp): exported GGUFs, no torchrun")
+    cpp.add_argument("--llamacpp", nargs="+", metavar="GGUF", default=None,
+                     help="decode tokens/s in llama.cpp of GGUFs from `lp-fx export`, each paired one as a ratio to the "
+                     "unpaired export (--pairs baseline) of the same dtype; uses --tokens, --rounds, --prompt")
+    cpp.add_argument("--threads", type=int, default=2, help="llama.cpp threads (the same for every GGUF)")
+    cpp.add_argument("--flash-attn", action="store_true",
+                     help="llama.cpp flash attention (without it the V cache of every layer is padded to the widest layer's)")
     parser.add_argument("--json", default="lp-fx-results/bench.json", help="where rank 0 writes the results (folders are created)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
 
@@ -240,6 +247,9 @@ def bench(args: argparse.Namespace) -> None:
     from lp_fx.tools.checkpoint import check_writable
 
     check_writable(os.path.dirname(os.path.abspath(args.json)))  # before the work, not after it
+    if args.llamacpp:
+        _bench_llamacpp(args)
+        return
     if args.single:
         from lp_fx.tools.bench_single import run_single
 
@@ -251,6 +261,19 @@ def bench(args: argparse.Namespace) -> None:
     code = subprocess.call(cmd, env={**os.environ, _ARGS_VAR: shlex.join(_argv(args))})
     if code:
         raise RuntimeError(f"torchrun exited with status {code}")
+
+
+def _bench_llamacpp(args: argparse.Namespace) -> None:
+    from lp_fx.tools import llamacpp
+
+    result = llamacpp.bench(args.llamacpp, args.threads, args.tokens, args.rounds, args.prompt, args.flash_attn)
+    print(f"llama.cpp, {args.threads} threads, flash attention {'on' if args.flash_attn else 'off'}, "
+          f"{args.tokens} tokens after the prompt, {args.rounds} rounds interleaved, "
+          "batch 1; median decode tokens/s, median per-round ratio to the unpaired export of the same dtype")
+    print(llamacpp.bench_table(result))
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {args.json}")
 
 
 def _argv(args: argparse.Namespace) -> list[str]:

@@ -1,5 +1,5 @@
 """``lp-fx``: measure what pairing costs (``eval``), sweep Δ (``sweep``), choose pairs (``plan``),
-win it back (``finetune``), time it (``bench``).
+win it back (``finetune``), time it (``bench``), serve it anywhere (``export``).
 
 Each subcommand is one module that owns its arguments (``register``) and its run; a new
 subcommand is one more module in ``SUBCOMMANDS``.
@@ -15,12 +15,14 @@ from typing import Callable, Sequence
 from lp_fx.tools import bench, data
 from lp_fx.tools.arguments import OneLineParser
 from lp_fx.tools.commands import eval as eval_command
+from lp_fx.tools.commands import export as export_command
 from lp_fx.tools.commands import finetune as finetune_command
 from lp_fx.tools.commands import plan as plan_command
 from lp_fx.tools.commands import sweep as sweep_command
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     eval_command.register, sweep_command.register, plan_command.register, finetune_command.register, bench.register,
+    export_command.register,
 ]
 ERRORS = (data.DataError, OSError, ValueError)  # LayerParallelError is a ValueError; OSError: a path unreadable
 
