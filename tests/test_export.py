@@ -141,7 +141,7 @@ def test_a_fine_tuned_checkpoint_is_folded_in_first(tmp_path, bpe_dir):
     model = bpe_model()
     trained = unique_tensors(model, layer_parameter_names(model, "model.layers", [1, 2]))
     changed = {name: t + 0.05 * torch.randn_like(t) for name, t in trained.items()}
-    save_checkpoint(tmp_path / "ckpt", changed, pairing_record(model, [(1, 2)], ["lp"], changed), {"step": 1})
+    save_checkpoint(tmp_path / "ckpt", changed, pairing_record(model, [(1, 2)], ["lp"]), {"step": 1})
     out = tmp_path / "m.gguf"
     folded = ex.export(model, [(1, 2)], ["lp"], out, Source("tiny", bpe_dir), checkpoint=tmp_path / "ckpt")
     assert torch.equal(model.model.layers[1].self_attn.q_proj.weight, changed["model.layers.1.self_attn.q_proj.weight"])
@@ -422,7 +422,7 @@ def test_cli_takes_the_pairing_of_a_checkpoint_and_refuses_another(tmp_path, bpe
 
     model = bpe_model()
     trained = unique_tensors(model, layer_parameter_names(model, "model.layers", [3, 4]))
-    save_checkpoint(tmp_path / "ckpt", trained, pairing_record(model, [(3, 4)], ["lp"], trained), {"step": 1})
+    save_checkpoint(tmp_path / "ckpt", trained, pairing_record(model, [(3, 4)], ["lp"]), {"step": 1})
     common = ["export", "--model", str(bpe_model_dir), "--checkpoint", str(tmp_path / "ckpt")]
     assert cli.main([*common, "--out", str(tmp_path / "a.gguf")]) == 0
     assert read(tmp_path / "a.gguf")[0]["deci.attention.head_count"] == [4, 4, 4, 8, 4]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import os
 import shlex
@@ -28,6 +27,7 @@ import torch
 from lp_fx.tools.arguments import OneLineParser, int_at_least, non_negative_int, positive_int
 from lp_fx.tools.models import PRECISIONS
 from lp_fx.weights import resident_bytes
+from lp_fx.tools.files import write_json
 
 PROMPT = "The capital of France is"
 _ARGS_VAR = "LP_FX_BENCH_ARGS"
@@ -194,8 +194,7 @@ def run(args: argparse.Namespace) -> None:
                   "ratio_to_tp": {v.name: ratio_to_first(v, todo[0]) for v in todo},
                   "all_reduce_ms": latency,
                   "variants": [asdict(v) for v in todo]}
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1, default=str)
+        write_json(args.json, result, indent=1)
         print(f"wrote {args.json}")
     torch.distributed.destroy_process_group()
 
@@ -271,8 +270,7 @@ def _bench_llamacpp(args: argparse.Namespace) -> None:
           f"{args.tokens} tokens after the prompt, {args.rounds} rounds interleaved, "
           "batch 1; median decode tokens/s, median per-round ratio to the unpaired export of the same dtype")
     print(llamacpp.bench_table(result))
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(args.json, result, indent=1)
     print(f"wrote {args.json}")
 
 

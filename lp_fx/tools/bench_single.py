@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import statistics
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from lp_fx.tools.bench import PROMPT, generate, ratio_to_first
+from lp_fx.tools.bench import generate, ratio_to_first
 from lp_fx.weights import resident_bytes
+from lp_fx.tools.files import write_json
 
 GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_int_mm", "aten::_weight_int8pack_mm"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -119,8 +119,7 @@ def run_single(args: argparse.Namespace) -> dict:
         "ratio_to_inductor": {v.name: ratio_to_first(v, todo[0]) for v in todo},
         "variants": [asdict(v) for v in todo],
     }
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=1, default=str)
+    write_json(args.json, result, indent=1)
     print(f"wrote {args.json}")
     return result
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lp_fx.tools.checkpoint import atomic_write
+from lp_fx.tools.files import atomic_write
 from lp_fx.tools.export import ExportError, Folded, Source
 
 log = logging.getLogger(__name__)

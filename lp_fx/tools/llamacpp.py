@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lp_fx.tools.files import write_json
+
 PROMPT = "The capital of France is"
 INSTALL = (
     "llama-cpp-python is not installed: pip install 'lp_fx[llamacpp]' (it builds llama.cpp from source with "
@@ -234,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     result = check(args.model, [*args.pairs, *args.plan], args.dtypes.split(","), args.windows, args.tokens,
                    args.threads, args.data_dir)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.json, result, indent=1)
         print(f"wrote {args.json}")
 
 
