@@ -63,3 +63,14 @@ def test_profiler_counts_fewer_gemm_launches_per_token_with_fuse():
         counts[v.name] = gemm_launches_per_token(copy_, ids, 4)
         torch._dynamo.reset()
     assert counts == {"LP lp": 43.0, "LP lp + fuse": 23.0}
+
+
+def test_an_odd_range_is_refused_in_one_line_before_torchrun_starts(monkeypatch, capsys, tmp_path):
+    import subprocess
+
+    from lp_fx.tools import cli
+
+    monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("torchrun started with an odd range"))
+    code = cli.main(["bench", "--start", "3", "--end", "4", "--json", str(tmp_path / "bench.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "end - start = 1 is odd" in err and "Traceback" not in err

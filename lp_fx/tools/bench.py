@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from lp_fx.config import check_range
 from lp_fx.tools.arguments import OneLineParser, int_at_least, non_negative_int, positive_int
 from lp_fx.tools.models import PRECISIONS
 from lp_fx.weights import resident_bytes
@@ -249,6 +250,7 @@ def bench(args: argparse.Namespace) -> None:
     if args.llamacpp:
         _bench_llamacpp(args)
         return
+    check_range(args.start, args.end)  # before torchrun starts: its ranks would each fail with a traceback
     if args.single:
         from lp_fx.tools.bench_single import run_single
 
