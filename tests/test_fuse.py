@@ -71,8 +71,10 @@ def test_fused_model_holds_its_weights_once_and_still_runs_eagerly():
     assert q_a.untyped_storage().data_ptr() in buffers
 
 
-@pytest.mark.parametrize("change", ["in_place", "new_tensor"])
+@pytest.mark.parametrize("change", ["in_place", "new_tensor", "transposed"])
 def test_changed_weights_reach_the_fused_graph(change):
+    """In place or a new tensor: seen without a recompile. A transposed (non-contiguous) tensor:
+    Dynamo recompiles and the fuse leaves that weight's group unfused, saying why."""
     model = make("llama")
     ids = random_ids(7)
     backend = LayerParallel(pairs=PAIRS, inner="aot_eager", fuse=True)
@@ -83,12 +85,17 @@ def test_changed_weights_reach_the_fused_graph(change):
         new = torch.randn_like(up_b)
         if change == "in_place":
             up_b.copy_(new)
-        else:
+        elif change == "new_tensor":
             up_b.data = new
+        else:
+            up_b.data = torch.randn(up_b.shape[1], up_b.shape[0]).t()
         got = logits(compiled, ids)
         with eager_pairing(model, PAIRS, "lp") as reference:
             expected = logits(reference, ids)
-    assert len(backend.reports) == 1  # no recompile
+    if change == "transposed":
+        assert "mlp.up_proj.weight: a weight is not contiguous" in backend.reports[-1].fuse_skipped[0][1]
+    else:
+        assert len(backend.reports) == 1  # no recompile
     assert (got - expected).abs().max().item() <= 1e-4
 
 

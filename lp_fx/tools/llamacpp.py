@@ -9,8 +9,8 @@ tokens agree. ``lp-fx bench --llamacpp GGUF...`` times decoding (:func:`bench`).
 
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import math
 import statistics
 import tempfile
@@ -23,7 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from lp_fx.tools.arguments import OneLineParser, int_at_least, positive_int
 from lp_fx.tools.files import write_json
+
+log = logging.getLogger(__name__)
 
 PROMPT = "The capital of France is"
 INSTALL = (
@@ -198,7 +201,7 @@ def check(model_spec: str, specs: Sequence[str], dtypes: Sequence[str], windows:
                                               logits_fn, ids[0].tolist(), row["pass_greedy"], got)}
                 del llm
             rows.append(row)
-            print(check_line(row), flush=True)
+            log.info("%s", check_line(row))
     return {"model": loaded.name, "windows": int(text.shape[0]), "window": 512, "tokens": tokens,
             "threads": threads, "prompt": PROMPT, "pairings": rows}
 
@@ -222,17 +225,18 @@ def check_line(row: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="exports in llama.cpp vs the layer_parallel pass")
+    parser = OneLineParser(description="exports in llama.cpp vs the layer_parallel pass")
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--pairs", action="append", default=[], metavar="SPEC", help="a pairing (repeatable)")
     parser.add_argument("--plan", action="append", default=[], metavar="FILE", help="a plan file (repeatable)")
     parser.add_argument("--dtypes", default="f32,q8_0")
-    parser.add_argument("--windows", type=int, default=32, help="evenly spaced WikiText-2 test windows of 512 tokens")
-    parser.add_argument("--tokens", type=int, default=32, help="greedy tokens compared")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--windows", type=positive_int, default=32, help="evenly spaced WikiText-2 test windows of 512 tokens")
+    parser.add_argument("--tokens", type=int_at_least(2), default=32, help="greedy tokens compared")
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--json", default=None, help="write the figures here")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # one line per pairing as it is checked
     result = check(args.model, [*args.pairs, *args.plan], args.dtypes.split(","), args.windows, args.tokens,
                    args.threads, args.data_dir)
     if args.json:
