@@ -170,7 +170,7 @@ def check(model_spec: str, specs: Sequence[str], dtypes: Sequence[str], windows:
     """For the unpaired model and each pairing spec: the pass's perplexity and greedy tokens, and
     llama.cpp's on the export in each dtype."""
     from lp_fx.tools import data, evaluate
-    from lp_fx.tools.cli import parse_pairing
+    from lp_fx.tools.commands.options import parse_pairing
     from lp_fx.tools.export import Source, export
     from lp_fx.tools.models import load_model, resolve_model_path
 
