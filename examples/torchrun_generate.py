@@ -13,8 +13,9 @@ import argparse
 
 import torch
 
-from lp_fx.tools.bench import Variant, compile_variant, generate
+from lp_fx.tools.bench import Variant
 from lp_fx.tools.models import load_model
+from lp_fx.tools.timing import compile_variant, generate
 from lp_fx.weights import resident_bytes
 
 
@@ -50,7 +51,7 @@ def main() -> None:
         Variant(f"TP+LP {args.mode} Δ={end - start}", {**placed, "start": start, "end": end, "mode": args.mode}),
     ]
     for variant in runs:
-        model, backend = compile_variant(loaded.model, variant)
+        model, backend = compile_variant(loaded.model, variant.options)
         generate(model, ids, args.tokens)  # compile and warm up
         out, speed = generate(model, ids, args.tokens)
         if rank == 0:

@@ -4,8 +4,9 @@ import argparse
 
 import pytest
 
-from lp_fx.tools.bench import Variant, _argv, add_arguments, generate, ratio_to_first, table, variants
-from lp_fx.tools.bench_single import compile_single, gemm_launches_per_token, single_table, single_variants
+from lp_fx.tools.bench import Variant, _argv, add_arguments, table, variants
+from lp_fx.tools.bench_single import gemm_launches_per_token, single_table, single_variants
+from lp_fx.tools.timing import compile_variant, generate, ratio_to_first
 
 
 def _parse(argv):
@@ -58,7 +59,7 @@ def test_profiler_counts_fewer_gemm_launches_per_token_with_fuse():
     ids = torch.tensor([[5, 6, 7, 8]])
     counts = {}
     for v in single_variants(1, 5, ["lp"], inner="aot_eager")[1:]:
-        copy_, backend = compile_single(model, v, cudagraphs=False)
+        copy_, backend = compile_variant(model, v.options)
         generate(copy_, ids, 4)
         counts[v.name] = gemm_launches_per_token(copy_, ids, 4)
         torch._dynamo.reset()
@@ -74,3 +75,29 @@ def test_an_odd_range_is_refused_in_one_line_before_torchrun_starts(monkeypatch,
     code = cli.main(["bench", "--start", "3", "--end", "4", "--json", str(tmp_path / "bench.json")])
     err = capsys.readouterr().err
     assert code == 2 and "end - start = 1 is odd" in err and "Traceback" not in err
+
+
+def test_variants_are_warmed_up_then_timed_interleaved_and_generate_what_eager_does():
+    """Two variants through the shared timing helpers: every variant that runs here is noted and
+    timed once per round, the ranks' barrier runs after each, and the unpaired copy generates the
+    eager model's tokens (a variant this rank does not run is neither compiled nor timed)."""
+    import torch
+
+    from lp_fx.tools.timing import compile_and_warm_up, time_interleaved
+
+    from .models import hf_model
+
+    model = hf_model("llama", layers=4)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    todo = [Variant("plain", {"inner": "eager"}), Variant("paired", {"inner": "eager", "pairs": [(1, 2)]}),
+            Variant("elsewhere", {"inner": "eager"}, distributed=False)]
+    noted, barriers = [], []
+    compiled = compile_and_warm_up(model, todo, ids, 4, lambda v, copy_, backend: noted.append(v.name),
+                                   runs_here=lambda v: v.distributed, after_each=lambda: barriers.append(1))
+    texts = time_interleaved(compiled, todo, ids, 4, rounds=3, after_each=lambda: barriers.append(1))
+    assert noted == ["plain", "paired"] and sorted(compiled) == ["paired", "plain"]
+    assert [len(v.tokens_per_s) for v in todo] == [3, 3, 0] and len(barriers) == 3 + 3 * 3
+    assert all(v.resident_bytes for v in todo[:2]) and todo[2].resident_bytes is None
+    with torch.no_grad():
+        eager = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, cache_implementation="static")
+    assert torch.equal(texts["plain"], eager) and texts["paired"].shape == eager.shape

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,7 @@ def results(tmp_path: Path) -> Path:
 
 def _refused(args: list[str], capsys: pytest.CaptureFixture) -> str:
     """Run ``lp-fx``: it must exit with rc 2 and one line on stderr; that line."""
+    capsys.readouterr()  # what came before (a test's own model loading)
     with pytest.raises(SystemExit) as exit_info:
         code = cli.main(args)
         raise SystemExit(code)
@@ -49,37 +51,53 @@ def _refused(args: list[str], capsys: pytest.CaptureFixture) -> str:
     return err
 
 
-def _nothing_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def refused_eval(
+    model_dir: Path, data_dir: Path, results: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., str]:
+    """``refused_eval(*args)`` runs ``lp-fx eval --tasks wikitext *args`` on the tiny model, which
+    must be refused in one line before anything is measured or written; returns that line."""
     monkeypatch.setattr(evaluate, "run_eval", lambda *a, **k: pytest.fail("measured before the arguments were checked"))
+
+    def run(*args: str) -> str:
+        before = _snapshot(results)
+        err = _refused(["eval", *_common(model_dir, data_dir), "--tasks", "wikitext", *args,
+                        "--out", str(results / "eval.json")], capsys)
+        assert _snapshot(results) == before
+        return err
+
+    return run
 
 
 # ------------------------------------------------------------------------ numbers (item 10)
 
 
+def _bad_values(command: str, option: str, valid: str, *values: str) -> list:
+    """One case per value: ``command`` (its words) with ``option value`` is refused naming ``valid``."""
+    return [pytest.param(command.split(), option, value, valid, id=f"{command.split()[0]} {option} {value}")
+            for value in values]
+
+
 @pytest.mark.parametrize(
     ("command", "option", "value", "valid"),
     [
-        (["eval", "--tasks", "wikitext"], "--ppl-windows", "0", "integer >= 1"),
-        (["eval", "--tasks", "wikitext"], "--ppl-windows", "-1", "integer >= 1"),
-        (["eval", "--tasks", "winogrande"], "--limit", "0", "integer >= 1"),
-        (["eval", "--tasks", "winogrande"], "--limit", "-3", "integer >= 1"),
-        (["eval", "--tasks", "wikitext"], "--window", "0", "integer >= 2"),
-        (["eval", "--tasks", "wikitext"], "--window", "1", "integer >= 2"),
-        (["eval", "--tasks", "winogrande"], "--batch-size", "0", "integer >= 1"),
-        (["eval", "--tasks", "wikitext"], "--ppl-windows", "many", "not a whole number"),
-        (["sweep"], "--ppl-windows", "0", "integer >= 1"),
-        (["sweep"], "--seeds", "0", "integer >= 1"),
-        (["sweep"], "--starts", "2,x", "comma-separated integers >= 0"),
-        (["sweep"], "--deltas", "-2", "comma-separated integers >= 0"),
-        (["plan"], "--num-pairs", "0", "integer >= 1"),
-        (["plan", "--num-pairs", "1"], "--calib-windows", "0", "integer >= 1"),
-        (["plan", "--num-pairs", "1"], "--screen-windows", "-1", "integer >= 1"),
-        (["plan", "--num-pairs", "1"], "--refine", "0", "integer >= 1"),
-        (["plan", "--num-pairs", "1"], "--passes", "-1", "integer >= 0"),
-        (["plan"], "--max-ppl-ratio", "0", "finite number > 0"),
-        (["plan"], "--max-ppl-ratio", "nan", "finite number > 0"),
-        (["finetune", "--pairs", "1:3"], "--eval-windows", "0", "integer >= 1"),
-        (["finetune", "--pairs", "1:3"], "--clip", "-1", "finite number > 0"),
+        *_bad_values("eval --tasks wikitext", "--ppl-windows", "integer >= 1", "0", "-1"),
+        *_bad_values("eval --tasks wikitext", "--ppl-windows", "not a whole number", "many"),
+        *_bad_values("eval --tasks winogrande", "--limit", "integer >= 1", "0", "-3"),
+        *_bad_values("eval --tasks wikitext", "--window", "integer >= 2", "0", "1"),
+        *_bad_values("eval --tasks winogrande", "--batch-size", "integer >= 1", "0"),
+        *_bad_values("sweep", "--ppl-windows", "integer >= 1", "0"),
+        *_bad_values("sweep", "--seeds", "integer >= 1", "0"),
+        *_bad_values("sweep", "--starts", "comma-separated integers >= 0", "2,x"),
+        *_bad_values("sweep", "--deltas", "comma-separated integers >= 0", "-2"),
+        *_bad_values("plan", "--num-pairs", "integer >= 1", "0"),
+        *_bad_values("plan --num-pairs 1", "--calib-windows", "integer >= 1", "0"),
+        *_bad_values("plan --num-pairs 1", "--screen-windows", "integer >= 1", "-1"),
+        *_bad_values("plan --num-pairs 1", "--refine", "integer >= 1", "0"),
+        *_bad_values("plan --num-pairs 1", "--passes", "integer >= 0", "-1"),
+        *_bad_values("plan", "--max-ppl-ratio", "finite number > 0", "0", "nan"),
+        *_bad_values("finetune --pairs 1:3", "--eval-windows", "integer >= 1", "0"),
+        *_bad_values("finetune --pairs 1:3", "--clip", "finite number > 0", "-1"),
     ],
 )
 def test_bad_numbers_are_refused_while_parsing_naming_what_is_valid(
@@ -108,6 +126,23 @@ def test_bench_refuses_bad_numbers_before_starting(
     assert option in err and valid in err
 
 
+@pytest.mark.parametrize(
+    ("command", "option", "work"),
+    [(["bench"], "--json", "subprocess.call"), (["export", "--pairs", "baseline"], "--out", "lp_fx.tools.models.load_model")],
+    ids=["bench", "export"],
+)
+def test_bench_and_export_refuse_an_unwritable_destination_before_the_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+    command: list[str], option: str, work: str,
+) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(work, lambda *a, **k: pytest.fail("the work started before the destination was checked"))
+    err = _refused([*command, option, str(blocker / "out" / "result")], capsys)
+    assert f"cannot write to {blocker}" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
 def test_huge_batch_size_pads_no_more_rows_than_there_are_inputs() -> None:
     rows = []
 
@@ -134,15 +169,9 @@ def test_huge_batch_size_pads_no_more_rows_than_there_are_inputs() -> None:
     ],
 )
 def test_a_pairing_that_does_not_fit_the_model_is_refused_before_the_baseline(
-    model_dir: Path, data_dir: Path, results: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
-    spec: str, message: str,
+    refused_eval: Callable[..., str], spec: str, message: str
 ) -> None:
-    _nothing_measured(monkeypatch)
-    before = _snapshot(results)
-    err = _refused(["eval", *_common(model_dir, data_dir), "--tasks", "wikitext", "--pairs", "0:2", "--pairs", spec,
-                    "--out", str(results / "eval.json")], capsys)
-    assert message in err
-    assert _snapshot(results) == before
+    assert message in refused_eval("--pairs", "0:2", "--pairs", spec)
 
 
 @pytest.mark.parametrize(
@@ -154,17 +183,11 @@ def test_a_pairing_that_does_not_fit_the_model_is_refused_before_the_baseline(
     ],
 )
 def test_a_plan_that_does_not_fit_the_model_is_refused_before_the_baseline(
-    model_dir: Path, data_dir: Path, results: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
-    monkeypatch: pytest.MonkeyPatch, plan: dict, message: str,
+    refused_eval: Callable[..., str], tmp_path: Path, plan: dict, message: str
 ) -> None:
-    _nothing_measured(monkeypatch)
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(plan))
-    before = _snapshot(results)
-    err = _refused(["eval", *_common(model_dir, data_dir), "--tasks", "wikitext", "--pairs", str(path),
-                    "--out", str(results / "eval.json")], capsys)
-    assert message in err
-    assert _snapshot(results) == before
+    assert message in refused_eval("--pairs", str(path))
 
 
 def _checkpoint_of(model: torch.nn.Module, directory: Path, pairs: list[list[int]]) -> Path:
@@ -176,33 +199,23 @@ def _checkpoint_of(model: torch.nn.Module, directory: Path, pairs: list[list[int
 
 
 def test_a_checkpoint_of_another_model_is_refused_before_the_baseline(
-    model_dir: Path, data_dir: Path, results: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
+    refused_eval: Callable[..., str], tmp_path: Path
 ) -> None:
-    _nothing_measured(monkeypatch)
     other = _checkpoint_of(hf_model("llama", layers=6), tmp_path / "six_layers", [[0, 1]])
-    before = _snapshot(results)
-    err = _refused(["eval", *_common(model_dir, data_dir), "--tasks", "wikitext", "--pairs", "0:2",
-                    "--checkpoint", str(other), "--out", str(results / "eval.json")], capsys)
+    err = refused_eval("--pairs", "0:2", "--checkpoint", str(other))
     assert "another model" in err and "6" in err and "4" in err
-    assert _snapshot(results) == before
 
 
 def test_a_checkpoint_whose_pairs_do_not_fit_the_model_is_refused_before_the_baseline(
-    model_dir: Path, data_dir: Path, results: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
+    refused_eval: Callable[..., str], model_dir: Path, tmp_path: Path
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    _nothing_measured(monkeypatch)
-    same = AutoModelForCausalLM.from_pretrained(model_dir)
-    bad = _checkpoint_of(same, tmp_path / "ckpt", [[0, 1]])
+    bad = _checkpoint_of(AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "ckpt", [[0, 1]])
     edited = json.loads((bad / checkpoint.PAIRING).read_text())
     edited["pairs"] = [[4, 5]]
     (bad / checkpoint.PAIRING).write_text(json.dumps(edited))
-    capsys.readouterr()  # the test's own loading
-    err = _refused(["eval", *_common(model_dir, data_dir), "--tasks", "wikitext", "--checkpoint", str(bad),
-                    "--out", str(results / "eval.json")], capsys)
+    err = refused_eval("--checkpoint", str(bad))
     assert "pair (4, 5) is out of range: the model has 4 layers, valid indices 0..3" in err
 
 
@@ -217,14 +230,9 @@ def test_a_checkpoint_whose_pairs_do_not_fit_the_model_is_refused_before_the_bas
     ],
 )
 def test_windows_tasks_and_columns_that_cannot_be_measured_are_refused_before_the_baseline(
-    model_dir: Path, data_dir: Path, results: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
-    extra: list[str], message: str,
+    refused_eval: Callable[..., str], extra: list[str], message: str
 ) -> None:
-    _nothing_measured(monkeypatch)
-    before = _snapshot(results)
-    args = ["eval", *_common(model_dir, data_dir), "--tasks", "wikitext", *extra, "--out", str(results / "eval.json")]
-    assert message in _refused(args, capsys)
-    assert _snapshot(results) == before
+    assert message in refused_eval(*extra)
 
 
 def test_a_refusal_creates_no_results_folder(

@@ -13,7 +13,7 @@ from lp_fx.tools import llamacpp
 from lp_fx.tools.evaluate import Pairing, make_backend
 from lp_fx.tools.export import Source, export
 
-from .test_export import BPE_VOCAB, PAIRS, bpe_dir, bpe_model  # noqa: F401 (bpe_dir is a fixture)
+from .test_export import BPE_VOCAB, PAIRS, bpe_dir, bpe_model, bpe_model_dir  # noqa: F401 (fixtures)
 
 pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.llamacpp
@@ -37,6 +37,21 @@ def test_llamacpp_computes_what_the_pass_computes(tmp_path, bpe_dir, arch, modes
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
     torch._dynamo.reset()
     assert llamacpp.greedy(llm, tokens[:6].tolist(), NEW_TOKENS) == llamacpp.pass_greedy(model, pairing, tokens[None, :6], NEW_TOKENS)
+
+
+def test_check_measures_the_pass_and_llamacpp_on_the_same_windows(tmp_path, bpe_model_dir):  # noqa: F811
+    """``python -m lp_fx.tools.llamacpp``'s check, end to end on the tiny model: the unpaired model
+    and a pairing, exported in f32, give llama.cpp the pass's perplexity and greedy tokens."""
+    text = tmp_path / "data" / "wikitext-2-raw" / "wiki.test.raw"
+    text.parent.mkdir(parents=True)
+    text.write_text("the cat sat on the mat and the dog ran far away\n" * 40)
+    result = llamacpp.check(str(bpe_model_dir), ["1:3"], ["f32"], windows=2, tokens=6, threads=2,
+                            data_dir=str(tmp_path / "data"), window=32)
+    assert [row["pairing"] for row in result["pairings"]] == ["baseline", "1:3"] and result["window"] == 32
+    for row in result["pairings"]:
+        f32 = row["llamacpp"]["f32"]
+        assert abs(f32["rel_diff"]) <= 1e-4 and f32["greedy_matched"] == 6, row
+    assert result["pairings"][0]["pass_ppl"] != result["pairings"][1]["pass_ppl"]  # the pairing did something
 
 
 @pytest.mark.slow

@@ -3,15 +3,14 @@
 ``python -m lp_fx.tools.bench`` (or ``lp-fx bench``) relaunches itself under ``torchrun`` with
 ``--nproc`` processes. Every rank loads the model, compiles one copy per variant (same prompt,
 static cache, batch 1, greedy), warms each up, then times the variants interleaved, round after
-round, so that noise from other load on the machine hits them alike. The single-device variant
-runs on rank 0 while the other ranks wait. Decode tokens/s is taken from the time between the
-first and the last generated token (prefill excluded). Rank 0 prints a table and writes JSON.
+round (:mod:`lp_fx.tools.timing`). The single-device variant runs on rank 0 while the other ranks
+wait. Rank 0 prints a table and writes JSON. ``--single`` (:mod:`lp_fx.tools.bench_single`) and
+``--llamacpp`` (:mod:`lp_fx.tools.llamacpp`) time one device and exported GGUFs instead.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import os
 import shlex
@@ -25,12 +24,20 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from lp_fx.config import check_range
+from lp_fx.tools.bench_single import run_single
 from lp_fx.tools.arguments import OneLineParser, int_at_least, non_negative_int, positive_int
+from lp_fx.tools.files import check_files_writable, write_json
 from lp_fx.tools.models import PRECISIONS
-from lp_fx.weights import resident_bytes
-from lp_fx.tools.files import write_json
+from lp_fx.tools.timing import (
+    PROMPT,
+    compile_and_warm_up,
+    load_prompted,
+    print_texts,
+    ratio_to_first,
+    static_graphs_per_variant,
+    time_interleaved,
+)
 
-PROMPT = "The capital of France is"
 _ARGS_VAR = "LP_FX_BENCH_ARGS"
 
 
@@ -46,25 +53,6 @@ class Variant:
     resident_bytes: int | None = None
 
 
-class _TokenClock:
-    """A ``generate`` streamer that notes when each generated token arrives."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if self._prompt_seen:
-            self.times.append(time.perf_counter())
-        self._prompt_seen = True
-
-    def end(self) -> None:
-        pass
-
-    def decode_tokens_per_s(self) -> float:
-        return (len(self.times) - 1) / (self.times[-1] - self.times[0])
-
-
 def variants(start: int, end: int, modes: Sequence[str], inner: str, single: bool) -> list[Variant]:
     """TP only, TP + LP per mode, and (optionally) one device, all through the same backend."""
     placed = {"mesh": "auto", "inner": inner, "free_weights": True}
@@ -75,53 +63,22 @@ def variants(start: int, end: int, modes: Sequence[str], inner: str, single: boo
     return out
 
 
-def compile_variant(model: torch.nn.Module, variant: Variant):
-    """A copy of ``model`` whose forward is compiled with this variant's backend."""
-    from lp_fx.backend import LayerParallel
-
-    backend = LayerParallel(variant.options)
-    copy_ = copy.deepcopy(model)
-    copy_.forward = torch.compile(copy_.forward, backend=backend)
-    return copy_, backend
-
-
-def generate(model: torch.nn.Module, ids: torch.Tensor, tokens: int) -> tuple[torch.Tensor, float]:
-    """Greedy generation with a static cache; returns the ids and the decode tokens/s."""
-    clock = _TokenClock()
-    with torch.no_grad():
-        out = model.generate(
-            ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-            cache_implementation="static", streamer=clock,
-        )
-    return out, clock.decode_tokens_per_s()
-
-
 def _barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 
 
 def measure(model: torch.nn.Module, ids: torch.Tensor, todo: list[Variant], tokens: int, rounds: int) -> dict:
-    """Compile and warm up every variant, then time them interleaved; returns rank 0's texts."""
+    """Compile and warm up every variant, then time them interleaved; returns rank 0's texts.
+    The single-device variant runs on rank 0 alone; the ranks meet after every variant."""
     rank = torch.distributed.get_rank()
-    compiled = {}
-    for v in todo:
-        if v.distributed or rank == 0:
-            compiled[v.name] = compile_variant(model, v)
-            copy_, backend = compiled[v.name]
-            generate(copy_, ids, tokens)  # compile + warm-up
-            v.collectives = [r.collectives for r in backend.reports]
-            v.resident_bytes = resident_bytes(copy_, backend.weights)
-        _barrier()
-    texts = {}
-    for _ in range(rounds):
-        for v in todo:
-            if v.distributed or rank == 0:
-                out, speed = generate(compiled[v.name][0], ids, tokens)
-                v.tokens_per_s.append(speed)
-                texts[v.name] = out
-            _barrier()
-    return texts
+
+    def note(variant: Variant, copy_: torch.nn.Module, backend) -> None:
+        variant.collectives = [r.collectives for r in backend.reports]
+
+    compiled = compile_and_warm_up(model, todo, ids, tokens, note, runs_here=lambda v: v.distributed or rank == 0,
+                                   after_each=_barrier)
+    return time_interleaved(compiled, todo, ids, tokens, rounds, after_each=_barrier)
 
 
 def all_reduce_ms(numel: int, repeats: int = 200) -> float:
@@ -137,15 +94,6 @@ def all_reduce_ms(numel: int, repeats: int = 200) -> float:
         torch.distributed.all_reduce(x)
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
-
-
-def ratio_to_first(v: Variant, first: Variant) -> float:
-    """Median over rounds of ``v``'s speed / ``first``'s speed in the same round.
-
-    Rounds are interleaved, so a slow spell of the machine hits both runs of a round alike;
-    the per-round ratio cancels it where a ratio of medians would not.
-    """
-    return statistics.median(a / b for a, b in zip(v.tokens_per_s, first.tokens_per_s))
 
 
 def table(todo: list[Variant], num_layers: int, delta: int) -> str:
@@ -165,17 +113,11 @@ def table(todo: list[Variant], num_layers: int, delta: int) -> str:
 
 def run(args: argparse.Namespace) -> None:
     """The body of the benchmark, on every rank (inside torchrun)."""
-    from lp_fx.tools.models import load_model, quantize_weights
-
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     torch.distributed.init_process_group("gloo")
-    torch._dynamo.config.automatic_dynamic_shapes = False  # each variant: its own static graphs
-    torch._dynamo.config.cache_size_limit = 64
-    torch._dynamo.config.accumulated_cache_size_limit = 1024
+    static_graphs_per_variant()
     rank = torch.distributed.get_rank()
-    loaded = load_model(args.model)
-    quantize_weights(loaded.model, args.quantize)
-    ids = loaded.tokenizer(args.prompt, return_tensors="pt").input_ids
+    loaded, ids = load_prompted(args)
     todo = variants(args.start, args.end, args.modes, args.inner, not args.no_single)
     hidden = loaded.model.config.hidden_size
     latency = [all_reduce_ms(hidden)]
@@ -188,8 +130,7 @@ def run(args: argparse.Namespace) -> None:
               f"{args.rounds} rounds, batch 1, static cache; median decode tokens/s, median per-round ratio to TP")
         print(table(todo, loaded.num_layers, delta))
         print(f"gloo all-reduce of {hidden} floats: {latency[0]:.2f} ms before the timed rounds, {latency[1]:.2f} ms after")
-        for name, out in texts.items():
-            print(f"[{name}] {loaded.tokenizer.decode(out[0], skip_special_tokens=True)!r}")
+        print_texts(loaded.tokenizer, texts)
         result = {"model": loaded.name, "layers": loaded.num_layers, "start": args.start, "end": args.end,
                   "ideal": loaded.num_layers / (loaded.num_layers - delta / 2), "args": vars(args),
                   "ratio_to_tp": {v.name: ratio_to_first(v, todo[0]) for v in todo},
@@ -244,16 +185,12 @@ def bench(args: argparse.Namespace) -> None:
     if "LOCAL_RANK" in os.environ:
         run(args)
         return
-    from lp_fx.tools.checkpoint import check_writable
-
-    check_writable(os.path.dirname(os.path.abspath(args.json)))  # before the work, not after it
+    check_files_writable(args.json)  # before the work, not after it
     if args.llamacpp:
         _bench_llamacpp(args)
         return
     check_range(args.start, args.end)  # before torchrun starts: its ranks would each fail with a traceback
     if args.single:
-        from lp_fx.tools.bench_single import run_single
-
         run_single(args)
         return
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),

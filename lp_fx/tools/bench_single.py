@@ -3,8 +3,8 @@
 On one device a pair runs both of its layers, so LP alone cannot be faster than Inductor; with
 ``fuse=True`` the pair's GEMMs run batched, which at batch 1 (GEMMs bound by weight bytes and
 launch latency) can be. Each variant is a copy of the model compiled its way, warmed up with the
-same generation, then the variants are timed interleaved, round after round (as in
-:mod:`lp_fx.tools.bench`); ratios are per-round medians against Inductor. GEMM launches per
+same generation, then the variants are timed interleaved, round after round
+(:mod:`lp_fx.tools.timing`, as ``lp-fx bench`` does); ratios are per-round medians against Inductor. GEMM launches per
 generated token are counted with the torch profiler (CPU-side ``aten`` GEMM calls of one warm
 generation, divided by the number of forwards: prefill and decode graphs hold the same GEMMs).
 With ``--cudagraphs`` (CUDA) the kernels replay as CUDA graphs, which the profiler does not see
@@ -14,16 +14,22 @@ op by op; the report's per-graph GEMM counts are printed instead.
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import statistics
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from lp_fx.tools.bench import generate, ratio_to_first
-from lp_fx.weights import resident_bytes
 from lp_fx.tools.files import write_json
+from lp_fx.tools.timing import (
+    compile_and_warm_up,
+    generate,
+    load_prompted,
+    print_texts,
+    ratio_to_first,
+    static_graphs_per_variant,
+    time_interleaved,
+)
 
 GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_int_mm", "aten::_weight_int8pack_mm"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -53,19 +59,6 @@ def single_variants(
     return out
 
 
-def compile_single(model: torch.nn.Module, variant: SingleVariant, cudagraphs: bool):
-    """A copy of ``model`` whose forward is compiled as ``variant`` says, and its backend (or None)."""
-    from lp_fx.backend import LayerParallel
-
-    copy_ = copy.deepcopy(model)
-    if variant.options is None:
-        copy_.forward = torch.compile(copy_.forward, mode="reduce-overhead" if cudagraphs else None)
-        return copy_, None
-    backend = LayerParallel(variant.options)
-    copy_.forward = torch.compile(copy_.forward, backend=backend)
-    return copy_, backend
-
-
 def gemm_launches_per_token(model: torch.nn.Module, ids: torch.Tensor, tokens: int) -> float:
     """GEMM calls seen by the profiler in one greedy generation of ``tokens``, per forward."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -76,44 +69,32 @@ def gemm_launches_per_token(model: torch.nn.Module, ids: torch.Tensor, tokens: i
 
 def run_single(args: argparse.Namespace) -> dict:
     """Compile, warm up, count GEMMs, time interleaved; print the table and write JSON."""
-    from lp_fx.tools.models import load_model, quantize_weights
-
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device is available here")
     if args.cudagraphs and device.type != "cuda":
         raise ValueError("--cudagraphs needs --device cuda")
-    torch._dynamo.config.automatic_dynamic_shapes = False
-    torch._dynamo.config.cache_size_limit = 64
-    loaded = load_model(args.model, DTYPES[args.dtype])
-    model = loaded.model.to(device)
-    quantize_weights(model, args.quantize)
-    ids = loaded.tokenizer(args.prompt, return_tensors="pt").input_ids.to(device)
+    static_graphs_per_variant()
+    loaded, ids = load_prompted(args, DTYPES[args.dtype], device)
     todo = single_variants(args.start, args.end, args.modes, args.cudagraphs, args.inner)
-    compiled, texts = {}, {}
-    for v in todo:
-        copy_, backend = compile_single(model, v, args.cudagraphs)
-        for _ in range(2):  # compile, then a warm run (CUDA graphs record on the first calls)
-            generate(copy_, ids, args.tokens)
+
+    def note(variant: SingleVariant, copy_: torch.nn.Module, backend) -> None:
         if not args.cudagraphs:
-            v.gemms_per_token = gemm_launches_per_token(copy_, ids, args.tokens)
+            variant.gemms_per_token = gemm_launches_per_token(copy_, ids, args.tokens)
         if backend is not None:
-            v.graph_gemms = [r.gemms for r in backend.reports]
-            v.fused = [r.pairs_fused for r in backend.reports]
-        v.resident_bytes = resident_bytes(copy_, backend.weights if backend is not None else None)
-        compiled[v.name] = copy_
-    for _ in range(args.rounds):
-        for v in todo:
-            texts[v.name], speed = generate(compiled[v.name], ids, args.tokens)
-            v.tokens_per_s.append(speed)
+            variant.graph_gemms = [r.gemms for r in backend.reports]
+            variant.fused = [r.pairs_fused for r in backend.reports]
+
+    # two warm-ups: the compile, then a warm run (CUDA graphs record on the first calls)
+    compiled = compile_and_warm_up(loaded.model, todo, ids, args.tokens, note, warm_ups=2, cudagraphs=args.cudagraphs)
+    texts = time_interleaved(compiled, todo, ids, args.tokens, args.rounds)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{loaded.name}: {loaded.num_layers} layers, Δ={args.end - args.start} (start={args.start}, end={args.end}), "
           f"one device ({device_name}), {args.dtype}, weights {args.quantize}, CUDA graphs {args.cudagraphs}, "
           f"batch 1, static cache, {args.tokens} tokens, {args.rounds} rounds interleaved")
     print(single_table(todo))
-    for name, out in texts.items():
-        print(f"[{name}] {loaded.tokenizer.decode(out[0], skip_special_tokens=True)!r}")
+    print_texts(loaded.tokenizer, texts)
     result = {
         "model": loaded.name, "layers": loaded.num_layers, "device": device_name, "args": vars(args),
         "ratio_to_inductor": {v.name: ratio_to_first(v, todo[0]) for v in todo},

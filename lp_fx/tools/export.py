@@ -33,6 +33,7 @@ from torch import nn
 
 from lp_fx.config import LayerParallelError, Pair, config_from_options
 from lp_fx.tools.checkpoint import layer_stack_of
+from lp_fx.tools.files import check_folder_writable
 from lp_fx.weights import WeightStore
 
 log = logging.getLogger(__name__)
@@ -320,12 +321,7 @@ def check_output(folded_wide: bool, fmt: str, dtype: str, out: Path) -> None:
             raise ExportError(f"{out} exists and is not an empty directory; give a new directory for --format hf")
     elif out.is_dir():
         raise ExportError(f"{out} is a directory; give a .gguf file name")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ExportError(f"cannot create {out.parent}: {error.strerror or error}") from None
-    if not os.access(out.parent, os.W_OK):
-        raise ExportError(f"cannot write to {out.parent}")
+    check_folder_writable(out.parent, ExportError)
 
 
 def export(
@@ -370,6 +366,7 @@ def write_hf(folded: Folded, out: Path, dtype: str) -> None:
     """A Hugging Face folder (config.json with the new layer count, safetensors), written next to
     ``out`` and renamed to it."""
     model = build_model(folded, torch.float16 if dtype == "f16" else torch.float32)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         model.config.lp_fx_export = folded.pairing

@@ -25,10 +25,10 @@ import torch
 
 from lp_fx.tools.arguments import OneLineParser, int_at_least, positive_int
 from lp_fx.tools.files import write_json
+from lp_fx.tools.timing import PROMPT, ratio_to_first
 
 log = logging.getLogger(__name__)
 
-PROMPT = "The capital of France is"
 INSTALL = (
     "llama-cpp-python is not installed: pip install 'lp_fx[llamacpp]' (it builds llama.cpp from source with "
     "cmake and a C++ compiler: 20 minutes or more on 2 busy cores)"
@@ -128,10 +128,7 @@ def bench(paths: Sequence[str], threads: int, tokens: int, rounds: int, prompt: 
     for _ in range(rounds):
         for t, llm in zip(timed, contexts):
             t.tokens_per_s.append(decode_tokens_per_s(llm, ids, tokens))
-    ratios = {
-        t.path: statistics.median(a / b for a, b in zip(t.tokens_per_s, baselines[t.dtype].tokens_per_s))
-        for t in timed
-    }
+    ratios = {t.path: ratio_to_first(t, baselines[t.dtype]) for t in timed}
     return {"threads": threads, "tokens": tokens, "rounds": rounds, "prompt": prompt, "flash_attn": flash_attn,
             "ratio_to_unpaired": ratios, "models": [vars(t) for t in timed]}
 
@@ -166,9 +163,9 @@ def pass_greedy(model: torch.nn.Module, pairing: Any, ids: torch.Tensor, tokens:
 
 
 def check(model_spec: str, specs: Sequence[str], dtypes: Sequence[str], windows: int, tokens: int,
-          threads: int, data_dir: str | None) -> dict:
-    """For the unpaired model and each pairing spec: the pass's perplexity and greedy tokens, and
-    llama.cpp's on the export in each dtype."""
+          threads: int, data_dir: str | None, window: int = 512) -> dict:
+    """For the unpaired model and each pairing spec: the pass's perplexity on ``windows`` windows of
+    ``window`` tokens and its greedy tokens, and llama.cpp's on the export in each dtype."""
     from lp_fx.tools import data, evaluate
     from lp_fx.tools.commands.options import parse_pairing
     from lp_fx.tools.export import Source, export
@@ -177,7 +174,7 @@ def check(model_spec: str, specs: Sequence[str], dtypes: Sequence[str], windows:
     directory, gguf_file = resolve_model_path(model_spec)
     loaded = load_model(model_spec)
     source = Source(loaded.name, directory / gguf_file if gguf_file else directory)
-    text = evaluate.wikitext_windows(loaded.tokenizer, data.resolve_data_dir(data_dir), 512, "all", windows)
+    text = evaluate.wikitext_windows(loaded.tokenizer, data.resolve_data_dir(data_dir), window, "all", windows)
     ids = loaded.tokenizer(PROMPT, return_tensors="pt").input_ids
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -191,7 +188,7 @@ def check(model_spec: str, specs: Sequence[str], dtypes: Sequence[str], windows:
             for dtype in dtypes:
                 path = Path(tmp) / f"{dtype}.gguf"
                 export(loaded.model, pairing.pairs, modes, path, source, "gguf", dtype)
-                llm = open_gguf(path, threads, n_ctx=max(512, ids.shape[1] + tokens), f32_cache=True)
+                llm = open_gguf(path, threads, n_ctx=max(window, ids.shape[1] + tokens), f32_cache=True)
                 ppl = perplexity(llm, text)
                 got = greedy(llm, ids[0].tolist(), tokens)
                 matched = next((i for i, (a, b) in enumerate(zip(got, row["pass_greedy"])) if a != b), tokens)
@@ -202,7 +199,7 @@ def check(model_spec: str, specs: Sequence[str], dtypes: Sequence[str], windows:
                 del llm
             rows.append(row)
             log.info("%s", check_line(row))
-    return {"model": loaded.name, "windows": int(text.shape[0]), "window": 512, "tokens": tokens,
+    return {"model": loaded.name, "windows": int(text.shape[0]), "window": window, "tokens": tokens,
             "threads": threads, "prompt": PROMPT, "pairings": rows}
 
 
@@ -224,21 +221,27 @@ def check_line(row: dict) -> str:
     return f"{row['pairing']:<42} pass {row['pass_ppl']:.4f} | llama.cpp " + " | ".join(cells)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = OneLineParser(description="exports in llama.cpp vs the layer_parallel pass")
+def build_parser() -> OneLineParser:
+    """The command line of ``python -m lp_fx.tools.llamacpp``."""
+    parser = OneLineParser(prog="python -m lp_fx.tools.llamacpp", description="exports in llama.cpp vs the layer_parallel pass")
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--pairs", action="append", default=[], metavar="SPEC", help="a pairing (repeatable)")
     parser.add_argument("--plan", action="append", default=[], metavar="FILE", help="a plan file (repeatable)")
     parser.add_argument("--dtypes", default="f32,q8_0")
-    parser.add_argument("--windows", type=positive_int, default=32, help="evenly spaced WikiText-2 test windows of 512 tokens")
+    parser.add_argument("--windows", type=positive_int, default=32, help="evenly spaced WikiText-2 test windows")
+    parser.add_argument("--window", type=int_at_least(2), default=512, help="tokens per window")
     parser.add_argument("--tokens", type=int_at_least(2), default=32, help="greedy tokens compared")
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--json", default=None, help="write the figures here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # one line per pairing as it is checked
     result = check(args.model, [*args.pairs, *args.plan], args.dtypes.split(","), args.windows, args.tokens,
-                   args.threads, args.data_dir)
+                   args.threads, args.data_dir, args.window)
     if args.json:
         write_json(args.json, result, indent=1)
         print(f"wrote {args.json}")

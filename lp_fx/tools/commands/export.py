@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from lp_fx.tools.commands.options import checkpoint_pairing, parse_pairing
+from lp_fx.tools.files import check_folder_writable
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,6 +40,7 @@ def run(args: argparse.Namespace) -> None:
     from lp_fx.tools.export import Source, export
     from lp_fx.tools.models import load_model, resolve_model_path
 
+    check_folder_writable(Path(args.out).parent)  # before the model is loaded
     directory, gguf_file = resolve_model_path(args.model)
     checkpoint = checkpoint_pairing(read_pairing(args.checkpoint), args.checkpoint) if args.checkpoint else None
     if checkpoint is None and not (args.pairs or args.plan):

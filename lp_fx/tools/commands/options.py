@@ -16,6 +16,7 @@ from lp_fx.tools.arguments import int_at_least, positive_int
 from lp_fx.tools.evaluate import BASELINE, EvalSpec, Pairing
 from lp_fx.tools.models import PRECISIONS
 from lp_fx.tools.files import write_json
+from lp_fx.tools.files import check_files_writable as writable  # each command checks its --out with it
 
 
 RESULTS = Path("lp-fx-results")  # where results go unless --out says otherwise
@@ -129,18 +130,6 @@ def parse_pairing(spec: str, num_layers: int) -> Pairing:
     check_plan(plan, num_layers, spec)
     validate_pairs(plan["pairs"])
     return planner.plan_pairing(plan, Path(spec).stem)
-
-
-def writable(*paths: str) -> None:
-    """Check, before the work starts, that output files can be written: in their folder or, when
-    it does not exist yet, in the nearest one that does. Folders are created only by
-    :func:`new_file`, when there are results to write, so a refusal leaves no trace."""
-    from lp_fx.tools.checkpoint import check_writable
-
-    for path in map(Path, paths):
-        if path.is_dir():
-            raise ValueError(f"{path} is a directory; give a file name")
-        check_writable(next(folder for folder in (path.parent, *path.parent.parents) if folder.exists()))
 
 
 def new_file(path: str) -> str:
