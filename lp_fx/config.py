@@ -1,7 +1,9 @@
-"""Backend options -> a validated :class:`LPConfig`.
+"""Backend options -> a validated :class:`LPConfig`, the one place the options are declared,
+documented and given their defaults; and plan files.
 
 Every check here is about the options alone; what depends on the model (a pair past the last
-layer, a post-norm layer) is checked when a graph arrives, in the backend.
+layer, a plan made for another layer count, a post-norm layer) is checked when a graph arrives
+(:mod:`lp_fx.choose`).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +19,6 @@ PAIRING_MODES = ("lp", "block")  # both layers run, their updates summed: what p
 SKIP_MODES = ("prune", "merge")  # the second layer of the pair is removed
 MODES = PAIRING_MODES + SKIP_MODES
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
-OPTION_NAMES = (
-    "pairs", "start", "end", "plan", "mode", "shuffle", "inner", "stack", "strict", "mesh", "tp", "free_weights",
-    "fuse", "cudagraphs",
-)
 SHUFFLE_KEYS = ("start", "end", "seed")
 
 Pair = tuple[int, int]
@@ -44,26 +42,56 @@ class Shuffle:
         return tuple(random.Random(self.seed).sample(range(self.start, self.end), self.end - self.start))
 
 
+def _made_from(*options: str) -> dict[str, tuple[str, ...]]:
+    """Field metadata: the field is made from these options, not from an option of its own name."""
+    return {"options": options}
+
+
 @dataclass(frozen=True)
 class LPConfig:
-    """What the user asked for, checked. ``pairs`` is sorted; ``span`` is a ``start``/``end``
-    range, whose pairs are made only when a graph shows how many layers there are
-    (:meth:`requested_pairs`); neither means no rewrite."""
+    """The backend's options, checked by :func:`config_from_options`. Each field is the option of
+    its name unless its metadata names the options it is made from; the accepted option names
+    (:data:`OPTION_NAMES`) and the defaults (:data:`DEFAULTS`) are read from these fields. Neither
+    ``pairs`` nor ``span`` means no pair is rewritten."""
 
     pairs: tuple[Pair, ...] = ()
-    span: tuple[int, int] | None = None
+    """``(i, i + 1)`` layer indices in the model's own layer list, sorted: the option ``pairs``
+    (a list of pairs), or the pairs of a ``plan``."""
+    span: tuple[int, int] | None = field(default=None, metadata=_made_from("start", "end"))
+    """The paper's contiguous range, options ``start`` and ``end``: ``(start, start + 1),
+    (start + 2, start + 3), ...`` below ``end`` (Δ = end - start even), paired once a graph shows
+    how many layers there are (:meth:`requested_pairs`)."""
+    plan_num_layers: int | None = field(default=None, metadata=_made_from("plan"))
+    """The layer count the option ``plan`` (a JSON file of ``lp-fx plan``) was made for; the plan
+    also gives ``pairs`` and ``modes``. A model with another layer count is refused."""
     mode: str = "lp"
+    """How a pair without a mode of its own is rewritten, one of :data:`MODES`: ``lp`` (each
+    sub-block of both layers reads the same stream, deltas summed), ``block`` (whole layers read
+    the same input), ``prune`` (layer B skipped), ``merge`` (B skipped, A with the averages of A's
+    and B's weights; inference only)."""
+    modes: Mapping[Pair, str] = field(default_factory=dict)
+    """A mode per pair: the option ``modes``, one of :data:`MODES` per pair of ``pairs`` in the
+    order given, or a plan's ``modes``."""
     shuffle: Shuffle | None = None
+    """``{"start": s, "end": e, "seed": k}`` (seed optional, 0): layers ``s .. e - 1`` run in a
+    seeded order (:class:`Shuffle`), clear of every pair; one device only."""
     inner: str | Callable = "inductor"
+    """The compiler of the rewritten graph: one of :data:`INNER_COMPILERS`, or a backend callable."""
     stack: str | None = None
+    """Which layer list, as the module path from the model object (``"model.layers"``); None:
+    the longest."""
     strict: bool = False
+    """True: what cannot be rewritten raises; False: it is logged once and left as it was."""
     mesh: Any = None
+    """A 1-D ``DeviceMesh`` (or ``"auto"``): each rank computes its branch of every summed pair."""
     tp: bool = True
+    """With a mesh: the layers that are not paired run tensor-parallel (False: replicated)."""
     free_weights: bool = False
+    """With a mesh, inference only: each rank releases the weights it does not compute with."""
     fuse: bool = False
+    """One device, inference only: each ``lp``/``block`` pair's GEMMs run as batched GEMMs."""
     cudagraphs: bool = False
-    plan_num_layers: int | None = None
-    pair_modes: Mapping[Pair, str] = field(default_factory=dict)
+    """Inductor's CUDA graphs for the inner compile (``inner="inductor"`` only)."""
 
     @property
     def has_pairs(self) -> bool:
@@ -77,8 +105,17 @@ class LPConfig:
         return tuple((i, i + 1) for i in range(start, min(end, num_layers - 1), 2))
 
     def mode_of(self, pair: Pair) -> str:
-        """The mode for one pair: the plan's choice for it, else the global ``mode``."""
-        return self.pair_modes.get(pair, self.mode)
+        """The mode for one pair: its own in ``modes``, else ``mode``."""
+        return self.modes.get(pair, self.mode)
+
+
+def _options_of(f: Field) -> tuple[str, ...]:
+    return f.metadata.get("options", (f.name,))
+
+
+OPTION_NAMES = tuple(dict.fromkeys(name for f in fields(LPConfig) for name in _options_of(f)))
+DEFAULTS = {f.name: f.default for f in fields(LPConfig) if _options_of(f) == (f.name,) and f.default is not MISSING}
+_FLAGS = tuple(f.name for f in fields(LPConfig) if isinstance(f.default, bool))
 
 
 def config_from_options(options: Mapping[str, Any] | None = None, **kwargs: Any) -> LPConfig:
@@ -93,58 +130,71 @@ def config_from_options(options: Mapping[str, Any] | None = None, **kwargs: Any)
         raise LayerParallelError(
             f"unknown option(s) {', '.join(map(repr, unknown))}; valid options: {', '.join(OPTION_NAMES)}"
         )
-    pairs, span, plan_num_layers, pair_modes = _pairs_from_options(opts)
-    mode = _choice(opts.get("mode", "lp"), MODES, "mode")
-    shuffle = _shuffle(opts.get("shuffle"), pairs, span)
-    free_weights = _bool(opts.get("free_weights", False), "free_weights")
-    if free_weights and opts.get("mesh") is None:
+    pairs, span, plan_num_layers, modes = _layer_choice(opts)
+    opts = {**DEFAULTS, **opts}
+    config = LPConfig(
+        pairs=pairs, span=span, plan_num_layers=plan_num_layers,
+        mode=choice(opts["mode"], MODES, "mode"),
+        modes=modes,
+        shuffle=_shuffle(opts["shuffle"], pairs, span),
+        inner=opts["inner"] if callable(opts["inner"]) else choice(opts["inner"], INNER_COMPILERS, "inner"),
+        stack=_optional_str(opts["stack"], "stack"),
+        mesh=opts["mesh"],
+        **{name: _bool(opts[name], name) for name in _FLAGS},
+    )
+    _check_together(config)
+    return config
+
+
+def _check_together(config: LPConfig) -> None:
+    """Refuse options that are each valid but not together."""
+    if config.free_weights and config.mesh is None:
         raise LayerParallelError("free_weights=True needs a mesh: on one device every weight is computed with")
-    fuse = _bool(opts.get("fuse", False), "fuse")
-    inner = _inner(opts.get("inner", "inductor"))
-    cudagraphs = _bool(opts.get("cudagraphs", False), "cudagraphs")
-    if cudagraphs and inner != "inductor":
-        raise LayerParallelError(f"cudagraphs=True is an Inductor setting: it needs inner='inductor', got inner={inner!r}")
-    if opts.get("mesh") is not None:
-        _check_placeable(mode, pair_modes, shuffle)
-        if fuse:
+    if config.cudagraphs and config.inner != "inductor":
+        raise LayerParallelError(
+            f"cudagraphs=True is an Inductor setting: it needs inner='inductor', got inner={config.inner!r}"
+        )
+    if config.mesh is not None:
+        _check_placeable(config.mode, config.modes, config.shuffle)
+        if config.fuse:
             raise LayerParallelError(
                 "fuse=True is for one device: with a mesh each rank already computes one branch of a pair, "
                 "so there is nothing to fuse; drop 'fuse' or 'mesh'"
             )
-    return LPConfig(
-        pairs=pairs,
-        span=span,
-        mode=mode,
-        shuffle=shuffle,
-        inner=inner,
-        stack=_optional_str(opts.get("stack"), "stack"),
-        strict=_bool(opts.get("strict", False), "strict"),
-        mesh=opts.get("mesh"),
-        tp=_bool(opts.get("tp", True), "tp"),
-        free_weights=free_weights,
-        fuse=fuse,
-        cudagraphs=cudagraphs,
-        plan_num_layers=plan_num_layers,
-        pair_modes=pair_modes,
-    )
 
 
-def _pairs_from_options(opts: dict) -> tuple[tuple[Pair, ...], tuple[int, int] | None, int | None, dict[Pair, str]]:
-    """``(pairs, span, plan_num_layers, pair_modes)`` from the options that choose layers."""
+def _layer_choice(opts: Mapping[str, Any]) -> tuple[tuple[Pair, ...], tuple[int, int] | None, int | None, dict[Pair, str]]:
+    """``(pairs, span, plan_num_layers, modes)`` from the options that choose layers."""
     given = [k for k in ("pairs", "start", "plan") if opts.get(k) is not None]
-    if "end" in opts and opts["end"] is not None and "start" not in given:
+    if opts.get("end") is not None and "start" not in given:
         given.append("start")
     if len(given) > 1:
         raise LayerParallelError(
             "give the layers to pair one way only: 'pairs', 'start'/'end', or 'plan' (got "
             + ", ".join(given) + ")"
         )
+    if opts.get("modes") is not None and given != ["pairs"]:
+        raise LayerParallelError("'modes' gives one mode per pair of 'pairs': give 'pairs' with it (a plan has its own)")
     if "plan" in given:
-        pairs, num_layers, modes = _pairs_from_plan(opts["plan"])
-        return pairs, None, num_layers, modes
+        plan = load_plan(opts["plan"])
+        pairs = validate_pairs(plan["pairs"])
+        return pairs, None, plan["num_layers"], _modes_of(plan["pairs"], plan.get("modes"), f"plan {opts['plan']}")
     if "start" in given:
         return (), check_range(opts.get("start"), opts.get("end")), None, {}
-    return validate_pairs(opts.get("pairs") or ()), None, None, {}
+    given_pairs = opts.get("pairs") or ()
+    return validate_pairs(given_pairs), None, None, _modes_of(given_pairs, opts.get("modes"), "modes")
+
+
+def _modes_of(pairs: Sequence[Sequence[int]], modes: Any, source: str) -> dict[Pair, str]:
+    """``{pair: mode}`` from ``modes``, one per pair in the order given (``pairs`` already checked)."""
+    if modes is None:
+        return {}
+    if isinstance(modes, (str, bytes)) or not isinstance(modes, Sequence) or len(modes) != len(pairs):
+        raise LayerParallelError(
+            f"{source}: give one mode per pair ({len(pairs)} pairs), each one of {', '.join(map(repr, MODES))}; "
+            f"got {modes!r}"
+        )
+    return {(int(p[0]), int(p[1])): choice(m, MODES, f"mode of pair {tuple(p)}") for p, m in zip(pairs, modes)}
 
 
 def check_range(start: Any, end: Any) -> tuple[int, int]:
@@ -221,13 +271,13 @@ def load_plan(path: str | Path) -> dict:
     return plan
 
 
-def check_plan(plan: dict, num_layers: int, source: str | Path = "plan") -> None:
-    """Refuse a plan made for a model with a different number of layers."""
+def check_plan(plan: Mapping[str, Any], num_layers: int, source: str | Path = "plan", this: str = "this model") -> None:
+    """Refuse a plan made for a model with another number of layers (``this`` has ``num_layers``)."""
     if plan["num_layers"] != num_layers:
+        made_for = f" ({plan['model']})" if plan.get("model") else ""
         raise PlanError(
-            f"{source} was made for a model with {plan['num_layers']} layers "
-            f"({plan.get('model', 'unknown model')}), but this model has {num_layers}; "
-            "make a plan for this model with `lp-fx plan`"
+            f"{source} was made for a model with {plan['num_layers']} layers{made_for}, but {this} has "
+            f"{num_layers}: make a plan for this model with `lp-fx plan`"
         )
 
 
@@ -260,9 +310,9 @@ def _shuffle(value: Any, pairs: Sequence[Pair], span: tuple[int, int] | None) ->
     return Shuffle(start, end, seed)
 
 
-def _check_placeable(mode: str, pair_modes: Mapping[Pair, str], shuffle: Shuffle | None) -> None:
+def _check_placeable(mode: str, modes: Mapping[Pair, str], shuffle: Shuffle | None) -> None:
     """A mesh places only summed pairs (lp, block): refuse the depth transforms with one."""
-    skipped = sorted(({mode} | set(pair_modes.values())) & set(SKIP_MODES))
+    skipped = sorted(({mode} | set(modes.values())) & set(SKIP_MODES))
     if skipped or shuffle is not None:
         what = f"mode {', '.join(map(repr, skipped))}" if skipped else "shuffle"
         raise LayerParallelError(
@@ -271,27 +321,10 @@ def _check_placeable(mode: str, pair_modes: Mapping[Pair, str], shuffle: Shuffle
         )
 
 
-def _pairs_from_plan(path: Any) -> tuple[tuple[Pair, ...], int | None, dict[Pair, str]]:
-    plan = load_plan(path)
-    pairs = validate_pairs(plan["pairs"])
-    modes = plan.get("modes") or []
-    if modes and len(modes) != len(plan["pairs"]):
-        raise LayerParallelError(f"plan {path}: 'modes' must have one entry per pair ({len(plan['pairs'])})")
-    pair_modes = {
-        (int(p[0]), int(p[1])): _choice(m, MODES, f"plan mode of pair {tuple(p)}") for p, m in zip(plan["pairs"], modes)
-    }
-    return pairs, plan.get("num_layers"), pair_modes
-
-
-def _inner(value: Any) -> str | Callable:
-    if callable(value):
-        return value
-    return _choice(value, INNER_COMPILERS, "inner")
-
-
-def _choice(value: Any, valid: Sequence[str], name: str) -> str:
+def choice(value: Any, valid: Sequence[str], name: str, error: type[Exception] = LayerParallelError) -> Any:
+    """``value`` when it is one of ``valid``; else ``error`` naming what is valid."""
     if value not in valid:
-        raise LayerParallelError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, valid))}")
+        raise error(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, valid))}")
     return value
 
 

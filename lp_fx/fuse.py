@@ -21,8 +21,8 @@ Inductor's own ``batch_linear`` pre-grad fusion does the same grouping but stack
 The buffers are built when a graph is compiled and held by the backend object (shared by the
 prefill and decode graphs). In-place changes of the parameters (``load_state_dict``, an optimizer)
 write into the buffer and are seen; a parameter given a new tensor (``param.data = t``) is copied
-back into the buffer before the next call. ``fuse`` is for inference: with gradients enabled the
-pair is compiled unfused (the buffer is not the parameter autograd would differentiate).
+back into the buffer before the next call. ``fuse`` is for inference: with gradients enabled it is
+refused (the buffer is not the parameter autograd would differentiate; :func:`lp_fx.passes.inference_only`).
 
 A group is left unfused, with the reason in the report, when the two layers' projections differ
 in shape, dtype or bias, when a weight is not a plain floating-point tensor (torchao's quantized
@@ -85,9 +85,6 @@ def fuse_pairs(
     """Fuse the GEMMs of each rewritten pair of ``gm`` (``lp`` or ``block``) where it is exact."""
     result = FuseResult()
     positions = placeholder_positions(gm)
-    if torch.is_grad_enabled() and any(getattr(v, "requires_grad", False) for v in example_inputs):
-        result.skipped = [(p, "gradients are enabled: fuse=True is for inference (torch.no_grad())") for p in pairs]
-        return result
     for pair in pairs:
         a, b = stack.layers[pair[0]], stack.layers[pair[1]]
         groups, why = _groups(gm, example_inputs, positions, a, b)
@@ -241,7 +238,7 @@ def _rows(graph: fx.Graph, x: fx.Node) -> fx.Node:
 
 def _buffer_node(gm: fx.GraphModule, tensor: torch.Tensor, result: FuseResult) -> fx.Node:
     """The placeholder through which the graph reads ``tensor``, appended to its inputs (the caller
-    passes the buffers, :func:`checked_call`)."""
+    passes the buffers, :func:`lp_fx.state.wrap_call`)."""
     result.buffers.append(tensor)
     return append_input(gm, f"lp_fx_fused_{len(result.buffers) - 1}", static=True)
 
@@ -254,19 +251,17 @@ def _width(node: fx.Node) -> int:
     return int(example_value(node).shape[-1])
 
 
-def checked_call(
-    compiled: Callable, checks: Sequence[tuple[int, torch.Tensor]], buffers: Sequence[torch.Tensor]
-) -> Callable:
-    """``compiled`` with the fused buffers appended to its inputs, first making sure each fused parameter is still a view of its buffer: one that
-    was given a new tensor since (``param.data = t``) is copied into the buffer and pointed back at it."""
+def view_check(checks: Sequence[tuple[int, torch.Tensor]]) -> Callable[[Sequence[Any]], None]:
+    """A check run on the call's inputs before each call (:func:`lp_fx.state.wrap_call`): each
+    fused parameter must still be a view of its buffer; one that was given a new tensor since
+    (``param.data = t``) is copied into the buffer and pointed back at it."""
 
-    def call(*args: Any) -> Any:
+    def check(args: Sequence[Any]) -> None:
         for i, view in checks:
             param = args[i]
             if param.data_ptr() != view.data_ptr():
                 with torch.no_grad():
                     view.copy_(param.detach())
                 param.data = view
-        return compiled(*args, *buffers)
 
-    return call
+    return check

@@ -113,13 +113,17 @@ def stable_topological_sort(graph: fx.Graph) -> None:
             prev.append(n)
 
 
-def erase_unused(nodes: Iterable[fx.Node]) -> int:
-    """Erase the nodes among ``nodes`` that nothing uses and that have no side effect.
+def erase_unused(nodes: Iterable[fx.Node], writes_too: bool = False) -> int:
+    """Erase the nodes among ``nodes`` that nothing uses and that have no side effect, or, with
+    ``writes_too``, whose only side effect is an in-place write (the other rank's branch of a pair,
+    its KV-cache writes included).
 
     Returns how many were erased. Unlike ``Graph.eliminate_dead_code`` this never touches nodes
-    outside the given set, and it keeps in-place writes (a KV-cache update has no users).
+    outside the given set, and by default it keeps in-place writes (a KV-cache update has no
+    users). A node whose result leaves the graph (a static cache allocated lazily inside the first
+    graph is returned by it) is used, so it stays with what it needs.
     """
-    return _erase_dead(set(nodes), lambda node, alive: False)
+    return _erase_dead(set(nodes), lambda node, alive: writes_too)
 
 
 def erase_skipped_layer(nodes: set[fx.Node], stream: fx.Node) -> int:

@@ -55,9 +55,9 @@ class SubBlockBody:
     deltas: list[fx.Node]
 
 
-def gate_pairs(gm: fx.GraphModule, stack: LayerStack, modes: Sequence[str]) -> fx.Node:
+def gate_pairs(gm: fx.GraphModule, stack: LayerStack, modes: Sequence[str]) -> None:
     """Rewrite ``gm`` so that gates switch every pair ``(i, i + 1)`` of ``stack`` between off and
-    ``modes``; returns the gate tensor's placeholder, added as the graph's last input.
+    ``modes``; the gate tensor is read through a placeholder added as the graph's last input.
 
     Raises :class:`LayerParallelError`, leaving ``gm`` untouched, when the stack cannot be gated.
     """
@@ -71,7 +71,6 @@ def gate_pairs(gm: fx.GraphModule, stack: LayerStack, modes: Sequence[str]) -> f
     stable_topological_sort(graph)
     graph.lint()
     gm.recompile()
-    return gates
 
 
 def _check_pairs(layers: list[Layer], modes: Sequence[str]) -> None:

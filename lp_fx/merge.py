@@ -7,7 +7,7 @@ model's own parameters are never written. The graph itself is the ``prune`` grap
 (:func:`lp_fx.rewrite.rewrite_pairs`).
 
 Merge is for inference: the averages are not the model's parameters, so no gradient would reach
-the model; a graph compiled with gradients enabled for these parameters is refused. An average
+the model; a graph compiled with gradients enabled is refused (:func:`lp_fx.passes.inference_only`). An average
 always equals the average of the weights the model holds at the call: before each call the
 compiled graph checks the two parameters it averages and computes the average again when either
 was written in place since (``load_state_dict``, an optimizer step, ``p.copy_``: autograd's
@@ -24,7 +24,6 @@ import torch
 from torch import fx
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from .config import LayerParallelError
 from .find_layers import Layer, parameter_paths
 from .fx_utils import placeholder_positions
 
@@ -56,7 +55,7 @@ def merge_problem(gm: fx.GraphModule, example_inputs: Sequence[Any], a: Layer, b
     return None
 
 
-def merged_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any], pairs: Sequence[tuple[Layer, Layer]]) -> dict[int, int]:
+def merged_inputs(gm: fx.GraphModule, pairs: Sequence[tuple[Layer, Layer]]) -> dict[int, int]:
     """``{input position of a parameter of A: position of B's parameter of the same name}`` for
     each pair (A, B), already checked with :func:`merge_problem`: the compiled graph reads the
     average of the two at A's position."""
@@ -64,9 +63,7 @@ def merged_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any], pairs: Sequ
     for a, b in pairs:
         params_b = layer_parameters(gm, b)
         for name, node_a in layer_parameters(gm, a).items():
-            i, j = position[node_a], position[params_b[name]]
-            _refuse_gradients(example_inputs[i], example_inputs[j])
-            merged[i] = j
+            merged[position[node_a]] = position[params_b[name]]
     return merged
 
 
@@ -84,15 +81,6 @@ def _cannot_average(a: Any, b: Any) -> str | None:
     if is_traceable_wrapper_subclass(a) or is_traceable_wrapper_subclass(b) or not a.is_floating_point():
         return f"{type(a).__name__} of {a.dtype} cannot be averaged (plain floating-point tensors only)"
     return None
-
-
-def _refuse_gradients(*params: torch.Tensor) -> None:
-    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-        raise LayerParallelError(
-            "mode='merge' is for inference and does not train: the averaged weights are not the model's "
-            "parameters, so no gradient would reach them. Compile and run under torch.no_grad() "
-            "(or call model.requires_grad_(False))"
-        )
 
 
 def _names(names: set[str]) -> str:

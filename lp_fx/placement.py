@@ -37,8 +37,8 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from .collectives import branch_mesh, copy_to, count_collectives, insert_after, resolve_mesh, sum_over
 from .config import LayerParallelError, LPConfig
-from .find_layers import Layer, LayerStack, SubBlock, example_value, is_add
-from .fx_utils import in_graph_order
+from .find_layers import Layer, LayerStack, example_value, is_add, shape_key
+from .fx_utils import erase_unused, in_graph_order
 from .report import GraphReport
 from .rewrite import PairRewrite
 from .tensor_parallel import CannotShard, TooFewHeads, mesh_sizes_for, shard_sub_block
@@ -71,15 +71,18 @@ def place(
     config: LPConfig,
     report: GraphReport,
     say: Callable[[str], None],
-) -> fx.GraphModule:
-    """Turn the single-device graph ``gm`` into this rank's part of the SPMD program."""
+) -> None:
+    """Turn the single-device graph ``gm`` into this rank's part of the SPMD program.
+
+    ``stack`` is the layers as ``gm`` holds them after the rewrite, a pair's branches included
+    (:func:`lp_fx.passes.find_layers_again`)."""
     mesh = resolve_mesh(config.mesh, example_inputs)
     world, rank = mesh.size(), mesh.get_local_rank()
     report.rank = rank
     if world == 1:
         report.notes.append("mesh has 1 device: compiled for a single device")
         say("mesh has 1 device: nothing to place, compiled for a single device")
-        return gm
+        return
     sum_target, copy_target = sum_over(mesh), copy_to(mesh)
     if rewrites:
         branches = _branches(mesh, rank, sum_target)
@@ -95,7 +98,6 @@ def place(
     report.collectives = count_collectives(gm)
     report.param_bytes = parameter_bytes(gm, example_inputs)
     report.parameter_use = parameter_use(gm, example_inputs)
-    return gm
 
 
 def ranks_per_branch(world: int) -> int:
@@ -132,7 +134,7 @@ def _place_pair(
     """Keep this rank's branch of the pair (tensor-parallel when k > 1) and sum its deltas with the
     other branch's."""
     mine, other = rewrite.branches[branches.side], rewrite.branches[1 - branches.side]
-    streams = _stream_inputs(mine, _shape_text(rewrite.combines[0]))
+    streams = _stream_inputs(mine, shape_key(rewrite.combines[0]))
     chains: list[_Chain | None] = [None] * len(rewrite.combines)
     if branches.ranks > 1:
         chains, added = _shard_both_branches(rewrite, stack, branches, report, say)
@@ -149,7 +151,7 @@ def _place_pair(
         else:
             own = _fuse_sums(own, *chain, branches.shard)
             insert_after(own, branches.sum_all, users=lambda user: user not in mine)
-    _erase_branch(other)
+    erase_unused(other, writes_too=True)
 
 
 def _shard_both_branches(
@@ -182,7 +184,7 @@ def _shard_branch(
     """Split branch ``side`` over the ranks of a branch; returns the nodes this added to the graph."""
     graph = rewrite.combines[0].graph
     before = set(graph.nodes)
-    layer = _branch_as_layer(rewrite, side, stack)
+    layer = stack.layers[rewrite.pair[side]]
     try:
         _shard_layer(layer, branches.shard, branches.ranks, branches.sum_shard, branches.copy_shard, report, say)
     except TooFewHeads as e:
@@ -193,25 +195,6 @@ def _shard_branch(
             f"heads (or features) to share out among them; mesh sizes that fit this pair: {valid}"
         ) from e
     return set(graph.nodes) - before
-
-
-def _branch_as_layer(rewrite: PairRewrite, side: int, stack: LayerStack) -> Layer:
-    """Branch ``side`` of the pair as a :class:`Layer` whose sub-blocks read the pair's shared streams.
-
-    ``block`` keeps the layer's own sub-blocks. In ``lp`` these were replaced: sub-block j now reads
-    stream ``s_j`` and its delta goes into ``s_j + (delta_A + delta_B)``.
-    """
-    layer = stack.layers[rewrite.pair[side]]
-    blocks = layer.blocks
-    if rewrite.mode == "lp":
-        blocks = []
-        for combine in rewrite.combines:
-            stream_add = next(iter(combine.users))
-            blocks.append(SubBlock(stream=stream_add.args[0], add=stream_add, deltas=[combine.args[side]]))
-    return Layer(
-        index=layer.index, path=layer.path, cls=layer.cls, nodes=rewrite.branches[side], blocks=blocks,
-        problem=layer.problem,
-    )
 
 
 def _row_sum_chain(delta: fx.Node, added: set[fx.Node], branch: set[fx.Node], branches: _Branches) -> _Chain | None:
@@ -283,22 +266,7 @@ def _gradient_only(x: torch.Tensor) -> torch.Tensor:
 def _stream_inputs(branch: set[fx.Node], shape: tuple | None) -> list[fx.Node]:
     """Tensors the branch reads from outside that have the residual stream's shape."""
     outside = {i for n in branch for i in n.all_input_nodes if i not in branch}
-    return [i for i in outside if _shape_text(i) == shape]
-
-
-def _erase_branch(nodes: set[fx.Node]) -> None:
-    """Erase the other rank's branch, its KV-cache writes included.
-
-    Nodes whose result leaves the graph (a static cache allocated lazily inside the first graph
-    is returned by it) stay, with what they need; nothing else of the branch is computed.
-    """
-    alive = set(nodes)
-    dead = [n for n in alive if not n.users]
-    while dead:
-        for n in dead:
-            n.graph.erase_node(n)
-            alive.discard(n)
-        dead = [n for n in alive if not n.users]
+    return [i for i in outside if shape_key(i) == shape]
 
 
 def _shard_layer(
@@ -352,7 +320,3 @@ def _parameters_read(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[
         read.append((value, set(slices) if all(slices) else set()))
     return read
 
-
-def _shape_text(node: Any) -> tuple | None:
-    value = example_value(node) if isinstance(node, fx.Node) else None
-    return tuple(str(d) for d in value.shape) if isinstance(value, torch.Tensor) else None

@@ -22,7 +22,7 @@ class LayerInfo:
 class GraphReport:
     """What happened to one graph Dynamo handed to the backend."""
 
-    graph: int
+    index: int  # the graph's place among those its backend object compiled, from 0
     stack: str | None = None
     layers: list[LayerInfo] = field(default_factory=list)
     pairs_rewritten: list[tuple[Pair, str]] = field(default_factory=list)
@@ -43,7 +43,7 @@ class GraphReport:
     def summary(self) -> str:
         """A few human-readable lines."""
         found = f"{len(self.layers)} layers in {self.stack or 'the model object'}" if self.layers else "no layers"
-        lines = [f"graph {self.graph}: {found}"]
+        lines = [f"graph {self.index}: {found}"]
         if self.pairs_rewritten:
             lines.append("  rewritten: " + ", ".join(f"{p} {m}" for p, m in self.pairs_rewritten))
         lines += [f"  skipped {p}: {why}" for p, why in self.pairs_skipped]

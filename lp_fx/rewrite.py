@@ -12,6 +12,10 @@ For a pair (A, B) with residual sub-blocks ``s_{j+1} = s_j + f_j(s_j)``:
 Every ``(branch A delta) + (branch B delta)`` node is recorded in :class:`PairRewrite` with the
 nodes of each branch, so that placement can compute one branch per device and replace the sum by
 a collective. Placeholders, the other layers and each layer's KV-cache writes are left as they were.
+Pairs are rewritten from the last to the first, so that each reads its layers as they were found:
+rewriting a pair changes only what reads its output, which is the input of the pairs after it.
+The layers of an ``lp`` pair share their streams afterwards, which no longer pass through either
+as ``x + f(x)``: :func:`lp_layers` describes them as the rewrite left them.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any
 from torch import fx
 
 from .config import SKIP_MODES, Pair
-from .find_layers import Layer, LayerStack, example_value
+from .find_layers import Layer, LayerStack, SubBlock, example_value
 from .fx_utils import erase_skipped_layer, erase_unused, stable_topological_sort
 
 
@@ -36,7 +40,6 @@ class PairRewrite:
     mode: str
     branches: tuple[set[fx.Node], set[fx.Node]]
     combines: list[fx.Node]
-    output: fx.Node
 
 
 def pair_problem(a: Layer, b: Layer, mode: str) -> str | None:
@@ -68,22 +71,20 @@ def skip_problem(layer: Layer) -> str | None:
 def rewrite_pairs(gm: fx.GraphModule, stack: LayerStack, pairs: list[tuple[Pair, str]]) -> list[PairRewrite]:
     """Rewrite each ``(pair, mode)`` (already checked with :func:`pair_problem`) and tidy the graph.
 
-    Returns what the summed pairs (``lp``, ``block``) left in the graph; a skipped layer leaves nothing.
+    Returns what the summed pairs (``lp``, ``block``) left in the graph, in the order of ``pairs``;
+    a skipped layer leaves nothing.
     """
     graph = gm.graph
     done, skipped = [], []
-    for (i, j), mode in pairs:
+    for (i, j), mode in reversed(pairs):
         b = stack.layers[j]
-        old_output = b.output
         if mode in SKIP_MODES:
-            new_output = _skip(b)
+            _skip(b)
             skipped.append(b)
         else:
             a = stack.layers[i]
-            rewrite = _rewrite_lp(graph, a, b) if mode == "lp" else _rewrite_block(graph, a, b)
-            done.append(rewrite)
-            new_output = rewrite.output
-        follow_new_input(stack.layers.get(j + 1), old_output, new_output)
+            done.append(_rewrite_lp(graph, a, b) if mode == "lp" else _rewrite_block(graph, a, b))
+    done.reverse()
     for layer in skipped:
         erase_skipped_layer(layer.nodes, layer.input)
     if done:
@@ -98,21 +99,29 @@ def rewrite_pairs(gm: fx.GraphModule, stack: LayerStack, pairs: list[tuple[Pair,
     return done
 
 
-def _skip(layer: Layer) -> fx.Node:
-    """Make everything outside ``layer`` that read its output read its input; returns the input."""
+def lp_layers(rewrite: PairRewrite, stack: LayerStack) -> dict[int, Layer]:
+    """The two layers of an ``lp`` pair as the graph holds them now (none for another mode): each
+    the nodes of its branch, its sub-block j reading the pair's stream ``s_j`` and adding its delta
+    into ``s_(j+1) = s_j + (delta_A + delta_B)``."""
+    if rewrite.mode != "lp":
+        return {}
+    layers = {}
+    for side, index in enumerate(rewrite.pair):
+        blocks = []
+        for combine in rewrite.combines:
+            stream_add = next(iter(combine.users))
+            blocks.append(SubBlock(stream=stream_add.args[0], add=stream_add, deltas=[combine.args[side]]))
+        found = stack.layers[index]
+        layers[index] = Layer(
+            index=index, path=found.path, cls=found.cls, nodes=rewrite.branches[side], blocks=blocks,
+            input=blocks[0].stream, output=blocks[-1].add,
+        )
+    return layers
+
+
+def _skip(layer: Layer) -> None:
+    """Make everything outside ``layer`` that read its output read its input."""
     layer.output.replace_all_uses_with(layer.input, delete_user_cb=lambda user: user not in layer.nodes)
-    return layer.input
-
-
-def follow_new_input(layer: Layer | None, old: fx.Node, new: fx.Node) -> None:
-    """``layer`` now reads ``new`` where it read ``old`` (the layer after a rewritten pair reads the
-    pair's new output); update what we know of it so that a later rewrite (an adjacent pair)
-    rewires from the right node."""
-    if layer is None or layer.input is not old:
-        return
-    layer.input = new
-    if layer.blocks:
-        layer.blocks[0].stream = new
 
 
 def _rewrite_lp(graph: fx.Graph, a: Layer, b: Layer) -> PairRewrite:
@@ -129,9 +138,7 @@ def _rewrite_lp(graph: fx.Graph, a: Layer, b: Layer) -> PairRewrite:
             combine, stream = pair_sum(graph, stream, delta_a, delta_b, like=block_b.add)
         combines.append(combine)
     b.output.replace_all_uses_with(stream, delete_user_cb=lambda user: user not in b.nodes)
-    return PairRewrite(
-        pair=(a.index, b.index), mode="lp", branches=(branch_a, branch_b), combines=combines, output=stream
-    )
+    return PairRewrite(pair=(a.index, b.index), mode="lp", branches=(branch_a, branch_b), combines=combines)
 
 
 def _rewrite_block(graph: fx.Graph, a: Layer, b: Layer) -> PairRewrite:
@@ -143,7 +150,7 @@ def _rewrite_block(graph: fx.Graph, a: Layer, b: Layer) -> PairRewrite:
         combine, out = pair_sum(graph, x, delta_a, delta_b, like=b.output)
     b.output.replace_all_uses_with(out, delete_user_cb=lambda user: user not in b.nodes and user is not delta_b)
     branches = (set(a.nodes) | {delta_a}, set(b.nodes) | {delta_b})
-    return PairRewrite(pair=(a.index, b.index), mode="block", branches=branches, combines=[combine], output=out)
+    return PairRewrite(pair=(a.index, b.index), mode="block", branches=branches, combines=[combine])
 
 
 def _rewire(users: set[fx.Node], old: fx.Node, new: fx.Node) -> None:

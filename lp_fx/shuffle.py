@@ -16,7 +16,6 @@ from torch import fx
 
 from .find_layers import LayerStack
 from .fx_utils import memory_readers, mutated_input, stable_topological_sort
-from .rewrite import follow_new_input
 
 
 def shuffle_problem(stack: LayerStack, indices: Sequence[int]) -> str | None:
@@ -50,7 +49,6 @@ def shuffle_layers(gm: fx.GraphModule, stack: LayerStack, order: Sequence[int]) 
     stream = layers[0].input
     for layer in run:
         _substitute(layer.nodes, {layer.input: stream})
-        follow_new_input(layer, layer.input, stream)
         stream = layer.output
     _substitute(outside, after_step)
     stable_topological_sort(gm.graph)

@@ -28,7 +28,7 @@ from torch import fx
 
 from .collectives import insert_after
 from .config import LayerParallelError
-from .find_layers import Layer, SubBlock, example_value, is_add
+from .find_layers import Layer, example_value
 from .fx_utils import LINEAR, in_graph_order
 from .shard_rules import VIEWS, CacheIsSplit, CannotShard, Split, method_or_function, propagate, shape_of
 
@@ -67,7 +67,7 @@ def shard_sub_block(
     """
     block = layer.blocks[block_index]
     allowed = layer.nodes - _descendants(block.add, layer.nodes) - {block.add}
-    region = _descendants(_stream_of(block, layer), allowed)
+    region = _descendants(block.stream, allowed)
     linears = [n for n in in_graph_order(region) if _is_linear(n)]
     if not linears:
         return 0
@@ -75,14 +75,6 @@ def shard_sub_block(
     plan = _plan(allowed, region, columns, _column_splits(layer, columns, rank, world), {})
     _apply(plan, rank, sum_target, copy_target)
     return len(plan.rows)
-
-
-def _stream_of(block: SubBlock, layer: Layer) -> fx.Node:
-    """The stream ``block.add`` adds to now (``block.stream`` is stale after a pair before it)."""
-    node = block.add
-    while node is block.add or (node in layer.nodes and is_add(node) and any(d in node.args for d in block.deltas)):
-        node = next(a for a in node.args if a not in block.deltas)
-    return node
 
 
 def _descendants(node: fx.Node, within: set[fx.Node]) -> set[fx.Node]:

@@ -2,8 +2,10 @@
 
 :class:`WeightStore` holds, per backend object and weakly per parameter, the tensors its graphs
 read instead of the model's own: slices (``free_weights``), averages (``mode="merge"``) and fused
-buffers (``fuse=True``). :func:`keep_own_weights` is ``free_weights=True``, described below; the
-byte counters (:func:`resident_bytes`, :func:`unique_bytes`, ...) serve the reports and benches.
+buffers (``fuse=True``). :func:`refuse_gradients` is the inference-only rule of the three:
+those tensors are not the model's parameters, so no gradient would reach the model.
+:func:`keep_own_weights` is ``free_weights=True``, described below; the byte counters
+(:func:`resident_bytes`, :func:`unique_bytes`, ...) serve the reports and benches.
 
 With ``free_weights=True`` each rank keeps in memory only the weights it computes with.
 
@@ -16,9 +18,9 @@ with ``untyped_storage().resize_(0)``, as FSDP does: the parameter keeps its sha
 strides, so Dynamo's guards still hold and nothing recompiles, but its memory is returned.
 
 This is for inference: the copies are not the model's parameters, so no gradient would reach the
-model; a graph compiled with gradients enabled is refused. The model is not usable outside the
-compiled forward afterwards: reading a released parameter raises, and copying the model
-(``copy.deepcopy``) crashes in torch, as it does for FSDP-sharded modules.
+model; a graph compiled with gradients enabled is refused (:func:`refuse_gradients`). The model is
+not usable outside the compiled forward afterwards: reading a released parameter raises, and
+copying the model (``copy.deepcopy``) crashes in torch, as it does for FSDP-sharded modules.
 """
 
 from __future__ import annotations
@@ -146,11 +148,6 @@ def keep_own_weights(
     """
     placeholders = gm.graph.find_nodes(op="placeholder")
     params = [(i, n, v) for i, (n, v) in enumerate(zip(placeholders, example_inputs)) if isinstance(v, torch.nn.Parameter)]
-    if torch.is_grad_enabled() and any(v.requires_grad for _, _, v in params):
-        raise LayerParallelError(
-            "free_weights=True is for inference: compile and run under torch.no_grad() (or call "
-            "model.requires_grad_(False)); gradients would not reach the released parameters"
-        )
     slices = {}
     for i, node, value in params:
         shards = {u.meta.get("lp_fx_shard") for u in node.users}
@@ -172,6 +169,18 @@ def keep_own_weights(
                 released += storage.nbytes()
                 storage.resize_(0)
     return slices, released
+
+
+def refuse_gradients(option: str, example_inputs: Sequence[Any]) -> None:
+    """Refuse ``option``, which gives the compiled graph tensors in place of the model's
+    parameters, when a parameter of the graph would get a gradient: none would reach the model."""
+    params = [v for v in example_inputs if isinstance(v, torch.nn.Parameter)]
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        raise LayerParallelError(
+            f"{option} is for inference and does not train: the tensors it gives the compiled graph in place "
+            "of the model's parameters are not them, so no gradient would reach the model. Compile and run "
+            "under torch.no_grad() (or call model.requires_grad_(False))"
+        )
 
 
 def resident_bytes(model: torch.nn.Module, store: WeightStore | None = None) -> int:

@@ -225,5 +225,5 @@ def test_perplexity_of_a_shuffle_is_that_of_the_reordered_model(model: torch.nn.
 def test_a_shuffle_the_graph_did_not_apply_is_refused() -> None:
     pairing = Pairing("s", shuffle=Shuffle(0, 4, 1))
     with pytest.raises(RuntimeError, match=r"not rewritten as asked: \[\('shuffle'"):
-        evaluate.check_rewritten([GraphReport(graph=0)], pairing, "lp")
-    evaluate.check_rewritten([GraphReport(graph=0, shuffled=Shuffle(0, 4, 1).order)], pairing, "lp")
+        evaluate.check_rewritten([GraphReport(index=0)], pairing, "lp")
+    evaluate.check_rewritten([GraphReport(index=0, shuffled=Shuffle(0, 4, 1).order)], pairing, "lp")

@@ -80,7 +80,7 @@ def test_save_load_serve_equals_the_trained_model(trained):
     ids = tokens(12, seed=3).view(1, 12)
     fresh = hf_model("llama")
     options = lp_fx.load_finetuned(fresh, out)
-    assert options == {"stack": "model.layers", "pairs": [(1, 2)], "mode": "lp"}
+    assert options == {"stack": "model.layers", "pairs": [(1, 2)], "modes": ["lp"]}
     assert torch.equal(compiled_logits(fresh, options, ids), compiled_logits(model, options, ids))
 
 

@@ -129,18 +129,12 @@ def test_fused_pairs_through_inductor():
     assert (got - expected).abs().max().item() <= 1e-4
 
 
-def test_gradients_enabled_leave_the_pair_unfused_and_say_why():
+def test_gradients_enabled_are_refused_as_for_every_inference_only_option():
     model = make("llama")
-    ids = random_ids(9)
-    with torch.no_grad(), eager_pairing(model, PAIRS, "lp") as reference:
-        expected = logits(reference, ids)
     backend = LayerParallel(pairs=PAIRS, inner="aot_eager", fuse=True)
-    got = logits(torch.compile(model, backend=backend), ids)
-    report = backend.reports[0]
-    assert not report.pairs_fused
-    assert "gradients are enabled" in report.fuse_skipped[0][1]
-    assert report.gemms[0] == report.gemms[1]
-    assert (got.detach() - expected).abs().max().item() <= 1e-4
+    with pytest.raises(Exception, match="fuse=True is for inference and does not train"):
+        logits(torch.compile(model, backend=backend), random_ids(9))
+    assert all(p.is_contiguous() and p._base is None for p in model.parameters())  # no parameter made a view
 
 
 def test_int8_weights_compile_unfused_and_match():

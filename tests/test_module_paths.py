@@ -8,7 +8,7 @@ Dynamo names the model object after how it reached the compiled frame: ``L['self
 import pytest
 import torch
 
-from lp_fx import LayerParallel, LayerParallelError
+from lp_fx import LayerParallel
 from lp_fx.find_layers import normalize_path
 
 from .models import VOCAB, hf_model, tiny_hand_written

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from lp_fx.config import check_range
+from lp_fx.config import DEFAULTS, INNER_COMPILERS, PAIRING_MODES, check_range
 from lp_fx.tools.bench_single import run_single
 from lp_fx.tools.arguments import OneLineParser, int_at_least, non_negative_int, positive_int
 from lp_fx.tools.files import check_files_writable, write_json
@@ -145,8 +145,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2", help="'smollm2', a .gguf file or a Hugging Face directory")
     parser.add_argument("--start", type=non_negative_int, default=14)
     parser.add_argument("--end", type=positive_int, default=28)
-    parser.add_argument("--modes", nargs="+", default=["lp", "block"], choices=["lp", "block"])
-    parser.add_argument("--inner", default="inductor", choices=["inductor", "aot_eager", "eager"])
+    parser.add_argument("--modes", nargs="+", default=list(PAIRING_MODES), choices=PAIRING_MODES)
+    parser.add_argument("--inner", default=DEFAULTS["inner"], choices=INNER_COMPILERS)
     parser.add_argument("--tokens", type=int_at_least(2), default=32,
                         help="new tokens per generation (decode speed is timed from the first to the last)")
     parser.add_argument("--rounds", type=positive_int, default=5, help="timed generations per variant, interleaved")

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from lp_fx.config import DEFAULTS
 from lp_fx.tools.files import write_json
 from lp_fx.tools.timing import (
     compile_and_warm_up,
@@ -49,7 +50,7 @@ class SingleVariant:
 
 
 def single_variants(
-    start: int, end: int, modes: list[str], cudagraphs: bool = False, inner: str = "inductor"
+    start: int, end: int, modes: list[str], cudagraphs: bool = False, inner: str = DEFAULTS["inner"]
 ) -> list[SingleVariant]:
     """Inductor, then for each mode LP and LP + fuse, all with ``inner`` behind the LP backend."""
     out = [SingleVariant("Inductor", None)]

@@ -200,7 +200,7 @@ def _check_same_model(model: nn.Module, pairing: Mapping[str, Any], folder: Path
                     f"pair {pair} is out of range: {here['stack']} has {here['num_layers']} layers, "
                     f"valid indices 0..{here['num_layers'] - 1}"
                 )
-        config_from_options(finetuned_options(pairing, folder))
+        config_from_options(finetuned_options(pairing))
     except LayerParallelError as error:
         raise CheckpointError(f"{folder / PAIRING}: {error}") from None
 
@@ -236,14 +236,13 @@ def load_finetuned(model: nn.Module, directory: str | Path) -> dict[str, Any]:
     with torch.no_grad():
         for name, tensor in tensors.items():
             state[name].copy_(tensor)
-    return finetuned_options(pairing, folder)
+    return finetuned_options(pairing)
 
 
-def finetuned_options(pairing: Mapping[str, Any], folder: Path) -> dict[str, Any]:
-    """Backend options for a checkpoint's pairing: ``pairs``/``mode``, or its ``pairing.json`` as
-    a plan when pairs have different modes (the file of this checkpoint's own folder)."""
-    modes = set(pairing["modes"])
-    options: dict[str, Any] = {"stack": pairing["model"]["stack"]}
-    if len(modes) > 1:
-        return {**options, "plan": str(folder / PAIRING)}
-    return {**options, "pairs": [tuple(pair) for pair in pairing["pairs"]], "mode": modes.pop() if modes else "lp"}
+def finetuned_options(pairing: Mapping[str, Any]) -> dict[str, Any]:
+    """Backend options for a checkpoint's pairing: its layer stack, its pairs and their modes."""
+    return {
+        "stack": pairing["model"]["stack"],
+        "pairs": [tuple(pair) for pair in pairing["pairs"]],
+        "modes": list(pairing["modes"]),
+    }

@@ -12,10 +12,8 @@ position attends to the padding after it.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -92,25 +90,15 @@ def compile_pairing(
 
 def make_backend(model: torch.nn.Module, pairing: Pairing, mode: str, inner: str, **options: Any) -> object:
     """A strict backend for one pairing (more backend ``options`` may be added, e.g. ``mesh``);
-    per-pair modes travel as a plan file, as a user passes them."""
+    ``mode`` for pairs without a mode of their own."""
     from lp_fx import LayerParallel
 
     options = {"mode": mode, "inner": inner, "strict": True, **options}
     if pairing.shuffle is not None:
         options["shuffle"] = asdict(pairing.shuffle)
-    if pairing.modes is None or len(set(pairing.modes)) <= 1:
-        if pairing.modes:
-            options["mode"] = pairing.modes[0]
-        return LayerParallel(options, pairs=[list(pair) for pair in pairing.pairs])
-    plan = {
-        "num_layers": model.config.num_hidden_layers,
-        "pairs": [list(pair) for pair in pairing.pairs],
-        "modes": list(pairing.modes),
-    }
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "plan.json"
-        path.write_text(json.dumps(plan))
-        return LayerParallel(options, plan=str(path))  # the plan is read here
+    if pairing.modes is not None:
+        options["modes"] = list(pairing.modes)
+    return LayerParallel(options, pairs=[list(pair) for pair in pairing.pairs])
 
 
 def check_pairing(model: torch.nn.Module, pairing: Pairing, mode: str = "lp", **options: Any) -> None:

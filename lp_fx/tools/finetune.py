@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from lp_fx.config import PAIRING_MODES, LayerParallelError, Pair, validate_pairs
+from lp_fx.config import PAIRING_MODES, LayerParallelError, Pair, choice, validate_pairs
 from lp_fx.tools.checkpoint import (
     check_checkpoint_dir,
     layer_parameter_names,
@@ -83,11 +83,11 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pairs", validate_pairs(self.pairs))
-        _check_choice(self.loss, LOSSES, "loss")
-        _check_choice(self.train, TRAIN_SETS, "train")
-        _check_choice(self.mode, PAIRING_MODES, "mode")
+        choice(self.loss, LOSSES, "loss", FinetuneError)
+        choice(self.train, TRAIN_SETS, "train", FinetuneError)
+        choice(self.mode, PAIRING_MODES, "mode", FinetuneError)
         for mode in self.modes or ():
-            _check_choice(mode, PAIRING_MODES, "mode of a pair")
+            choice(mode, PAIRING_MODES, "mode of a pair", FinetuneError)
         if self.modes is not None and len(self.modes) != len(self.pairs):
             raise FinetuneError(f"{len(self.modes)} modes for {len(self.pairs)} pairs: give one mode per pair")
         for name in ("steps", "batch", "seq_len", "eval_every", "save_every"):
@@ -117,11 +117,6 @@ class FinetuneConfig:
         if self.train_layers is not None:
             return tuple(sorted(self.train_layers))
         return tuple(i for pair in self.pairs for i in pair)
-
-
-def _check_choice(value: Any, valid: Sequence[str], name: str) -> None:
-    if value not in valid:
-        raise FinetuneError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, valid))}")
 
 
 # ------------------------------------------------------------------------------------------ loss

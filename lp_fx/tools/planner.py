@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from lp_fx.config import PAIRING_MODES
 from lp_fx.tools import evaluate
 from lp_fx.tools.evaluate import Pair, Pairing
 from lp_fx.tools.files import write_json
@@ -42,7 +43,7 @@ from lp_fx.tools.files import write_json
 log = logging.getLogger(__name__)
 
 PLAN_VERSION = 1
-MODES = ("lp", "block")
+MODES = PAIRING_MODES  # the planner gates the modes in which both layers run
 
 
 def plan_pairing(plan: dict, name: str) -> Pairing:

@@ -10,7 +10,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from lp_fx.config import check_plan, load_plan, validate_pairs
+from lp_fx.config import INNER_COMPILERS, PAIRING_MODES, check_plan, load_plan, validate_pairs
 from lp_fx.tools import data, evaluate, planner
 from lp_fx.tools.arguments import int_at_least, positive_int
 from lp_fx.tools.evaluate import BASELINE, EvalSpec, Pairing
@@ -39,9 +39,9 @@ def add_model_options(parser: argparse.ArgumentParser, mode: bool = True) -> Non
         "repository or the working directory)",
     )
     if mode:
-        parser.add_argument("--mode", default="lp", choices=["lp", "block"], help="pairing mode")
+        parser.add_argument("--mode", default="lp", choices=PAIRING_MODES, help="pairing mode")
     parser.add_argument(
-        "--inner", default="eager", choices=["eager", "aot_eager", "inductor"],
+        "--inner", default="eager", choices=INNER_COMPILERS,
         help="compiler behind the layer_parallel backend (eager is fastest to compile)",
     )
     parser.add_argument("--window", type=int_at_least(2), default=512, help="perplexity window in tokens")
