@@ -108,18 +108,6 @@ def test_bench_refuses_bad_numbers_before_starting(
     assert option in err and valid in err
 
 
-def test_huge_batch_size_pads_no_more_rows_than_there_are_inputs() -> None:
-    rows = []
-
-    def logits_fn(ids: torch.Tensor) -> torch.Tensor:
-        rows.append(ids.shape[0])
-        return torch.zeros(*ids.shape, 8)
-
-    requests = [evaluate.TokenRequest((1, 2), (3,)), evaluate.TokenRequest((1, 4), (5, 6))]
-    scores = evaluate.score_requests(logits_fn, requests, batch_size=10**12, progress=False)
-    assert len(scores) == 2 and rows == [2]
-
-
 # --------------------------------------------------------------- pairings against the model (item 10)
 
 
