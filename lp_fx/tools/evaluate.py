@@ -238,7 +238,7 @@ class EvalSpec:
     ppl_windows: int | None = None
     window: int = 512
     batch_size: int = 8
-    bootstrap_iters: int = 1000
+    bootstrap_iters: int = lm_eval_tasks.BOOTSTRAP_ITERS
 
 
 @dataclass
