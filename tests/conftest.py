@@ -33,10 +33,11 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import PreTrainedTokenizerFast
 
     path = tmp_path_factory.mktemp("tiny_model")
-    vocab = {"[UNK]": 0, **{word: i + 1 for i, word in enumerate(WORDS + ["."])}}
+    vocab = {"[UNK]": 0, **{word: i + 1 for i, word in enumerate(WORDS + [".", "</s>"])}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(path)
+    # an end-of-text token, as every causal LM tokenizer has: lm-eval's HFLM reads it
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>").save_pretrained(path)
     hf_model("llama", layers=4).save_pretrained(path)
     return path
 

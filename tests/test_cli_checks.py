@@ -143,18 +143,6 @@ def test_bench_and_export_refuse_an_unwritable_destination_before_the_work(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
-def test_huge_batch_size_pads_no_more_rows_than_there_are_inputs() -> None:
-    rows = []
-
-    def logits_fn(ids: torch.Tensor) -> torch.Tensor:
-        rows.append(ids.shape[0])
-        return torch.zeros(*ids.shape, 8)
-
-    requests = [evaluate.TokenRequest((1, 2), (3,)), evaluate.TokenRequest((1, 4), (5, 6))]
-    scores = evaluate.score_requests(logits_fn, requests, batch_size=10**12, progress=False)
-    assert len(scores) == 2 and rows == [2]
-
-
 # --------------------------------------------------------------- pairings against the model (item 10)
 
 

@@ -1,4 +1,4 @@
-"""Metric code on tiny random models: perplexity, log-likelihood scoring, accuracy, data errors."""
+"""Metric code on tiny random models: perplexity, retention, data errors (tasks: tests/test_lm_eval.py)."""
 
 from __future__ import annotations
 
@@ -20,9 +20,7 @@ SHARED_DATA = data.default_data_dir()
 
 
 class CharTokenizer:
-    """One token per character: enough for the harness-style context/continuation split."""
-
-    pad_token_id = 0
+    """One token per character: enough for perplexity windows."""
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return [1 + ord(char) % (VOCAB - 1) for char in text]
@@ -62,61 +60,6 @@ def test_split_windows_halves_and_even_spacing() -> None:
     assert picked[:, 0].tolist() == [20, 28, 36]
     with pytest.raises(ValueError, match="calib"):
         evaluate.split_windows(windows, "train")
-
-
-def test_encode_request_moves_trailing_space_and_truncates_left() -> None:
-    tok = CharTokenizer()
-    request = evaluate.encode_request(tok, "Answer: ", "yes")
-    assert request.context == tuple(tok.encode("Answer:"))
-    assert request.continuation == tuple(tok.encode(" yes"))
-    short = evaluate.encode_request(tok, "abcdefgh", " xy", max_length=4)
-    assert short.context == tuple(tok.encode("gh")) and len(short.continuation) == 3
-
-
-def _unpadded_score(model: torch.nn.Module, request: evaluate.TokenRequest) -> evaluate.Score:
-    tokens = torch.tensor(request.context + request.continuation)
-    with torch.no_grad():
-        logprobs = torch.log_softmax(model(tokens[None, :-1]).logits[0], dim=-1)
-    n = len(request.continuation)
-    rows, target = logprobs[-n:], tokens[-n:]
-    return evaluate.Score(
-        rows.gather(1, target[:, None]).sum().item(), bool((rows.argmax(-1) == target).all())
-    )
-
-
-def test_scores_match_unpadded_single_requests(model: torch.nn.Module) -> None:
-    tok = CharTokenizer()
-    texts = [
-        ("The cat sat", " on the mat"),
-        ("Q: 2+2?\nA:", " 4"),
-        ("Q: 2+2?\nA:", " 5"),  # same input as the previous one: one forward for both
-        ("x" * 40, " yz"),
-        ("ab", " c"),
-    ]
-    requests = [evaluate.encode_request(tok, c, x) for c, x in texts]
-    scores = evaluate.score_requests(
-        evaluate.eager_logits(model), requests, batch_size=3, progress=False
-    )
-    for request, score in zip(requests, scores):
-        expected = _unpadded_score(model, request)
-        assert score.loglikelihood == pytest.approx(expected.loglikelihood, abs=1e-4)
-        assert score.greedy == expected.greedy
-
-
-def test_mc_metrics_acc_and_acc_norm() -> None:
-    items = [
-        data.MCItem((("q", " a"), ("q", " bbbb")), gold=1),
-        data.MCItem((("q", " a"), ("q", " b")), gold=0),
-    ]
-    scores = [evaluate.Score(ll, False) for ll in (-1.0, -2.0, -3.0, -1.0)]
-    # item 1: acc picks 0 (wrong); per character -1 vs -0.5 picks 1 (right). item 2: both wrong.
-    assert evaluate.mc_metrics(items, scores) == {"acc": 0.0, "acc_norm": 0.5, "n": 2}
-
-
-def test_lambada_metrics() -> None:
-    scores = [evaluate.Score(-1.0, True), evaluate.Score(-3.0, False)]
-    metrics = evaluate.lambada_metrics(scores)
-    assert metrics["acc"] == 0.5 and metrics["ppl"] == pytest.approx(math.exp(2.0))
 
 
 def test_retention_ratios_and_means() -> None:
@@ -160,10 +103,16 @@ def test_prepare_and_run_eval_end_to_end(tmp_path: Path, model: torch.nn.Module)
     spec = evaluate.EvalSpec(tmp_path, tasks=("wikitext", "winogrande"), window=64)
     prepared = evaluate.prepare(CharTokenizer(), spec)
     assert prepared.sizes() == {"winogrande": 3, "wikitext": 12}
+    assert list(prepared.tasks.tasks) == ["winogrande"]  # scored by lm-eval (tests/test_lm_eval.py)
     results = evaluate.run_eval(evaluate.eager_logits(model), prepared, progress=False)
     again = evaluate.run_eval(evaluate.eager_logits(model), prepared, progress=False)
     assert results == again
-    assert results["winogrande"]["n"] == 3 and results["wikitext"]["ppl"] > 1
+    assert list(results) == ["wikitext"] and results["wikitext"]["ppl"] > 1
+
+
+def test_unknown_tasks_are_refused_naming_the_valid_ones(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown tasks \\['mmlu'\\]; expected some of wikitext, lambada_text, arc_easy"):
+        evaluate.prepare(CharTokenizer(), evaluate.EvalSpec(tmp_path, tasks=("wikitext", "mmlu")))
 
 
 @pytest.mark.skipif(SHARED_DATA is None, reason="no ../shared/data")

@@ -1,13 +1,13 @@
-"""Accuracy cost of pairing: perplexity, zero-shot multiple choice, LAMBADA, retention.
+"""Accuracy cost of pairing: perplexity (ours), task accuracy (lm-evaluation-harness), retention.
 
-Every metric takes a ``LogitsFn`` (token ids ``(B, T)`` → logits ``(B, T, V)``), so the same code
+Perplexity takes a ``LogitsFn`` (token ids ``(B, T)`` → logits ``(B, T, V)``), so the same code
 measures a plain model, a hand-written reference, or the model compiled with the
-``layer_parallel`` backend (:func:`compile_pairing`), which is what is served.
+``layer_parallel`` backend (:func:`compile_pairing`), which is what is served. Perplexity windows
+are exactly ``window`` tokens, so Dynamo compiles one graph for them.
 
-Shapes are kept to a few fixed sizes (perplexity windows of exactly ``window`` tokens; requests
-right-padded to power-of-two length buckets and a fixed batch size) so that Dynamo compiles a
-handful of graphs rather than one per example. Right padding is exact for a causal model: no
-position attends to the padding after it.
+The tasks (ARC, PIQA, HellaSwag, WinoGrande, BoolQ, LAMBADA: the local copies as lm-eval tasks,
+:mod:`lp_fx.tools.lm_eval_tasks`) are scored by lm-eval itself, through the same compiled model
+(:class:`lp_fx.tools.lm_eval_model.LayerParallelLM`): its prompts, metrics and standard errors.
 """
 
 from __future__ import annotations
@@ -16,22 +16,21 @@ import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from lp_fx.config import LayerParallelError, Pair, Shuffle
-from lp_fx.tools import data
+from lp_fx.tools import data, lm_eval_tasks
 
 log = logging.getLogger(__name__)
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
-MIN_BUCKET = 32
 # Perplexity sets: WikiText-2 raw test, and the LAMBADA passages as text of another domain (fiction).
 PPL_TEXTS: dict[str, Callable[[Path], str]] = {"wikitext": data.load_wikitext, "lambada_text": data.load_lambada_text}
-TASKS: tuple[str, ...] = (*PPL_TEXTS, *data.ALL_TASKS)
+TASKS: tuple[str, ...] = (*PPL_TEXTS, *lm_eval_tasks.LOCAL_TASKS)
 
 
 # --------------------------------------------------------------------------- pairings and compile
@@ -65,27 +64,35 @@ BASELINE = Pairing("baseline")
 def compile_pairing(
     model: torch.nn.Module, pairing: Pairing, mode: str = "lp", inner: str = "eager", **options: Any
 ) -> LogitsFn:
-    """``model`` through ``torch.compile`` with the layer_parallel backend for ``pairing``.
+    """``model`` through ``torch.compile`` with the layer_parallel backend for ``pairing``, as a
+    ``LogitsFn`` (no KV cache); see :func:`paired_forward`."""
+    forward = paired_forward(model, pairing, mode, inner, **options)
+    return lambda input_ids: forward(input_ids=input_ids, use_cache=False).logits
+
+
+def paired_forward(
+    model: torch.nn.Module, pairing: Pairing, mode: str = "lp", inner: str = "eager", **options: Any
+) -> Callable[..., Any]:
+    """``model.forward`` compiled with a strict layer_parallel backend for ``pairing``: the same
+    arguments and outputs, so it serves scoring and ``generate`` alike.
 
     ``mode`` applies to pairs without a mode of their own. Dynamo's caches are reset first so
-    that each pairing gets fresh graphs. The backend runs with ``strict=True`` and the first call
-    checks its reports: a silently unpaired (or unshuffled) model would be measured as the baseline.
-    More backend ``options`` (``fuse=True``) may be given.
+    that each pairing gets fresh graphs. The backend runs with ``strict=True`` and every call that
+    compiled new graphs checks their reports: a silently unpaired (or unshuffled) model would be
+    measured as the baseline. More backend ``options`` (``fuse=True``) may be given.
     """
     torch._dynamo.reset()
     backend = make_backend(model, pairing, mode, inner, **options)
-    compiled = torch.compile(model, backend=backend)
-    checked = False
+    compiled = torch.compile(model.forward, backend=backend)
 
-    def logits_fn(input_ids: torch.Tensor) -> torch.Tensor:
-        nonlocal checked
-        logits = compiled(input_ids=input_ids, use_cache=False).logits
-        if not checked:
-            check_rewritten(backend.reports, pairing, mode)
-            checked = True
-        return logits
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        seen = len(backend.reports)
+        out = compiled(*args, **kwargs)
+        if len(backend.reports) > seen:
+            check_rewritten(backend.reports[seen:], pairing, mode)
+        return out
 
-    return logits_fn
+    return forward
 
 
 def make_backend(model: torch.nn.Module, pairing: Pairing, mode: str, inner: str, **options: Any) -> object:
@@ -206,128 +213,10 @@ def perplexity(
     return Perplexity(math.exp(total / tokens), total, tokens, windows.shape[0])
 
 
-# ------------------------------------------------------------------------ log-likelihood requests
-
-
-@dataclass(frozen=True)
-class TokenRequest:
-    """Token ids of a context and of the continuation whose log-likelihood is scored."""
-
-    context: tuple[int, ...]
-    continuation: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Score:
-    loglikelihood: float
-    greedy: bool
-
-
-def encode_request(
-    tokenizer: object, context: str, continuation: str, max_length: int = 1024
-) -> TokenRequest:
-    """Tokenize as lm-evaluation-harness does: encode ``context + continuation`` whole and split.
-
-    Trailing spaces of the context move to the continuation; the context is cut from the left so
-    that the model input (all tokens but the last) fits ``max_length``.
-    """
-    stripped = context.rstrip(" ")
-    continuation = context[len(stripped) :] + continuation
-    whole = tokenizer.encode(stripped + continuation, add_special_tokens=False)
-    context_ids = tokenizer.encode(stripped, add_special_tokens=False)
-    cont_ids = whole[len(context_ids) :]
-    if not cont_ids:
-        raise ValueError(f"continuation {continuation!r} encodes to no tokens")
-    keep = max(max_length + 1 - len(cont_ids), 1)
-    return TokenRequest(tuple(whole[: len(context_ids)][-keep:]), tuple(cont_ids))
-
-
-def _bucket(length: int) -> int:
-    return max(MIN_BUCKET, 1 << (length - 1).bit_length())
-
-
-@torch.no_grad()
-def score_requests(
-    logits_fn: LogitsFn,
-    requests: Sequence[TokenRequest],
-    batch_size: int = 8,
-    pad_id: int = 0,
-    desc: str = "loglikelihood",
-    progress: bool = True,
-) -> list[Score]:
-    """Log-likelihood of each continuation given its context, and whether it is the greedy one.
-
-    Requests with the same model input (e.g. one-token answers " no" / " yes" to one passage)
-    share a forward pass. Inputs are sorted by length, batched and right-padded to a power-of-two
-    bucket and to a full batch, so the input shapes repeat.
-    """
-    by_input: dict[tuple[int, ...], list[int]] = {}
-    for index, request in enumerate(requests):
-        by_input.setdefault(_model_input(request), []).append(index)
-    inputs = sorted(by_input, key=len, reverse=True)
-    batch_size = min(batch_size, max(len(inputs), 1))  # rows past the inputs would only be padding
-    scores: list[Score | None] = [None] * len(requests)
-    batches = [inputs[i : i + batch_size] for i in range(0, len(inputs), batch_size)]
-    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        logprobs = torch.log_softmax(logits_fn(_padded_batch(batch, batch_size, pad_id)).float(), -1)
-        for row, tokens in enumerate(batch):
-            for index in by_input[tokens]:
-                scores[index] = _score_row(logprobs[row, : len(tokens)], requests[index])
-    return scores  # type: ignore[return-value]
-
-
-def _model_input(request: TokenRequest) -> tuple[int, ...]:
-    return (request.context + request.continuation)[:-1]
-
-
-def _padded_batch(inputs: Sequence[tuple[int, ...]], batch_size: int, pad_id: int) -> torch.Tensor:
-    ids = torch.full((batch_size, _bucket(max(map(len, inputs)))), pad_id, dtype=torch.long)
-    for row, tokens in enumerate(inputs):
-        ids[row, : len(tokens)] = torch.tensor(tokens)
-    return ids
-
-
-def _score_row(logprobs: torch.Tensor, request: TokenRequest) -> Score:
-    """Score from the log-probabilities of the request's (unpadded) input positions."""
-    target = torch.tensor(request.continuation)
-    rows = logprobs[-len(target) :]
-    loglikelihood = rows.gather(1, target.unsqueeze(1)).sum().item()
-    greedy = bool((rows.argmax(dim=-1) == target).all())
-    return Score(loglikelihood, greedy)
-# -------------------------------------------------------------------------------- task metrics
-
-
-def mc_metrics(items: Sequence[data.MCItem], scores: Sequence[Score]) -> dict:
-    """``acc`` (highest log-likelihood) and ``acc_norm`` (per character of the choice)."""
-    flat = iter(scores)
-    correct = correct_norm = 0
-    for item in items:
-        lls = [next(flat).loglikelihood for _ in item.requests]
-        lengths = [len(continuation.lstrip(" ")) or 1 for _, continuation in item.requests]
-        normed = [ll / length for ll, length in zip(lls, lengths)]
-        correct += _argmax(lls) == item.gold
-        correct_norm += _argmax(normed) == item.gold
-    n = len(items)
-    return {"acc": correct / n, "acc_norm": correct_norm / n, "n": n}
-
-
-def _argmax(values: Sequence[float]) -> int:
-    return max(range(len(values)), key=values.__getitem__)
-
-
-def lambada_metrics(scores: Sequence[Score]) -> dict:
-    """Last-word accuracy (every target token greedy) and perplexity of the target."""
-    n = len(scores)
-    return {
-        "acc": sum(score.greedy for score in scores) / n,
-        "ppl": math.exp(-sum(score.loglikelihood for score in scores) / n),
-        "n": n,
-    }
-
-
 @dataclass
 class EvalSpec:
-    """What to evaluate; the same spec gives the same numbers."""
+    """What to evaluate; the same spec gives the same numbers. ``tasks`` are perplexity texts
+    (:data:`PPL_TEXTS`) and local lm-eval tasks; ``limit`` items of each task, chosen by ``seed``."""
 
     data_dir: Path
     tasks: tuple[str, ...] = TASKS
@@ -337,93 +226,63 @@ class EvalSpec:
     ppl_windows: int | None = None
     window: int = 512
     batch_size: int = 8
-    max_length: int = 1024
+    bootstrap_iters: int = lm_eval_tasks.BOOTSTRAP_ITERS
 
 
 @dataclass
 class PreparedEval:
-    """Everything tokenized once, reused for each pairing."""
+    """Everything read once, reused for each pairing: perplexity windows (tokenized) and the
+    lm-eval tasks (``None`` when no task is asked for)."""
 
-    windows: torch.Tensor | None
-    other_windows: dict[str, torch.Tensor] = field(default_factory=dict)
-    mc: dict[str, tuple[list[data.MCItem], list[TokenRequest]]] = field(default_factory=dict)
-    lambada: list[TokenRequest] | None = None
+    windows: dict[str, torch.Tensor] = field(default_factory=dict)
+    tasks: lm_eval_tasks.TaskSuite | None = None
     batch_size: int = 8
-    pad_id: int = 0
 
     def sizes(self) -> dict[str, int]:
-        out = {task: len(items) for task, (items, _) in self.mc.items()}
-        if self.lambada is not None:
-            out["lambada"] = len(self.lambada)
-        if self.windows is not None:
-            out["wikitext"] = int(self.windows.shape[0])
-        out.update({name: int(w.shape[0]) for name, w in self.other_windows.items()})
+        out = dict(self.tasks.sizes) if self.tasks is not None else {}
+        out.update({name: int(windows.shape[0]) for name, windows in self.windows.items()})
         return out
 
 
 def prepare(tokenizer: object, spec: EvalSpec) -> PreparedEval:
-    """Read and tokenize the data that ``spec`` asks for (``wikitext`` is perplexity)."""
+    """Read (and tokenize) the data that ``spec`` asks for; unknown names are refused."""
     if not spec.tasks:
         raise ValueError(f"no tasks given; expected some of {', '.join(TASKS)}")
-    unknown = set(spec.tasks) - set(TASKS)
+    unknown = [task for task in spec.tasks if task not in TASKS]
     if unknown:
-        raise ValueError(f"unknown tasks {sorted(unknown)}; expected some of {', '.join(TASKS)}")
-    prepared = PreparedEval(windows=None, batch_size=spec.batch_size, pad_id=_pad_id(tokenizer))
-    if "wikitext" in spec.tasks:
-        prepared.windows = wikitext_windows(
-            tokenizer, spec.data_dir, spec.window, spec.ppl_split, spec.ppl_windows
-        )
-    for name in PPL_TEXTS:
-        if name != "wikitext" and name in spec.tasks:
-            prepared.other_windows[name] = wikitext_windows(
-                tokenizer, spec.data_dir, spec.window, spec.ppl_split, spec.ppl_windows, text=name
-            )
-    for task, loader in data.MC_TASKS.items():
-        if task in spec.tasks:
-            items = data.subset(loader(spec.data_dir), spec.limit, spec.seed)
-            requests = _encode_all(tokenizer, _flatten(items), spec.max_length)
-            prepared.mc[task] = (items, requests)
-    if "lambada" in spec.tasks:
-        items = data.subset(data.load_lambada(spec.data_dir), spec.limit, spec.seed)
-        pairs = [(item.context, item.target) for item in items]
-        prepared.lambada = _encode_all(tokenizer, pairs, spec.max_length)
-    return prepared
-
-
-def _flatten(items: Iterable[data.MCItem]) -> list[tuple[str, str]]:
-    return [request for item in items for request in item.requests]
-
-
-def _encode_all(
-    tokenizer: object, pairs: Sequence[tuple[str, str]], max_length: int
-) -> list[TokenRequest]:
-    return [encode_request(tokenizer, context, cont, max_length) for context, cont in pairs]
-
-
-def _pad_id(tokenizer: object) -> int:
-    pad = getattr(tokenizer, "pad_token_id", None)
-    return 0 if pad is None else int(pad)
+        raise ValueError(f"unknown tasks {unknown}; expected some of {', '.join(TASKS)}")
+    windows = {
+        name: wikitext_windows(tokenizer, spec.data_dir, spec.window, spec.ppl_split, spec.ppl_windows, text=name)
+        for name in PPL_TEXTS if name in spec.tasks
+    }
+    names = [task for task in spec.tasks if task in lm_eval_tasks.LOCAL_TASKS]
+    tasks = lm_eval_tasks.load_suite(names, spec.data_dir, spec.limit, spec.seed, spec.bootstrap_iters) if names else None
+    return PreparedEval(windows, tasks, spec.batch_size)
 
 
 def run_eval(logits_fn: LogitsFn, prepared: PreparedEval, progress: bool = True) -> dict:
-    """Every prepared metric for one model: ``{"wikitext": {...}, "arc_easy": {...}, …}``."""
-    results: dict = {}
-    if prepared.windows is not None:
-        results["wikitext"] = perplexity(logits_fn, prepared.windows, "wikitext", progress).to_json()
-    for name, windows in prepared.other_windows.items():
-        results[name] = perplexity(logits_fn, windows, name, progress).to_json()
-    for task, (items, requests) in prepared.mc.items():
-        scores = score_requests(
-            logits_fn, requests, prepared.batch_size, prepared.pad_id, task, progress
-        )
-        results[task] = mc_metrics(items, scores)
-    if prepared.lambada is not None:
-        scores = score_requests(
-            logits_fn, prepared.lambada, prepared.batch_size, prepared.pad_id, "lambada", progress
-        )
-        results["lambada"] = lambada_metrics(scores)
+    """The perplexities of one model: ``{"wikitext": {...}, "lambada_text": {...}}``; the tasks
+    are :func:`measure`'s."""
+    results = {name: perplexity(logits_fn, windows, name, progress).to_json() for name, windows in prepared.windows.items()}
     log.info("results: %s", results)
     return results
+
+
+def measure(
+    model: torch.nn.Module, tokenizer: object, pairing: Pairing, prepared: PreparedEval, mode: str = "lp",
+    inner: str = "eager", progress: bool = True, **options: Any,
+) -> dict:
+    """Every prepared metric of ``model`` under ``pairing``, compiled once: perplexity (:func:`run_eval`)
+    and the tasks, scored by lm-evaluation-harness through :class:`~lp_fx.tools.lm_eval_model.LayerParallelLM`
+    (lm-eval is loaded only when there are tasks)."""
+    if prepared.tasks is None:
+        return run_eval(compile_pairing(model, pairing, mode, inner, **options), prepared, progress)
+    from lp_fx.tools.lm_eval_model import LayerParallelLM
+
+    lm = LayerParallelLM(
+        model, tokenizer=tokenizer, pairs=pairing, mode=mode, inner=inner, batch_size=prepared.batch_size, **options
+    )
+    return {**run_eval(lm.paired_logits, prepared, progress), **lm_eval_tasks.run_suite(lm, prepared.tasks)}
 
 
 # ---------------------------------------------------------------------------------- retention

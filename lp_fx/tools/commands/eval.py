@@ -1,4 +1,8 @@
-"""``lp-fx eval``: perplexity and task accuracy of the baseline and each pairing, one table."""
+"""``lp-fx eval``: perplexity and task accuracy of the baseline and each pairing, one table.
+
+Perplexity is ours (:mod:`lp_fx.tools.evaluate`); the tasks are the local copies as
+lm-evaluation-harness tasks, scored by lm-eval (:mod:`lp_fx.tools.lm_eval_tasks`), with its
+standard errors beside the means."""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from lp_fx.tools.commands.options import (
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "eval", help="perplexity and task accuracy: baseline and pairings, with retention"
+        "eval", help="perplexity and task accuracy (lm-evaluation-harness): baseline and pairings, with retention"
     )
     add_model_options(parser)
     add_eval_options(parser, ",".join(evaluate.TASKS), "all", None)
@@ -45,15 +49,18 @@ def run(args: argparse.Namespace) -> None:
     writable(args.out)
     loaded, data_dir = options.load(args)
     pairings, checkpoints = _eval_pairings(args, loaded)
-    prepared = evaluate.prepare(loaded.tokenizer, eval_spec(args, data_dir))
+    spec = eval_spec(args, data_dir)
+    prepared = evaluate.prepare(loaded.tokenizer, spec)
     quantize_weights(loaded.model, args.quantize)
     print(f"model {loaded.name} ({loaded.num_layers} layers, {args.quantize} weights); "
           f"items per task: {prepared.sizes()}")
     results = {}
     for pairing in pairings:
         with finetuned(loaded.model, checkpoints.get(pairing)):
-            logits_fn = evaluate.compile_pairing(loaded.model, pairing, args.mode, args.inner, fuse=args.fuse)
-            results[pairing.name] = evaluate.run_eval(logits_fn, prepared, not args.no_progress)
+            results[pairing.name] = evaluate.measure(
+                loaded.model, loaded.tokenizer, pairing, prepared, args.mode, args.inner, not args.no_progress,
+                fuse=args.fuse,
+            )
     names = [pairing.name for pairing in pairings]
     print(format_table(names, results))
     write_results(
@@ -63,8 +70,9 @@ def run(args: argparse.Namespace) -> None:
             "mode": args.mode,
             "fuse": args.fuse,
             "quantize": args.quantize,
-            "spec": spec_record(eval_spec(args, data_dir)),
+            "spec": spec_record(spec),
             "sizes": prepared.sizes(),
+            "task_scorer": _task_scorer(prepared),
             "pairings": [
                 {
                     **pairing.to_json(),
@@ -76,6 +84,13 @@ def run(args: argparse.Namespace) -> None:
         },
         args.out,
     )
+
+
+def _task_scorer(prepared: evaluate.PreparedEval) -> str | None:
+    """What scored the tasks (None: no task was asked for)."""
+    from importlib.metadata import version
+
+    return None if prepared.tasks is None else f"lm-evaluation-harness {version('lm_eval')}"
 
 
 def _eval_pairings(args: argparse.Namespace, loaded: object) -> tuple[list[Pairing], dict[Pairing, str]]:

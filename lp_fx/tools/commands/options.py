@@ -144,17 +144,18 @@ def write_results(payload: dict, path: str) -> None:
 
 
 def format_table(names: Sequence[str], results: dict[str, dict]) -> str:
-    """Metrics as rows (``[n]`` = items or windows), pairings as columns; after the baseline,
-    ``value (LP/baseline)``; then the mean accuracy retention."""
+    """Metrics as rows (``[n]`` = items or windows), pairings as columns, ``value ± standard error``
+    where lm-eval gave one; after the baseline, ``value (LP/baseline)``; then the mean accuracy retention."""
     values = {name: evaluate.metric_values(results[name]) for name in names}
     baseline = values[names[0]]
     rows: list[tuple[str, list[str]]] = []
     for task, metric in baseline:
         size = results[names[0]][task].get("n", results[names[0]][task].get("windows"))
-        cells = [f"{baseline[(task, metric)]:.4g}"]
+        cells = [_with_stderr(baseline[(task, metric)], results[names[0]][task].get(f"{metric}_stderr"))]
         for name in names[1:]:
             value = values[name].get((task, metric))
-            cells.append("n/a" if value is None else f"{value:.4g} ({value / baseline[(task, metric)]:.3f})")
+            stderr = results[name].get(task, {}).get(f"{metric}_stderr")
+            cells.append("n/a" if value is None else f"{_with_stderr(value, stderr)} ({_ratio(value, baseline[(task, metric)])})")
         rows.append((f"{task}/{metric} [{size}]", cells))
     for key in ("mean_acc", "mean_acc_norm"):
         means = [evaluate.retention(results[name], results[names[0]]).get(key) for name in names[1:]]
@@ -164,6 +165,16 @@ def format_table(names: Sequence[str], results: dict[str, dict]) -> str:
     lines = ["metric".ljust(label) + "".join(name.rjust(width) for name in names)]
     lines += [text.ljust(label) + "".join(cell.rjust(width) for cell in cells) for text, cells in rows]
     return "\n".join(lines)
+
+
+def _ratio(value: float, baseline: float) -> str:
+    """``LP / baseline`` to 3 decimals; ``n/a`` for a baseline of 0 (an accuracy on few items can be)."""
+    return f"{value / baseline:.3f}" if baseline else "n/a"
+
+
+def _with_stderr(value: float, stderr: float | None) -> str:
+    """``0.4567 ± 0.0123`` (lm-eval's standard error), or the value alone when there is none."""
+    return f"{value:.4g}" if stderr is None else f"{value:.4g} ± {stderr:.2g}"
 
 
 def checkpoint_pairing(pairing: dict, directory: str) -> Pairing:

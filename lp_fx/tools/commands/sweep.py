@@ -58,8 +58,7 @@ def run(args: argparse.Namespace) -> None:
         print(f"left out: {skip['transform']} with {skip['quantize']} weights ({skip['why']})")
 
     def measure(pairing: Pairing) -> dict:
-        logits_fn = evaluate.compile_pairing(loaded.model, pairing, inner=args.inner)
-        return evaluate.run_eval(logits_fn, prepared, progress=False)
+        return evaluate.measure(loaded.model, loaded.tokenizer, pairing, prepared, inner=args.inner, progress=False)
 
     result = sweep.run_sweep(
         measure, loaded.num_layers, points, precisions, lambda precision: quantize_weights(loaded.model, precision),
