@@ -235,6 +235,16 @@ def test_lazy_run_equals_the_whole_gated_graph(arch):
             inner.lazy.retain([(OFF,) * 3, tuple(backend.gates.tolist())])
     assert len(inner.equal) == len(SETTINGS) * len(windows) and all(inner.equal)
     assert 0 < inner.lazy.share_run() < 1
+    with pytest.raises(ValueError, match="no_grad"):
+        compiled(windows[0], use_cache=False) if arch == "llama" else compiled(windows[0])
+
+
+def test_a_graph_that_writes_in_place_is_refused():
+    graph = torch.fx.Graph()
+    x, gates = graph.placeholder("x"), graph.placeholder("gates")
+    graph.output(graph.call_method("add_", (x, gates)))
+    with pytest.raises(ValueError, match="in place"):
+        LazyGatedGraph(torch.fx.GraphModule(torch.nn.Module(), graph))
 
 
 def scorer_and_windows(layers: int = 6, inner="eager"):

@@ -51,7 +51,8 @@ class LazyGatedGraph:
     inputs (see the module doc). Keeps values until :meth:`retain` drops them.
 
     The graph must not write any tensor in place (a kept value would change under it): such a
-    graph is refused with :class:`ValueError`.
+    graph is refused with :class:`ValueError`. It runs under ``torch.no_grad()`` only: a kept value
+    would hold its autograd graph, every intermediate of its call.
     """
 
     def __init__(self, gm: fx.GraphModule) -> None:
@@ -61,21 +62,24 @@ class LazyGatedGraph:
         if writers:
             raise ValueError(f"the gated graph writes tensors in place ({', '.join(writers[:3])}): it cannot be run lazily")
         self.order = {node: i for i, node in enumerate(self.nodes)}
-        self.gates_node = gm.graph.find_nodes(op="placeholder")[-1]
+        self.placeholders = gm.graph.find_nodes(op="placeholder")
+        self.gates_node = self.placeholders[-1]
         self.output = self.nodes[-1]
         self.deps = _gate_deps(self.nodes, self.gates_node)
         self.dep_order = {node: tuple(sorted(deps)) for node, deps in self.deps.items()}
         self.selectors = _selectors(self.nodes, self.gates_node)
         self.kept_nodes = {n for n in self.nodes if n.op != "placeholder" and any(self.deps[u] > self.deps[n] for u in n.users)}
-        self.known: dict[tuple[str, fx.Node, Gates], torch.Tensor] = {}
+        self.known: dict[tuple[str, fx.Node, Gates], object] = {}
         self.computed = 0  # nodes run (not counting the gates' selections), over all calls
         self.calls = 0
 
     def __call__(self, *args: torch.Tensor) -> object:
+        if torch.is_grad_enabled():
+            raise ValueError("the lazily run gated graph keeps values between calls: call it under torch.no_grad()")
         *inputs, gate_tensor = args
         gates = tuple(int(g) for g in gate_tensor.tolist())
         key = _inputs_key(inputs)
-        env: dict[fx.Node, object] = {n: a for n, a in zip(self.gm.graph.find_nodes(op="placeholder"), args)}
+        env: dict[fx.Node, object] = dict(zip(self.placeholders, args))
         todo = self._to_compute(gates, key, env)
         self._run(todo, gates, key, env)
         self.calls += 1
@@ -93,11 +97,10 @@ class LazyGatedGraph:
             if node in seen:
                 continue
             seen.add(node)
-            if node in self.kept_nodes:
-                value = self.known.get((key, node, self._gate_key(node, gates)))
-                if value is not None:
-                    env[node] = value
-                    continue
+            entry = (key, node, self._gate_key(node, gates)) if node in self.kept_nodes else None
+            if entry in self.known:
+                env[node] = self.known[entry]
+                continue
             todo.append(node)
             selector = self.selectors.get(node)
             stack.extend([selector.chosen(gates)] if selector else node.all_input_nodes)
@@ -121,8 +124,7 @@ class LazyGatedGraph:
             if node in self.kept_nodes:
                 self.known[(key, node, self._gate_key(node, gates))] = env[node]
             for arg in drop.get(node, ()):
-                if arg is not node:
-                    env.pop(arg, None)
+                env.pop(arg, None)
         self.computed += sum(1 for node in todo if node not in self.selectors)
 
     def _compute(self, node: fx.Node, env: dict[fx.Node, object]) -> object:
@@ -150,15 +152,6 @@ class LazyGatedGraph:
         """The nodes run per call, as a share of the graph's (nan before the first call)."""
         runnable = sum(1 for n in self.nodes if n.op not in ("placeholder", "output") and n not in self.selectors)
         return self.computed / (self.calls * runnable) if self.calls else float("nan")
-
-    def kept_bytes(self) -> int:
-        """Memory held by the kept values (each storage once)."""
-        storages = {}
-        for value in self.known.values():
-            if isinstance(value, torch.Tensor):
-                storage = value.untyped_storage()
-                storages[storage.data_ptr()] = storage.nbytes()
-        return sum(storages.values())
 
 
 def _writes_in_place(node: fx.Node) -> bool:
