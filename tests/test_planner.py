@@ -8,10 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from lp_fx import GatedLayerParallel
 from lp_fx.config import PlanError, check_plan, load_plan
+from lp_fx.gates import OFF
 from lp_fx.tools import evaluate, planner
 from lp_fx.tools.evaluate import Pairing
-from .models import VOCAB, hf_model
+from lp_fx.tools.lazy_gates import LazyGatedGraph
+from .models import VOCAB, hf_model, tiny_hand_written
 
 BASE_PPL = 10.0
 
@@ -38,7 +41,7 @@ def test_select_checks_combined_cost_and_avoids_clash() -> None:
     measure = planner.cached(fake_measure)
     candidates = planner.score_singles(measure, 10, progress=False)
     assert [c.pair for c in candidates] == [(i, i + 1) for i in range(9)]
-    selection = planner.select(measure, candidates, BASE_PPL, num_pairs=2, progress=False)
+    selection = planner.select(measure, candidates, BASE_PPL, planner.Objective(num_pairs=2), progress=False)
     # (3,4) first; then (5,6) is cheapest alone but clashes: measured, (6,7) wins.
     assert [c.pair for c in selection.chosen] == [(3, 4), (6, 7)]
     assert selection.ppl == pytest.approx(fake_measure(selection.pairing()))
@@ -49,7 +52,7 @@ def test_select_checks_combined_cost_and_avoids_clash() -> None:
 def test_select_pairs_are_disjoint() -> None:
     measure = planner.cached(fake_measure)
     candidates = planner.score_singles(measure, 10, progress=False)
-    selection = planner.select(measure, candidates, BASE_PPL, num_pairs=4, refine=2, progress=False)
+    selection = planner.select(measure, candidates, BASE_PPL, planner.Objective(num_pairs=4, refine=2), progress=False)
     layers = [layer for c in selection.chosen for layer in c.pair]
     assert len(layers) == len(set(layers)) == 8
 
@@ -57,7 +60,7 @@ def test_select_pairs_are_disjoint() -> None:
 def test_select_stops_at_budget() -> None:
     measure = planner.cached(fake_measure)
     candidates = planner.score_singles(measure, 10, progress=False)
-    selection = planner.select(measure, candidates, BASE_PPL, max_ppl_ratio=1.5, progress=False)
+    selection = planner.select(measure, candidates, BASE_PPL, planner.Objective(max_ppl_ratio=1.5), progress=False)
     assert selection.ppl <= 1.5 * BASE_PPL
     assert [c.pair for c in selection.chosen] == [(3, 4), (6, 7)]  # a third would cost >= 2
 
@@ -66,7 +69,7 @@ def test_too_many_pairs_is_an_error() -> None:
     measure = planner.cached(fake_measure)
     candidates = planner.score_singles(measure, 10, progress=False)
     with pytest.raises(ValueError, match="disjoint pairs"):
-        planner.select(measure, candidates, BASE_PPL, num_pairs=6, progress=False)
+        planner.select(measure, candidates, BASE_PPL, planner.Objective(num_pairs=6), progress=False)
 
 
 def test_measure_is_cached_per_pair_set() -> None:
@@ -118,9 +121,9 @@ def test_swapping_leaves_the_greedy_trap():
     clash = {frozenset({(2, "lp"), (4, "lp")}): 1.0, frozenset({(2, "lp"), (6, "lp")}): 1.0}
     measure = planner.cached(additive(single, clash))
     candidates = planner.score_singles(measure, 10, progress=False)
-    grown = planner.select(measure, candidates, BASE_PPL, num_pairs=2, refine=2, progress=False)
+    grown = planner.select(measure, candidates, BASE_PPL, planner.Objective(num_pairs=2, refine=2), progress=False)
     assert [c.pair for c in grown.chosen] == [(2, 3), (4, 5)]
-    best = planner.search(measure, candidates, BASE_PPL, num_pairs=2, refine=2, passes=2, progress=False)
+    best = planner.search(measure, candidates, BASE_PPL, planner.Objective(num_pairs=2, refine=2, passes=2), progress=False)
     assert sorted(c.pair for c in best.chosen) == [(4, 5), (6, 7)]
     assert best.ppl == pytest.approx(BASE_PPL * 1.4) and best.ppl < grown.ppl
     assert [s["step"] for s in best.steps].count("swap") >= 2
@@ -150,9 +153,9 @@ def test_budget_set_grows_again_after_a_swap():
              frozenset({(2, "lp"), (8, "lp")}): 1.0}
     measure = planner.cached(additive(single, clash))
     candidates = planner.score_singles(measure, 10, progress=False)
-    grown = planner.select(measure, candidates, BASE_PPL, max_ppl_ratio=1.7, refine=2, progress=False)
+    grown = planner.select(measure, candidates, BASE_PPL, planner.Objective(max_ppl_ratio=1.7, refine=2), progress=False)
     assert [c.pair for c in grown.chosen] == [(2, 3), (4, 5)]
-    best = planner.search(measure, candidates, BASE_PPL, max_ppl_ratio=1.7, refine=2, passes=2, progress=False)
+    best = planner.search(measure, candidates, BASE_PPL, planner.Objective(max_ppl_ratio=1.7, refine=2, passes=2), progress=False)
     assert sorted(c.pair for c in best.chosen) == [(4, 5), (6, 7), (8, 9)]
     assert best.ppl == pytest.approx(BASE_PPL * 1.65)
 
@@ -187,3 +190,112 @@ def test_plan_on_tiny_model_scores_every_pairing_with_one_compile():
         pairing = Pairing("single", (tuple(single["pair"]),), (single["mode"],))
         assert single["ppl"] == pytest.approx(plain(pairing), rel=1e-5)
     assert calib["plan_ppl"] != pytest.approx(base, rel=1e-3)  # the plan changed the model
+
+
+# ------------------------------------------------------------------ the lazily run gated graph
+
+
+class BothWays:
+    """An inner compiler that runs the gated graph lazily and whole on every call, recording
+    whether the outputs are equal bit for bit."""
+
+    def __init__(self) -> None:
+        self.lazy: LazyGatedGraph | None = None
+        self.equal: list[bool] = []
+
+    def __call__(self, gm, example_inputs):
+        self.lazy = LazyGatedGraph(gm)
+
+        def run(*args):
+            got, expected = self.lazy(*args), gm.forward(*args)
+            self.equal.append(all(torch.equal(a, b) for a, b in zip(got, expected)))
+            return got
+
+        return run
+
+
+SETTINGS = [  # later pairings share layers, and kept values, with earlier ones
+    ((), ()), (((2, 3),), ("lp",)), (((0, 1), (2, 3)), ("block", "lp")), (((2, 3),), ("block",)),
+    (((0, 1),), ("lp",)), (((0, 1), (2, 3)), ("lp", "lp")), (((1, 2),), ("block",)), ((), ()),
+]
+
+
+@pytest.mark.parametrize("arch", ["llama", "nanogpt"])
+def test_lazy_run_equals_the_whole_gated_graph(arch):
+    model = hf_model("llama", layers=4) if arch == "llama" else tiny_hand_written("nanogpt")
+    inner = BothWays()
+    backend = GatedLayerParallel(4, ("lp", "block"), inner)
+    compiled = torch.compile(model, backend=backend)
+    windows = torch.randint(0, VOCAB, (2, 1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for pairs, modes in SETTINGS:
+            backend.set_pairing(pairs, modes)
+            for ids in windows:
+                compiled(ids, use_cache=False) if arch == "llama" else compiled(ids)
+            inner.lazy.retain([(OFF,) * 3, tuple(backend.gates.tolist())])
+    assert len(inner.equal) == len(SETTINGS) * len(windows) and all(inner.equal)
+    assert 0 < inner.lazy.share_run() < 1
+    with pytest.raises(ValueError, match="no_grad"):
+        compiled(windows[0], use_cache=False) if arch == "llama" else compiled(windows[0])
+
+
+def test_a_graph_that_writes_in_place_is_refused():
+    graph = torch.fx.Graph()
+    x, gates = graph.placeholder("x"), graph.placeholder("gates")
+    graph.output(graph.call_method("add_", (x, gates)))
+    with pytest.raises(ValueError, match="in place"):
+        LazyGatedGraph(torch.fx.GraphModule(torch.nn.Module(), graph))
+
+
+def scorer_and_windows(layers: int = 6, inner="eager"):
+    model = hf_model("llama", layers=layers)
+    windows = evaluate.make_windows(torch.randint(0, VOCAB, (4 * 32,), generator=torch.Generator().manual_seed(0)), 32)
+    return planner.GatedScorer(model, windows, ("lp", "block"), inner), windows
+
+
+def test_a_pairing_runs_the_graph_from_its_first_pair_on():
+    """After the unpaired model, a pair late in the stack runs fewer nodes than one early in it."""
+    scorer, _ = scorer_and_windows()
+    scorer(Pairing("baseline"))
+    graph = scorer.graphs[0]
+    runs = []
+    for pair in [(4, 5), (0, 1)]:
+        before = graph.computed
+        scorer(Pairing("single", (pair,), ("lp",)))
+        runs.append(graph.computed - before)
+    assert 0 < runs[0] < runs[1]
+
+
+def test_only_the_values_the_search_goes_on_from_are_kept():
+    """Kept: the unpaired model's and the best set of each of the two largest sizes scored."""
+    scorer, _ = scorer_and_windows()
+    scorer(Pairing("baseline"))
+    singles = {(a, mode): scorer(Pairing("one", ((a, a + 1),), (mode,))) for a in range(5) for mode in ("lp", "block")}
+    twos = {(a, mode): scorer(Pairing("two", ((0, 1), (a, a + 1)), ("lp", mode))) for a in (2, 3) for mode in ("lp",)}
+    best_one = min(singles, key=singles.get)
+    best_two = min(twos, key=twos.get)
+    gates = [OFF] * 5, [OFF] * 5, [OFF] * 5
+    gates[1][best_one[0]] = 1 if best_one[1] == "lp" else 2
+    gates[2][0], gates[2][best_two[0]] = 1, 1
+    graph = scorer.graphs[0]
+    kept = {(entry[1], entry[2]) for entry in graph.known}
+    allowed = {(node, graph._gate_key(node, tuple(g))) for node in graph.kept_nodes for g in gates}
+    assert kept and kept <= allowed
+    assert any(key == graph._gate_key(node, tuple(gates[2])) and key != graph._gate_key(node, tuple(gates[0]))
+               for node, key in kept)
+
+
+def test_lazy_planner_makes_the_plan_of_the_whole_gated_graph():
+    """The same plan, every trial's perplexity equal, from the lazy run as from the whole graph
+    (the straightforward reference), with fewer nodes run."""
+    plans = []
+    for inner in ("eager", lambda gm, example_inputs: gm.forward):
+        scorer, windows = scorer_and_windows(layers=8, inner=inner)
+        plan = planner.make_plan(scorer, 8, "tiny", num_pairs=3, modes=("lp", "block"), refine=2, passes=2,
+                                 screen=scorer.on(windows[:2]), progress=False)
+        plans.append((plan, scorer.share_run()))
+    (lazy, share), (whole, no_share) = plans
+    for key in ("pairs", "modes", "calibration", "candidates", "steps"):
+        assert lazy[key] == whole[key], key
+    assert len(lazy["steps"]) >= 3 + 3  # grown, then swaps tried
+    assert no_share is None and 0 < share < 1

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -36,9 +36,11 @@ import torch
 from tqdm.auto import tqdm
 
 from lp_fx.config import PAIRING_MODES
+from lp_fx.gates import OFF
 from lp_fx.tools import evaluate
 from lp_fx.tools.evaluate import Pair, Pairing
 from lp_fx.tools.files import write_json
+from lp_fx.tools.lazy_gates import LazyGatedGraph
 
 log = logging.getLogger(__name__)
 
@@ -126,31 +128,52 @@ def score_singles(
     ]
 
 
+@dataclass(frozen=True)
+class Objective:
+    """What the search aims at: ``num_pairs`` pairs, or as many as keep the calibration perplexity
+    within ``max_ppl_ratio`` × baseline, or the first of the two; ``refine`` cheapest candidates
+    tried at each step, ``passes`` rounds of swaps."""
+
+    num_pairs: int | None = None
+    max_ppl_ratio: float | None = None
+    refine: int = 3
+    passes: int = 2
+
+    def __post_init__(self) -> None:
+        if self.num_pairs is None and self.max_ppl_ratio is None:
+            raise ValueError("give a number of pairs, a perplexity budget, or both")
+        if self.refine < 1 or self.passes < 0:
+            raise ValueError(f"refine must be >= 1 and passes >= 0 (got refine={self.refine}, passes={self.passes})")
+
+    def budget(self, baseline_ppl: float) -> float:
+        """The highest calibration perplexity a chosen set may have."""
+        return baseline_ppl * self.max_ppl_ratio if self.max_ppl_ratio is not None else float("inf")
+
+    def wants_more(self, chosen: int) -> bool:
+        """Whether a set of ``chosen`` pairs may still grow (a budget alone: as long as it holds)."""
+        return self.num_pairs is None or chosen < self.num_pairs
+
+
 def select(
     measure: Measure,
     candidates: Sequence[Candidate],
     baseline_ppl: float,
-    num_pairs: int | None = None,
-    max_ppl_ratio: float | None = None,
-    refine: int = 3,
+    objective: Objective,
     progress: bool = True,
     start: Selection | None = None,
 ) -> Selection:
     """Grow ``start`` (default: nothing chosen) one pair at a time, measuring the combined
     perplexity of each trial set (see the module doc)."""
-    if num_pairs is None and max_ppl_ratio is None:
-        raise ValueError("give a number of pairs, a perplexity budget, or both")
-    budget = baseline_ppl * max_ppl_ratio if max_ppl_ratio is not None else float("inf")
+    budget = objective.budget(baseline_ppl)
     selection = _copy(start) if start is not None else Selection(ppl=baseline_ppl)
-    target = num_pairs if num_pairs is not None else len(candidates)
-    bar = tqdm(total=num_pairs, initial=len(selection.chosen), desc="choosing pairs", disable=not progress)
-    while len(selection.chosen) < target:
-        shortlist = _shortlist(candidates, selection.layers(), refine)
+    bar = tqdm(total=objective.num_pairs, initial=len(selection.chosen), desc="choosing pairs", disable=not progress)
+    while objective.wants_more(len(selection.chosen)):
+        shortlist = _shortlist(candidates, selection.layers(), objective.refine)
         if not shortlist:
-            if num_pairs is not None:
+            if objective.num_pairs is not None:
                 raise ValueError(
                     f"only {len(selection.chosen)} disjoint pairs fit among the candidates, "
-                    f"{num_pairs} were asked for"
+                    f"{objective.num_pairs} were asked for"
                 )
             break
         tried, best_ppl, best = _best_trial(measure, selection.chosen, shortlist)
@@ -203,27 +226,18 @@ def improve(
 
 
 def search(
-    measure: Measure,
-    candidates: Sequence[Candidate],
-    baseline_ppl: float,
-    num_pairs: int | None = None,
-    max_ppl_ratio: float | None = None,
-    refine: int = 3,
-    passes: int = 2,
-    progress: bool = True,
+    measure: Measure, candidates: Sequence[Candidate], baseline_ppl: float, objective: Objective, progress: bool = True
 ) -> Selection:
     """Grow a set (:func:`select`), then up to ``passes`` rounds of :func:`improve`, stopping after
     a round that changed nothing; a set with fewer pairs than asked grows again after a change."""
-    selection = select(measure, candidates, baseline_ppl, num_pairs, max_ppl_ratio, refine, progress)
-    for _ in range(passes):
+    selection = select(measure, candidates, baseline_ppl, objective, progress)
+    for _ in range(objective.passes):
         before = selection.ppl
-        selection = improve(measure, candidates, selection, refine, progress)
+        selection = improve(measure, candidates, selection, objective.refine, progress)
         if selection.ppl >= before:
             break
-        if num_pairs is None or len(selection.chosen) < num_pairs:
-            selection = select(
-                measure, candidates, baseline_ppl, num_pairs, max_ppl_ratio, refine, progress, start=selection
-            )
+        if objective.wants_more(len(selection.chosen)):
+            selection = select(measure, candidates, baseline_ppl, objective, progress, start=selection)
     return selection
 
 
@@ -283,14 +297,13 @@ def make_plan(
     unknown = set(modes) - set(MODES)
     if unknown:
         raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
-    if refine < 1 or passes < 0:
-        raise ValueError(f"refine must be >= 1 and passes >= 0 (got refine={refine}, passes={passes})")
+    objective = Objective(num_pairs, max_ppl_ratio, refine, passes)
     began = time.monotonic()
     measure = cached(measure)
     baseline_ppl = measure(Pairing("baseline"))
     screen = measure if screen is None else cached(screen)
     candidates = score_singles(screen, num_layers, modes, progress)
-    selection = search(measure, candidates, baseline_ppl, num_pairs, max_ppl_ratio, refine, passes, progress)
+    selection = search(measure, candidates, baseline_ppl, objective, progress)
     pairing = selection.pairing()
     calib = {**(calibration or {}), "baseline_ppl": baseline_ppl, "plan_ppl": selection.ppl}
     scored = measure.scored + (screen.scored if screen is not measure else 0)
@@ -303,7 +316,7 @@ def make_plan(
         "num_layers": num_layers,
         "pairs": [list(pair) for pair in pairing.pairs],
         "modes": list(pairing.modes or ()),
-        "objective": {"num_pairs": num_pairs, "max_ppl_ratio": max_ppl_ratio, "refine": refine, "passes": passes},
+        "objective": asdict(objective),
         "calibration": calib,
         "search": search_record,
         "candidates": [_describe(c, c.ppl) for c in candidates],
@@ -329,16 +342,31 @@ def plain_disagreement(plan: dict) -> str | None:
 
 class GatedScorer:
     """Calibration perplexity of any pairing from one compiled graph: a score sets the gates of
-    :class:`lp_fx.GatedLayerParallel` and runs the windows; nothing is compiled again."""
+    :class:`lp_fx.GatedLayerParallel` and runs the windows; nothing is compiled again.
 
-    def __init__(self, model: torch.nn.Module, windows: torch.Tensor, modes: Sequence[str], inner: str) -> None:
+    With the ``eager`` inner compiler the graph runs lazily (:class:`LazyGatedGraph`): only what
+    the pairing selects, from the first layer where it differs from a pairing scored before on the
+    same window. The values kept are those of the pairings the search goes on from (see
+    :meth:`_keep_values`). Any other ``inner`` runs the whole gated graph for every score.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, windows: torch.Tensor, modes: Sequence[str], inner: str | Callable
+    ) -> None:
         from lp_fx import GatedLayerParallel
 
         torch._dynamo.reset()
-        self.backend = GatedLayerParallel(model.config.num_hidden_layers, modes, inner)
+        self.graphs: list[LazyGatedGraph] = []
+        self.backend = GatedLayerParallel(model.config.num_hidden_layers, modes, self._lazy if inner == "eager" else inner)
         compiled = torch.compile(model, backend=self.backend)
         self._logits: evaluate.LogitsFn = lambda ids: compiled(input_ids=ids, use_cache=False).logits
         self.windows = windows
+        self._best: dict[tuple[int, int], tuple[float, tuple[int, ...]]] = {}
+
+    def _lazy(self, gm: torch.fx.GraphModule, example_inputs: Sequence[object]) -> LazyGatedGraph:
+        graph = LazyGatedGraph(gm)
+        self.graphs.append(graph)
+        return graph
 
     def __call__(self, pairing: Pairing) -> float:
         return self.score(pairing, self.windows)
@@ -346,7 +374,25 @@ class GatedScorer:
     def score(self, pairing: Pairing, windows: torch.Tensor) -> float:
         """The perplexity of ``pairing`` on ``windows`` (same shape as the compiled ones)."""
         self.backend.set_pairing(pairing.pairs, pairing.modes or ("lp",) * pairing.num_pairs)
-        return evaluate.perplexity(self._logits, windows, pairing.name, progress=False).ppl
+        ppl = evaluate.perplexity(self._logits, windows, pairing.name, progress=False).ppl
+        if self.graphs:
+            self._keep_values(pairing.num_pairs, ppl, windows)
+        return ppl
+
+    def _keep_values(self, num_pairs: int, ppl: float, windows: torch.Tensor) -> None:
+        """Keep the values of the unpaired model and of the best pairing scored so far on
+        ``windows`` with each of the two largest numbers of pairs scored there, drop the others.
+
+        The search goes on from those: growing adds a pair to the best set of its size, a swap
+        replaces a pair of the best set of its size (the current one), and singles and the first
+        pair start from the unpaired model."""
+        best = self._best.get((id(windows), num_pairs))
+        if best is None or ppl < best[0]:
+            self._best[(id(windows), num_pairs)] = (ppl, tuple(self.backend.gates.tolist()))
+        sizes = sorted(n for w, n in self._best if w == id(windows))[-2:]
+        keep = [(OFF,) * len(self.backend.gates)] + [self._best[(id(windows), n)][1] for n in sizes]
+        for graph in self.graphs:
+            graph.retain(keep)
 
     def on(self, windows: torch.Tensor) -> Measure:
         """This scorer measuring on other windows of the same length, from the same graph."""
@@ -356,6 +402,12 @@ class GatedScorer:
     def compiles(self) -> int:
         """How many graphs the backend compiled."""
         return len(self.backend.reports)
+
+    def share_run(self) -> float | None:
+        """The share of the gated graph's nodes run per score (lazily), or None when run whole."""
+        if not self.graphs:
+            return None
+        return sum(g.share_run() for g in self.graphs) / len(self.graphs)
 
 
 def compiled_scorer(model: torch.nn.Module, windows: torch.Tensor, inner: str) -> Measure:

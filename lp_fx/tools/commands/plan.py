@@ -69,11 +69,15 @@ def run(args: argparse.Namespace) -> None:
         progress=not args.no_progress,
     )
     plan["search"]["graphs_compiled"] = scorer.compiles
+    share = scorer.share_run()
+    if share is not None:
+        plan["search"]["share_of_graph_run"] = round(share, 3)
     calib, search = plan["calibration"], plan["search"]
     print(f"pairs {plan['pairs']} modes {plan['modes']}")
     print(f"calibration ppl: baseline {calib['baseline_ppl']:.3f}, plan {calib['plan_ppl']:.3f} "
           f"(compiled plainly: {calib['plan_ppl_plain']:.3f})")
-    print(f"{search['pairings_scored']} pairings scored with {search['graphs_compiled']} compiled graph(s) "
+    lazily = f", {share:.0%} of its nodes run per score" if share is not None else ""
+    print(f"{search['pairings_scored']} pairings scored with {search['graphs_compiled']} compiled graph(s){lazily} "
           f"in {search['seconds']:.0f} s")
     planner.save_plan(plan, args.out)
     print(f"wrote {args.out}")
