@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from lp_fx.tools import data, evaluate
+from lp_fx.tools import data, evaluate, self_text
 from lp_fx.tools.arguments import positive_float, positive_int
 from lp_fx.tools.commands import options
 from lp_fx.tools.commands.options import RANGE, add_model_options, parse_pairing
@@ -33,9 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="paired: only the paired layers' parameters (default); all: every parameter")
     parser.add_argument("--train-layers", default=None, metavar="SPEC",
                         help="train these layers instead of the paired ones: START:END or 3,4,5")
-    parser.add_argument("--train-data", default=None, metavar="FILE",
+    parser.add_argument("--train-data", default=None, metavar="FILE|self",
                         help="plain text to train on (default: wikitext-2/train.txt in the data directory; "
-                        "the tokenized WikiText release is detokenized first)")
+                        "the tokenized WikiText release is detokenized first); 'self': the unpaired model's own "
+                        "answers to --self-prompts through its chat template")
+    _add_self_options(parser)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--batch", type=int, default=4, help="sequences per step")
@@ -55,6 +59,106 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def _add_self_options(parser: argparse.ArgumentParser) -> None:
+    """Options of ``--train-data self``; None by default, so that giving one without it is refused."""
+    group = parser.add_argument_group("self-generated training text (--train-data self)")
+    group.add_argument("--self-prompts", default=None, metavar="FILE",
+                       help=f"instructions, one per line (default: {self_text.DEFAULT_PROMPTS.relative_to(data.REPO_ROOT)})")
+    group.add_argument("--self-max-tokens", type=positive_int, default=None,
+                       help=f"longest answer in tokens (default {self_text.GenerationSettings.max_new_tokens})")
+    group.add_argument("--self-temperature", type=float, default=None,
+                       help="0: greedy answers (default); > 0: sampled at this temperature with --seed")
+    group.add_argument("--self-batch", type=positive_int, default=None,
+                       help=f"prompts generated together (default {self_text.GenerationSettings.batch})")
+    group.add_argument("--cache", default=None, metavar="FILE",
+                       help="JSON Lines file of the generated answers, reused by later runs (default: "
+                       "OUT.self-text.jsonl next to --out)")
+
+
+SELF_OPTIONS = ("self_prompts", "self_max_tokens", "self_temperature", "self_batch", "cache")
+
+
+@dataclass(frozen=True)
+class TrainingIds:
+    """The token stream to train on, what the run record says of it, and a line for the user."""
+
+    ids: list[int]
+    record: dict[str, Any]
+    description: str
+
+
+@dataclass
+class FileText:
+    """A plain text file to train on, read before the model is loaded."""
+
+    path: Path
+    text: str
+
+    def token_ids(self, loaded: Any, mesh: str | None, progress: bool) -> TrainingIds:
+        ids = loaded.tokenizer.encode(self.text, add_special_tokens=False)
+        return TrainingIds(ids, {"train_data": str(self.path)}, f"training text {self.path} ({len(ids)} tokens)")
+
+
+@dataclass
+class SelfText:
+    """The unpaired model's answers to ``prompts``, generated (or read from ``cache``) once the
+    model is loaded and before it is trained."""
+
+    prompts_path: Path
+    prompts: list[str]
+    settings: self_text.GenerationSettings
+    cache: Path
+
+    def token_ids(self, loaded: Any, mesh: str | None, progress: bool) -> TrainingIds:
+        """Under a mesh rank 0 generates and writes the cache; the other ranks then read it."""
+        rank0 = mesh is None or torch.distributed.get_rank() == 0
+        if rank0:
+            samples = self._samples(loaded, progress)
+        if mesh is not None:
+            torch.distributed.barrier()
+        if not rank0:
+            samples = self._samples(loaded, False)
+        ids = self_text.conversations_ids(loaded.tokenizer, samples)
+        made = self_text.summary(samples, len(ids))
+        record = {"train_data": self_text.SELF, "self_prompts": str(self.prompts_path), "cache": str(self.cache),
+                  "self_generation": self.settings.cache_key(), "self_text": made}
+        return TrainingIds(ids, record, self._describe(made))
+
+    def _samples(self, loaded: Any, progress: bool) -> list[dict[str, Any]]:
+        return self_text.training_samples(loaded.model, loaded.tokenizer, loaded.name, self.prompts, self.settings,
+                                          self.cache, progress)
+
+    def _describe(self, made: dict[str, Any]) -> str:
+        mode = "greedy" if self.settings.greedy else f"sampled at temperature {self.settings.temperature}"
+        return (f"training text: the unpaired model's {mode} answers to {len(self.prompts)} prompts of "
+                f"{self.prompts_path}, {made['finished']:.0%} ended before {self.settings.max_new_tokens} "
+                f"tokens ({made['tokens']} tokens with the chat template; cache {self.cache})")
+
+
+def training_text(args: argparse.Namespace, out: Path, data_dir: Path) -> FileText | SelfText:
+    """What ``--train-data`` and the self options ask for, checked before the model is loaded."""
+    given = [name for name in SELF_OPTIONS if getattr(args, name) is not None]
+    if args.train_data != self_text.SELF:
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} is used only with --train-data self")
+        path = Path(args.train_data) if args.train_data else data_dir / "wikitext-2" / "train.txt"
+        return FileText(path, data.load_training_text(path))
+    prompts_path = Path(args.self_prompts) if args.self_prompts else self_text.DEFAULT_PROMPTS
+    defaults = self_text.GenerationSettings()
+    settings = self_text.GenerationSettings(
+        max_new_tokens=_given(args.self_max_tokens, defaults.max_new_tokens),
+        temperature=_given(args.self_temperature, defaults.temperature), seed=args.seed,
+        batch=_given(args.self_batch, defaults.batch),
+    )
+    cache = Path(args.cache) if args.cache else out.parent / f"{out.name}.self-text.jsonl"
+    options.writable(str(cache))
+    return SelfText(prompts_path, self_text.load_prompts(prompts_path), settings, cache)
+
+
+def _given(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
 def _layer_list(spec: str | None) -> tuple[int, ...] | None:
     if spec is None:
         return None
@@ -70,11 +174,9 @@ def run(args: argparse.Namespace) -> None:
     from lp_fx.tools.checkpoint import check_checkpoint_dir
 
     out = check_checkpoint_dir(args.out, overwrite=args.overwrite)  # before any work: a run must be able to save
-    mesh = _init_mesh(args.mesh)
-    train_path = Path(args.train_data) if args.train_data else None
     data_dir = data.resolve_data_dir(args.data_dir)
-    train_path = train_path or data_dir / "wikitext-2" / "train.txt"
-    text = data.load_training_text(train_path)
+    source = training_text(args, out, data_dir)
+    mesh = _init_mesh(args.mesh)
     loaded, _ = options.load(args)
     check_checkpoint_dir(out, loaded.model, args.overwrite)  # another model's checkpoint: known once loaded
     pairing = parse_pairing(args.plan or args.pairs, loaded.num_layers)
@@ -84,15 +186,15 @@ def run(args: argparse.Namespace) -> None:
         seq_len=args.seq_len, seed=args.seed, warmup=args.warmup, clip=args.clip,
         eval_every=args.eval_every, save_every=args.save_every, inner=args.inner,
     )
-    train_ids = loaded.tokenizer.encode(text, add_special_tokens=False)
-    heldout = evaluate.wikitext_windows(loaded.tokenizer, data_dir, args.window, "all", args.eval_windows)
     rank0 = mesh is None or torch.distributed.get_rank() == 0
+    train = source.token_ids(loaded, mesh, rank0 and not args.no_progress)
+    heldout = evaluate.wikitext_windows(loaded.tokenizer, data_dir, args.window, "all", args.eval_windows)
     if rank0:
-        print(f"model {loaded.name}: {pairing.name}, loss {args.loss}, training text {train_path} "
-              f"({len(train_ids)} tokens), held-out: {heldout.shape[0]} windows of WikiText-2 raw test")
+        print(f"model {loaded.name}: {pairing.name}, loss {args.loss}, {train.description}, "
+              f"held-out: {heldout.shape[0]} windows of WikiText-2 raw test")
     record = finetune.finetune(
-        loaded.model, train_ids, config, out, heldout=heldout, mesh=mesh, progress=rank0 and not args.no_progress,
-        extra_args={"model": args.model, "pairing": pairing.name, "train_data": str(train_path),
+        loaded.model, train.ids, config, out, heldout=heldout, mesh=mesh, progress=rank0 and not args.no_progress,
+        extra_args={"model": args.model, "pairing": pairing.name, **train.record,
                     "eval_windows": args.eval_windows, "window": args.window},
         overwrite=args.overwrite,
     )
