@@ -13,6 +13,7 @@ from lp_fx.tools.frontier import FrontierOptions
 
 from .conftest import WORDS
 from .models import hf_model
+from .test_export import PAIRS, bpe_dir, bpe_model  # noqa: F401 (bpe_dir is a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +176,17 @@ def test_table_gives_ratios_retention_with_its_error_and_the_ideal(tmp_path: Pat
     assert row.retention is None and row.ppl_retention == pytest.approx(30 / 33)
     frontier_report.plot_frontier(without_tasks, tmp_path / "ppl.png")
     assert (tmp_path / "ppl.png").stat().st_size > 0 and (tmp_path / "tasks.png").stat().st_size > 0
+
+
+@pytest.mark.llamacpp
+def test_llamacpp_ratio_of_an_exported_pairing_against_the_unpaired_export(tmp_path: Path, bpe_dir: Path) -> None:
+    pytest.importorskip("llama_cpp")
+    from lp_fx.tools.evaluate import Pairing
+    from lp_fx.tools.export import Source
+    from lp_fx.tools.frontier_speed import LlamaCppBench
+
+    bench = LlamaCppBench(tmp_path, Source("tiny", bpe_dir), threads=2, tokens=4, rounds=2)
+    record = bench.ratio(bpe_model(), Pairing("p", tuple(PAIRS), ("lp", "lp")))
+    assert record["layers"] == [6, 4] and record["ratio"] > 0
+    assert [len(speeds) for speeds in record["tokens_per_s"].values()] == [2, 2]
+    assert [path.name for path in tmp_path.iterdir()] == ["unpaired_f32.gguf"]  # the paired export is removed

@@ -132,10 +132,16 @@ def plot_frontier(result: dict, path: str | Path, title: str = "") -> None:
         for x, y, row in zip(xs, ys, points):
             ax.annotate(f"Δ={row.delta}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
     ax.plot([1], [1], "k*", markersize=10, label="unpaired")
+    if measured:  # where each budget would be if time were proportional to depth
+        for delta, ideal in sorted({(row.delta, row.ideal) for row in table if row.delta}):
+            ax.axvline(ideal, color="grey", linestyle=":", linewidth=0.8)
+            ax.annotate(f"ideal Δ={delta}", (ideal, 1), xycoords=("data", "axes fraction"), rotation=90,
+                        va="top", ha="right", fontsize=6, color="grey")
     if tasks:
         (x0, x1), (y0, y1) = PAPER_RANGE["speedup"], PAPER_RANGE["retention"]
         ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, color="grey", alpha=0.25, label=PAPER_RANGE["label"]))
-    ax.set_xlabel("decode speedup, one device: paired + fuse × unpaired (Inductor)" if measured
+    inner = result.get("options", {}).get("speed_inner", "inductor")
+    ax.set_xlabel(f"decode speedup, one device: paired + fuse × unpaired ({inner})" if measured
                   else "ideal speedup L / (L − Δ/2)  (speed not measured)")
     ax.set_ylabel("task accuracy retention (mean acc / unpaired)" if tasks
                   else "unpaired / paired held-out WikiText-2 perplexity")
