@@ -17,12 +17,13 @@ from lp_fx.tools.arguments import OneLineParser
 from lp_fx.tools.commands import eval as eval_command
 from lp_fx.tools.commands import export as export_command
 from lp_fx.tools.commands import finetune as finetune_command
+from lp_fx.tools.commands import frontier as frontier_command
 from lp_fx.tools.commands import plan as plan_command
 from lp_fx.tools.commands import sweep as sweep_command
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     eval_command.register, sweep_command.register, plan_command.register, finetune_command.register, bench.register,
-    export_command.register,
+    export_command.register, frontier_command.register,
 ]
 ERRORS = (data.DataError, OSError, ValueError)  # LayerParallelError is a ValueError; OSError: a path unreadable
 

@@ -1,0 +1,363 @@
+"""Speed against quality for every depth budget: contiguous, planned, and planned + fine-tuned pairs.
+
+For each budget Δ (Δ/2 pairs, effective depth L − Δ/2, ideal speedup L / (L − Δ/2)) three pairings:
+
+- ``contiguous``: the paper's form, the pairs ``(s, s+1), (s+2, s+3), …`` below ``s + Δ`` from ONE
+  start ``s`` for every Δ; by default the middle-of-the-stack start ``lp-fx sweep --transforms`` uses
+  (:func:`lp_fx.tools.sweep.default_starts`' last: 14 on 30 layers, so Δ = 14 is the demo's ``14:28``);
+- ``planned``: :func:`lp_fx.tools.planner.make_plan` for Δ/2 pairs. Every budget is planned from ONE
+  :class:`~lp_fx.tools.planner.GatedScorer` (one gated compiled graph) whose measure caches are shared
+  across budgets, before anything else is compiled (a ``torch._dynamo.reset`` would make it compile
+  again). A budget's pairs need not be a subset of the next one's;
+- ``finetuned``: the planned pairing after :func:`lp_fx.tools.finetune.finetune` (distillation by
+  default), measured, then the original weights put back.
+
+Each point: perplexity on the held-out half of WikiText-2 raw test (the planner calibrates on the
+other half) and on the LAMBADA passages, task accuracy (:func:`score_tasks`), decode speed on one
+device (:mod:`lp_fx.tools.frontier_speed`) and, for ``lp`` pairings, in llama.cpp. The JSON is
+rewritten after every plan and every point, so an interrupted run keeps what it measured and
+``resume`` goes on from there; a JSON made with other options is refused, naming the difference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from lp_fx.config import pairs_from_range
+from lp_fx.tools import data, evaluate, planner
+from lp_fx.tools.evaluate import BASELINE, Pairing
+from lp_fx.tools.files import write_json
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+VARIANTS = ("contiguous", "planned", "finetuned")
+DEFAULT_BUDGETS = (2, 4, 6, 8, 10, 12, 14)
+PPL_TEXTS = ("wikitext", "lambada_text")
+TASK_NAMES = data.ALL_TASKS  # what score_tasks accepts
+
+
+@dataclass(frozen=True)
+class FrontierOptions:
+    """Everything a point's numbers depend on (the budgets aside): a resumed JSON must match it."""
+
+    model: str
+    num_layers: int
+    contiguous_start: int
+    window: int = 512
+    ppl_windows: int = 16
+    tasks: tuple[str, ...] = ()
+    limit: int | None = 500
+    seed: int = 1234
+    batch_size: int = 8
+    inner: str = "eager"
+    plan_modes: tuple[str, ...] = ("lp", "block")
+    calib_windows: int = 4
+    screen_windows: int = 2
+    refine: int = 3
+    passes: int = 2
+    finetune_steps: int = 0
+    speed_inner: str = "inductor"
+    speed_tokens: int = 32
+    speed_rounds: int = 5
+    llamacpp: bool = False
+
+    def to_json(self) -> dict:
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
+
+# ----------------------------------------------------------------------------------- budgets
+
+
+def check_budgets(budgets: Sequence[int], num_layers: int, contiguous_start: int) -> tuple[int, ...]:
+    """The budgets, sorted; each an even Δ >= 2 whose Δ/2 disjoint pairs fit the model and whose
+    contiguous range from ``contiguous_start`` ends inside it. Errors name what is valid."""
+    if not budgets:
+        raise ValueError("no budgets given; give even Δ values such as 2,4,6")
+    repeated = sorted({delta for delta in budgets if list(budgets).count(delta) > 1})
+    if repeated:
+        raise ValueError(f"budget Δ={repeated[0]} is given more than once")
+    most = num_layers - num_layers % 2
+    for delta in budgets:
+        if delta < 2 or delta % 2:
+            raise ValueError(f"budget Δ={delta} is not valid: Δ counts the layers paired, 2 per pair; give an "
+                             f"even Δ from 2 to {most}")
+        if delta > num_layers:
+            raise ValueError(f"budget Δ={delta} is more than the model's {num_layers} layers; give an even Δ "
+                             f"from 2 to {most}")
+        if contiguous_start + delta > num_layers:
+            raise ValueError(
+                f"budget Δ={delta}: the contiguous range {contiguous_start}:{contiguous_start + delta} ends past "
+                f"the model's {num_layers} layers; from start {contiguous_start} Δ may be at most "
+                f"{(num_layers - contiguous_start) // 2 * 2}, or give --contiguous-start <= {num_layers - delta}"
+            )
+    return tuple(sorted(budgets))
+
+
+def ideal_speedup(num_layers: int, delta: int) -> float:
+    """L / (L − Δ/2): time proportional to depth."""
+    return num_layers / (num_layers - delta // 2)
+
+
+def contiguous_pairing(start: int, delta: int) -> Pairing:
+    pairs = pairs_from_range(start, start + delta)
+    return Pairing(f"{start}:{start + delta}", pairs, ("lp",) * len(pairs))
+
+
+def point_keys(budgets: Sequence[int], finetune_steps: int) -> list[tuple[str, int]]:
+    """``(variant, Δ)`` of every point, in the order measured: the baseline, then per budget."""
+    variants = VARIANTS if finetune_steps else VARIANTS[:2]
+    return [("baseline", 0), *((variant, delta) for delta in budgets for variant in variants)]
+
+
+# ----------------------------------------------------------------------------------- results
+
+
+def new_result(options: FrontierOptions) -> dict:
+    """An empty result: ``plans`` by Δ, ``planner`` one record per planning (one gated graph each),
+    ``points`` as measured, ``runs`` one record per invocation (wall time, load average)."""
+    return {"version": VERSION, "options": options.to_json(), "plans": {}, "planner": [], "points": [], "runs": []}
+
+
+def option_differences(stored: dict, current: dict) -> list[str]:
+    """``name: stored -> current`` for every option that differs."""
+    return [
+        f"{key}: {stored.get(key)!r} -> {current.get(key)!r}"
+        for key in sorted(set(stored) | set(current))
+        if stored.get(key) != current.get(key)
+    ]
+
+
+def resume_result(path: Path, options: FrontierOptions) -> dict:
+    """The results in ``path``, made with ``options`` (else an error naming each difference)."""
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--resume: cannot read {path} ({error})") from None
+    if not isinstance(result, dict) or result.get("version") != VERSION or "options" not in result:
+        raise ValueError(f"--resume: {path} is not a frontier JSON of version {VERSION}")
+    differences = option_differences(result["options"], options.to_json())
+    if differences:
+        raise ValueError(f"--resume: {path} was made with other options ({'; '.join(differences)}); run with the "
+                         "options it was made with, or give another --out")
+    return result
+
+
+def measured(result: dict) -> set[tuple[str, int]]:
+    return {(point["variant"], point["delta"]) for point in result["points"]}
+
+
+def find_point(result: dict, variant: str, delta: int) -> dict | None:
+    return next((p for p in result["points"] if (p["variant"], p["delta"]) == (variant, delta)), None)
+
+
+# ----------------------------------------------------------------------------------- planning
+
+
+def plan_budgets(
+    model: torch.nn.Module, model_name: str, calib: torch.Tensor, screen: torch.Tensor, budgets: Sequence[int],
+    options: FrontierOptions, save: Callable[[int, dict], None], progress: bool = True,
+) -> dict:
+    """Plan every budget with ONE gated scorer and measure caches shared across budgets; ``save``
+    each plan as it is made. Returns the planner's totals (graphs compiled, pairings scored)."""
+    began = time.monotonic()
+    scorer = planner.GatedScorer(model, calib, options.plan_modes, options.inner)
+    measure, screen_measure = planner.cached(scorer), planner.cached(scorer.on(screen))
+    calibration = {"split": "calib", "windows": int(calib.shape[0]), "screen_windows": int(screen.shape[0]),
+                   "window": options.window}
+    for delta in budgets:
+        try:
+            plan = planner.make_plan(
+                measure, options.num_layers, model_name, num_pairs=delta // 2, modes=options.plan_modes,
+                refine=options.refine, passes=options.passes, calibration=calibration, screen=screen_measure,
+                progress=progress,
+            )
+        except ValueError as error:
+            raise ValueError(f"planning budget Δ={delta}: {error}") from None
+        log.info("planned Δ=%d: pairs %s modes %s, calibration ppl %.3f", delta, plan["pairs"], plan["modes"],
+                 plan["calibration"]["plan_ppl"])
+        save(delta, plan)
+    return {"graphs_compiled": scorer.compiles, "pairings_scored": measure.scored + screen_measure.scored,
+            "budgets": list(budgets), "seconds": round(time.monotonic() - began, 1)}
+
+
+# ----------------------------------------------------------------------------------- tasks
+
+
+def score_tasks(
+    model: torch.nn.Module, tokenizer: object, pairing: Pairing, data_dir: Path, options: FrontierOptions,
+    progress: bool = True,
+) -> dict[str, dict]:
+    """Task accuracy of ``model`` served with ``pairing``: ``{task: {"acc", "acc_stderr", "n", …}}``.
+
+    The frontier's ONE call to the task scorer (today :func:`lp_fx.tools.evaluate.run_eval`), kept
+    to this function so that it can be pointed at another scorer (lm-evaluation-harness) alone.
+    """
+    spec = evaluate.EvalSpec(data_dir=data_dir, tasks=options.tasks, limit=options.limit, seed=options.seed,
+                             batch_size=options.batch_size)
+    logits_fn = evaluate.compile_pairing(model, pairing, inner=options.inner)
+    results = evaluate.run_eval(logits_fn, evaluate.prepare(tokenizer, spec), progress)
+    return {task: {**metrics, "acc_stderr": metrics.get("acc_stderr", proportion_stderr(metrics["acc"], metrics["n"]))}
+            for task, metrics in results.items()}
+
+
+def proportion_stderr(acc: float, n: int) -> float:
+    """Standard error of an accuracy over ``n`` items, as lm-evaluation-harness gives it."""
+    return math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else float("nan")
+
+
+# ----------------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class Frontier:
+    """One run: the loaded model, its data, where results go; :meth:`run` measures what is missing."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    model_name: str
+    data_dir: Path
+    options: FrontierOptions
+    out: Path
+    result: dict
+    progress: bool = True
+    speed: Any = None  # a frontier_speed.SpeedBench, or None: no speed measured
+    windows: dict[str, torch.Tensor] = field(init=False, repr=False)
+    _train_ids: list[int] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        window, count = self.options.window, self.options.ppl_windows
+        self.windows = {text: evaluate.wikitext_windows(self.tokenizer, self.data_dir, window, "heldout", count, text)
+                        for text in PPL_TEXTS}
+        self.calib, self.screen = (
+            evaluate.wikitext_windows(self.tokenizer, self.data_dir, window, "calib", n)
+            for n in (self.options.calib_windows, self.options.screen_windows)
+        )
+
+    @property
+    def plan_folder(self) -> Path:
+        return self.out.with_name(f"{self.out.stem}_plans")
+
+    def save(self) -> None:
+        write_json(self.out, self.result)
+
+    def run(self, budgets: Sequence[int]) -> dict:
+        """Plan the budgets not planned yet, then measure every point not measured yet."""
+        began, load = time.monotonic(), os.getloadavg()
+        todo = [key for key in point_keys(budgets, self.options.finetune_steps) if key not in measured(self.result)]
+        unplanned = sorted({d for variant, d in todo if variant != "contiguous" and d and str(d) not in self.result["plans"]})
+        if unplanned:
+            self.result["planner"].append(plan_budgets(
+                self.model, self.model_name, self.calib, self.screen, unplanned, self.options, self._save_plan, self.progress
+            ))
+        for variant, delta in tqdm(todo, desc="frontier points", disable=not self.progress):
+            self.result["points"].append(self.measure(variant, delta))
+            self.save()
+        self.result["runs"].append({"points": len(todo), "wall_s": round(time.monotonic() - began, 1),
+                                    "loadavg_start": load, "loadavg_end": os.getloadavg()})
+        self.save()
+        return self.result
+
+    def _save_plan(self, delta: int, plan: dict) -> None:
+        self.result["plans"][str(delta)] = plan
+        planner.save_plan(plan, self.plan_folder / f"delta_{delta}.json")
+        self.save()
+
+    def pairing(self, variant: str, delta: int) -> tuple[Pairing, dict]:
+        """The pairing of a point, and the backend options that serve it."""
+        if variant == "baseline":
+            return BASELINE, {}
+        if variant == "contiguous":
+            start = self.options.contiguous_start
+            return contiguous_pairing(start, delta), {"start": start, "end": start + delta, "mode": "lp"}
+        plan_path = self.plan_folder / f"delta_{delta}.json"
+        if not plan_path.is_file():  # a resumed run whose plan files were removed: the JSON holds the plans
+            planner.save_plan(self.result["plans"][str(delta)], plan_path)
+        return planner.plan_pairing(self.result["plans"][str(delta)], f"{variant} Δ={delta}"), {"plan": str(plan_path)}
+
+    def measure(self, variant: str, delta: int) -> dict:
+        """Every measurement of one point (see the module doc)."""
+        began, load = time.monotonic(), os.getloadavg()
+        pairing, backend_options = self.pairing(variant, delta)
+        num_layers = self.options.num_layers
+        point: dict[str, Any] = {
+            "variant": variant, "delta": delta, "effective_depth": num_layers - delta // 2,
+            "ideal_speedup": ideal_speedup(num_layers, delta), "pairing": pairing.to_json(),
+            "backend_options": backend_options,
+        }
+        with self._weights_for(variant, pairing, delta, point):
+            logits_fn = evaluate.compile_pairing(self.model, pairing, inner=self.options.inner)
+            point["ppl"] = {text: evaluate.perplexity(logits_fn, w, text, progress=False).to_json()
+                            for text, w in self.windows.items()}
+            if variant == "planned":
+                self._check_plan(delta, evaluate.perplexity(logits_fn, self.calib, progress=False).ppl)
+            if self.options.tasks:
+                point["tasks"] = score_tasks(self.model, self.tokenizer, pairing, self.data_dir, self.options,
+                                             self.progress)
+            if self.speed is not None and variant in ("contiguous", "planned"):
+                point.update(self.speed.measure(self.model, pairing, backend_options))
+        if variant == "finetuned":  # the planned pairing's graph, so its speed: measured once
+            planned = find_point(self.result, "planned", delta) or {}
+            point.update({key: {**planned[key], "measured_for": "planned"} for key in ("speed", "llamacpp") if key in planned})
+        point.update(seconds=round(time.monotonic() - began, 1), loadavg_start=load, loadavg_end=os.getloadavg())
+        log.info("frontier %s Δ=%d: %s", variant, delta, {k: point[k] for k in ("ppl", "seconds")})
+        return point
+
+    def _check_plan(self, delta: int, plain_ppl: float) -> None:
+        """The gated graph's calibration perplexity of the plan must be the plain compile's."""
+        plan = self.result["plans"][str(delta)]
+        plan["calibration"]["plan_ppl_plain"] = plain_ppl
+        self._save_plan(delta, plan)
+        problem = planner.plain_disagreement(plan)
+        if problem:
+            raise ValueError(f"plan for Δ={delta}: {problem}; the planner's numbers cannot be trusted")
+
+    def _weights_for(self, variant: str, pairing: Pairing, delta: int, point: dict) -> contextlib.AbstractContextManager:
+        if variant != "finetuned":
+            return contextlib.nullcontext()
+        if self._train_ids is None:
+            text = data.load_training_text(self.data_dir / "wikitext-2" / "train.txt")
+            self._train_ids = self.tokenizer.encode(text, add_special_tokens=False)
+        folder = self.out.with_name(f"{self.out.stem}_checkpoints") / f"delta_{delta}"
+        return finetuned_weights(self.model, self._train_ids, pairing, self.options.finetune_steps, folder, point,
+                                 self.progress)
+
+
+@contextlib.contextmanager
+def finetuned_weights(
+    model: torch.nn.Module, train_ids: Sequence[int], pairing: Pairing, steps: int, folder: Path, point: dict,
+    progress: bool = True,
+) -> Iterator[None]:
+    """``model`` with ``pairing`` fine-tuned for ``steps`` (:func:`lp_fx.tools.finetune.finetune`,
+    its defaults: distillation from the unpaired model, only the paired layers train; checkpoint
+    in ``folder``); the training record goes to ``point["finetune"]``. The original weights and
+    ``requires_grad`` are put back afterwards."""
+    from lp_fx.tools import finetune
+
+    original = {name: p.detach().clone() for name, p in model.named_parameters()}
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    config = finetune.FinetuneConfig(pairs=pairing.pairs, modes=pairing.modes, steps=steps, eval_every=steps,
+                                     save_every=steps)
+    try:
+        record = finetune.finetune(model, train_ids, config, folder, progress=progress)
+        point["finetune"] = {"checkpoint": str(folder), "args": record["args"], "wall_s": record["wall_s"],
+                             "final_loss": record["loss"][-1]["loss"]}
+        for param in model.parameters():
+            param.requires_grad_(False)
+        yield
+    finally:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                param.copy_(original[name])
+                param.requires_grad_(flags[name])

@@ -1,0 +1,192 @@
+"""``lp-fx frontier``: budgets, one gated scorer for every plan, JSON after every point, resume, table, plot."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lp_fx.tools import cli, frontier, frontier_report, planner
+from lp_fx.tools.frontier import FrontierOptions
+
+from .conftest import WORDS
+from .models import hf_model
+from .test_export import PAIRS, bpe_dir, bpe_model  # noqa: F401 (bpe_dir is a fixture)
+
+
+@pytest.fixture(scope="module")
+def six_layers(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model's tokenizer with a 6-layer model: two pairs leave the planner a choice."""
+    path = tmp_path_factory.mktemp("six_layers")
+    shutil.copytree(model_dir, path, dirs_exist_ok=True)
+    hf_model("llama", layers=6).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def frontier_data(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny data plus what the frontier also reads: LAMBADA passages and a training text."""
+    path = tmp_path_factory.mktemp("frontier_data")
+    shutil.copytree(data_dir, path, dirs_exist_ok=True)
+    (path / "lambada").mkdir()
+    rows = [{"context": " ".join(WORDS[(i + j) % len(WORDS)] for j in range(12)), "continuation": "dog"}
+            for i in range(16)]
+    (path / "lambada" / "lambada_openai.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (path / "wikitext-2").mkdir()
+    (path / "wikitext-2" / "train.txt").write_text(" ".join(WORDS[(i * 5) % len(WORDS)] for i in range(4000)) + " .\n")
+    return path
+
+
+def _args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["frontier", "--model", str(model_dir), "--data-dir", str(data), "--window", "16", "--no-progress",
+            "--ppl-windows", "2", "--calib-windows", "2", "--screen-windows", "1", "--plan-modes", "lp",
+            "--contiguous-start", "0", "--speed-inner", "eager", "--speed-tokens", "3", "--speed-rounds", "1",
+            "--out", str(out), *extra]
+
+
+def _points(out: Path) -> list[tuple[str, int]]:
+    return [(p["variant"], p["delta"]) for p in json.loads(out.read_text())["points"]]
+
+
+def test_frontier_measures_every_variant_and_writes_table_and_plot(
+    six_layers: Path, frontier_data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "frontier.json"
+    args = _args(six_layers, frontier_data, out, "--budgets", "4", "--tasks", "winogrande", "--limit", "3",
+                 "--finetune-steps", "1")
+    assert cli.main(args) == 0
+    result = json.loads(out.read_text())
+    assert _points(out) == [("baseline", 0), ("contiguous", 4), ("planned", 4), ("finetuned", 4)]
+    base, contiguous, planned, finetuned = result["points"]
+    assert contiguous["pairing"]["pairs"] == [[0, 1], [2, 3]] and contiguous["ideal_speedup"] == pytest.approx(1.5)
+    assert len(planned["pairing"]["pairs"]) == 2 and planned["backend_options"]["plan"].endswith("delta_4.json")
+    for point in (contiguous, planned):
+        assert set(point["speed"]["ratio"]) == {"paired", "paired + fuse"} and len(point["speed"]["tokens_per_s"]) == 3
+    assert contiguous["tasks"]["winogrande"]["n"] == 3 and "acc_stderr" in contiguous["tasks"]["winogrande"]
+    assert finetuned["finetune"]["args"]["steps"] == 1 and finetuned["speed"]["measured_for"] == "planned"
+    assert finetuned["pairing"]["pairs"] == planned["pairing"]["pairs"]
+    assert finetuned["ppl"]["wikitext"]["ppl"] != planned["ppl"]["wikitext"]["ppl"]  # it trained
+    calib = result["plans"]["4"]["calibration"]
+    assert calib["plan_ppl_plain"] == pytest.approx(calib["plan_ppl"], rel=1e-3)  # gated graph = plain compile
+    assert base["ppl"]["wikitext"]["windows"] == 2 and base["ppl"]["lambada_text"]["windows"] == 2
+    table = out.with_suffix(".md").read_text()
+    assert table.count("\n") == 2 + 4 and "| 4 | 4 | 1.500× | planned |" in table and "±" in table
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_json_after_every_point_resume_measures_the_rest_and_one_gated_graph_plans_every_budget(
+    six_layers: Path, frontier_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scorers = []
+    original = planner.GatedScorer.__init__
+    monkeypatch.setattr(planner.GatedScorer, "__init__", lambda self, *a, **k: scorers.append(self) or original(self, *a, **k))
+    out = tmp_path / "run.json"
+    args = _args(six_layers, frontier_data, out, "--budgets", "2,4", "--tasks", "none", "--finetune-steps", "0",
+                 "--speed-rounds", "0")
+    measure, calls = frontier.Frontier.measure, []
+
+    def interrupted(self, variant, delta):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append((variant, delta))
+        return measure(self, variant, delta)
+
+    monkeypatch.setattr(frontier.Frontier, "measure", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(args)
+    result = json.loads(out.read_text())
+    assert _points(out) == calls == [("baseline", 0), ("contiguous", 2)]
+    assert len(scorers) == 1 and [run["graphs_compiled"] for run in result["planner"]] == [1]  # both budgets from one gated graph
+    assert [len(result["plans"][delta]["pairs"]) for delta in ("2", "4")] == [1, 2]
+    assert cli.main(args) == 2  # the file is there: neither resumed nor overwritten silently
+    calls.clear()
+    monkeypatch.setattr(frontier.Frontier, "measure", lambda self, v, d: calls.append((v, d)) or measure(self, v, d))
+    assert cli.main([*args, "--resume"]) == 0
+    assert calls == [("planned", 2), ("contiguous", 4), ("planned", 4)] and len(scorers) == 1  # plans were kept
+    assert _points(out) == [("baseline", 0), ("contiguous", 2), ("planned", 2), ("contiguous", 4), ("planned", 4)]
+
+
+def test_resume_refuses_a_json_made_with_other_options(
+    six_layers: Path, frontier_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "run.json"
+    options = FrontierOptions(model=six_layers.name, num_layers=6, contiguous_start=0, window=16, ppl_windows=3)
+    out.write_text(json.dumps(frontier.new_result(options)))
+    args = _args(six_layers, frontier_data, out, "--budgets", "2", "--tasks", "none", "--resume")
+    assert cli.main(args) == 2
+    error = capsys.readouterr().err
+    assert "made with other options" in error and "ppl_windows: 3 -> 2" in error and "speed_rounds: 5 -> 1" in error
+    assert json.loads(out.read_text())["points"] == []  # untouched
+
+
+@pytest.mark.parametrize(("budgets", "message"), [
+    ([3], "Δ=3 is not valid.*even Δ from 2 to 30"),
+    ([0], "Δ=0 is not valid"),
+    ([32], "Δ=32 is more than the model's 30 layers"),
+    ([2, 18], r"contiguous range 14:32 ends past the model's 30 layers; from start 14 Δ may be at most 16"),
+    ([4, 4], "Δ=4 is given more than once"),
+    ([], "no budgets given"),
+])
+def test_budgets_are_checked_with_clear_errors(budgets: list[int], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        frontier.check_budgets(budgets, 30, 14)
+
+
+def test_budgets_sorted_and_the_ideal_speedup_is_depth_over_effective_depth() -> None:
+    assert frontier.check_budgets([14, 2, 8], 30, 14) == (2, 8, 14)
+    assert frontier.ideal_speedup(30, 14) == pytest.approx(30 / 23)
+    assert frontier.contiguous_pairing(14, 4).pairs == ((14, 15), (16, 17))
+    assert frontier.point_keys([2], 0) == [("baseline", 0), ("contiguous", 2), ("planned", 2)]
+
+
+def test_cli_refuses_bad_budgets_and_tasks_before_any_work(
+    six_layers: Path, frontier_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "x.json"
+    assert cli.main(_args(six_layers, frontier_data, out, "--budgets", "8")) == 2
+    assert "Δ=8 is more than the model's 6 layers" in capsys.readouterr().err
+    assert cli.main(_args(six_layers, frontier_data, out, "--tasks", "arc_easy,nope")) == 2
+    assert "unknown 'nope'" in capsys.readouterr().err
+    assert cli.main(_args(six_layers, frontier_data, out, "--budgets", "2,x")) == 2
+    assert not out.exists()
+
+
+def _point(variant: str, delta: int, ppl: float, acc: float | None, fuse: float | None) -> dict:
+    point = {"variant": variant, "delta": delta, "effective_depth": 30 - delta // 2,
+             "ideal_speedup": frontier.ideal_speedup(30, delta), "pairing": {"pairs": [[14, 15]] * (delta // 2)},
+             "ppl": {"wikitext": {"ppl": ppl}, "lambada_text": {"ppl": 2 * ppl}}}
+    if acc is not None:
+        point["tasks"] = {"piqa": {"acc": acc, "acc_stderr": 0.02, "n": 500}}
+    if fuse is not None:
+        point["speed"] = {"ratio": {"paired": 1.0, "paired + fuse": fuse}}
+    return point
+
+
+def test_table_gives_ratios_retention_with_its_error_and_the_ideal(tmp_path: Path) -> None:
+    result = {"points": [_point("baseline", 0, 30.0, 0.5, None), _point("contiguous", 14, 60.0, 0.45, 1.25)]}
+    table = frontier_report.frontier_table(result)
+    row = table.splitlines()[-1]
+    assert "| 14 | 23 | 1.304× | contiguous |" in row and "60.00 (×2.000)" in row and "1.250×" in row
+    assert "0.900 ± 0.054" in row  # 0.45/0.5; 0.9 * sqrt((0.02/0.45)**2 + (0.02/0.5)**2)
+    frontier_report.plot_frontier(result, tmp_path / "tasks.png")
+    without_tasks = {"points": [_point("baseline", 0, 30.0, None, None), _point("planned", 2, 33.0, None, None)]}
+    (row,) = frontier_report.rows(without_tasks)[1:]
+    assert row.retention is None and row.ppl_retention == pytest.approx(30 / 33)
+    frontier_report.plot_frontier(without_tasks, tmp_path / "ppl.png")
+    assert (tmp_path / "ppl.png").stat().st_size > 0 and (tmp_path / "tasks.png").stat().st_size > 0
+
+
+@pytest.mark.llamacpp
+def test_llamacpp_ratio_of_an_exported_pairing_against_the_unpaired_export(tmp_path: Path, bpe_dir: Path) -> None:
+    pytest.importorskip("llama_cpp")
+    from lp_fx.tools.evaluate import Pairing
+    from lp_fx.tools.export import Source
+    from lp_fx.tools.frontier_speed import LlamaCppBench
+
+    bench = LlamaCppBench(tmp_path, Source("tiny", bpe_dir), threads=2, tokens=4, rounds=2)
+    record = bench.ratio(bpe_model(), Pairing("p", tuple(PAIRS), ("lp", "lp")))
+    assert record["layers"] == [6, 4] and record["ratio"] > 0
+    assert [len(speeds) for speeds in record["tokens_per_s"].values()] == [2, 2]
+    assert [path.name for path in tmp_path.iterdir()] == ["unpaired_f32.gguf"]  # the paired export is removed
