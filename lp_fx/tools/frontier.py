@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lp_fx.config import pairs_from_range
-from lp_fx.tools import data, evaluate, planner
+from lp_fx.tools import data, evaluate, lm_eval_tasks, planner
 from lp_fx.tools.evaluate import BASELINE, Pairing
 from lp_fx.tools.files import write_json
 
@@ -45,7 +44,7 @@ VERSION = 1
 VARIANTS = ("contiguous", "planned", "finetuned")
 DEFAULT_BUDGETS = (2, 4, 6, 8, 10, 12, 14)
 PPL_TEXTS = ("wikitext", "lambada_text")
-TASK_NAMES = data.ALL_TASKS  # what score_tasks accepts
+TASK_NAMES = lm_eval_tasks.LOCAL_TASKS  # what score_tasks accepts
 
 
 @dataclass(frozen=True)
@@ -199,22 +198,12 @@ def score_tasks(
     model: torch.nn.Module, tokenizer: object, pairing: Pairing, data_dir: Path, options: FrontierOptions,
     progress: bool = True,
 ) -> dict[str, dict]:
-    """Task accuracy of ``model`` served with ``pairing``: ``{task: {"acc", "acc_stderr", "n", …}}``.
-
-    The frontier's ONE call to the task scorer (today :func:`lp_fx.tools.evaluate.run_eval`), kept
-    to this function so that it can be pointed at another scorer (lm-evaluation-harness) alone.
-    """
+    """Task accuracy of ``model`` served with ``pairing``, scored by lm-evaluation-harness
+    (:func:`lp_fx.tools.evaluate.measure`): ``{task: {"acc", "acc_stderr", "n", …}}``."""
     spec = evaluate.EvalSpec(data_dir=data_dir, tasks=options.tasks, limit=options.limit, seed=options.seed,
                              batch_size=options.batch_size)
-    logits_fn = evaluate.compile_pairing(model, pairing, inner=options.inner)
-    results = evaluate.run_eval(logits_fn, evaluate.prepare(tokenizer, spec), progress)
-    return {task: {**metrics, "acc_stderr": metrics.get("acc_stderr", proportion_stderr(metrics["acc"], metrics["n"]))}
-            for task, metrics in results.items()}
-
-
-def proportion_stderr(acc: float, n: int) -> float:
-    """Standard error of an accuracy over ``n`` items, as lm-evaluation-harness gives it."""
-    return math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else float("nan")
+    return evaluate.measure(model, tokenizer, pairing, evaluate.prepare(tokenizer, spec), inner=options.inner,
+                            progress=progress)
 
 
 # ----------------------------------------------------------------------------------- measuring

@@ -1,9 +1,9 @@
 """The frontier's speed measurements: decode tokens/s on one device, and in llama.cpp.
 
 One device (:class:`SpeedBench`): the unpaired model, the pairing, and the pairing with ``fuse=True``,
-each a copy of the model compiled once (:func:`lp_fx.tools.bench_single.compile_single`), warmed
-up, then timed interleaved round after round (:func:`lp_fx.tools.bench.generate`); ratios are
-medians of per-round ratios to the unpaired model (:func:`lp_fx.tools.bench.ratio_to_first`), so a
+each a copy of the model compiled once and warmed up (:func:`lp_fx.tools.timing.compile_and_warm_up`),
+then timed interleaved round after round (:func:`lp_fx.tools.timing.time_interleaved`); ratios are
+medians of per-round ratios to the unpaired model (:func:`lp_fx.tools.timing.ratio_to_first`), so a
 slow spell of a shared machine hits all three alike. Dynamo's caches are reset before each point;
 the unpaired graph is then compiled again but found in Inductor's on-disk graph cache (its compile
 seconds are recorded, so this shows).
@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from lp_fx.tools.bench import PROMPT, generate, ratio_to_first
-from lp_fx.tools.bench_single import SingleVariant, compile_single
+from lp_fx.tools.bench_single import SingleVariant
+from lp_fx.tools.timing import PROMPT, compile_and_warm_up, ratio_to_first, time_interleaved
 from lp_fx.tools.evaluate import Pairing, check_rewritten
 
 log = logging.getLogger(__name__)
@@ -65,24 +65,21 @@ class SpeedBench:
     def one_device(self, model: torch.nn.Module, pairing: Pairing, backend_options: dict) -> dict:
         ids = self.tokenizer(PROMPT, return_tensors="pt").input_ids
         todo = speed_variants(backend_options, self.inner)
-        compiled, compile_s = {}, {}
+        stamps = [time.monotonic()]  # one after each variant: compile + two warm-up generations
+
+        def note(variant: SingleVariant, copy_: torch.nn.Module, backend: Any) -> None:
+            if variant.name != UNPAIRED:
+                check_rewritten(backend.reports, pairing, "lp")
+                variant.graph_gemms = [report.gemms for report in backend.reports]
+                variant.fused = [report.pairs_fused for report in backend.reports]
+
         with torch._dynamo.config.patch(automatic_dynamic_shapes=False, cache_size_limit=64):
             torch._dynamo.reset()
-            for variant in todo:
-                began = time.monotonic()
-                copy_, backend = compile_single(model, variant, cudagraphs=False)
-                generate(copy_, ids, self.tokens)  # compiles the prefill and decode graphs
-                compile_s[variant.name] = round(time.monotonic() - began, 1)
-                generate(copy_, ids, self.tokens)  # warm
-                if variant.name != UNPAIRED:
-                    check_rewritten(backend.reports, pairing, "lp")
-                    variant.graph_gemms = [report.gemms for report in backend.reports]
-                    variant.fused = [report.pairs_fused for report in backend.reports]
-                compiled[variant.name] = copy_
-            for _ in range(self.rounds):
-                for variant in todo:
-                    variant.tokens_per_s.append(generate(compiled[variant.name], ids, self.tokens)[1])
+            compiled = compile_and_warm_up(model, todo, ids, self.tokens, note, warm_ups=2,
+                                           after_each=lambda: stamps.append(time.monotonic()))
+            time_interleaved(compiled, todo, ids, self.tokens, self.rounds)
             torch._dynamo.reset()
+        compile_s = {v.name: round(after - before, 1) for v, before, after in zip(todo, stamps, stamps[1:])}
         del compiled
         gc.collect()
         record = {
