@@ -248,17 +248,28 @@ class PlanError(LayerParallelError):
     """A plan file that cannot be used (unreadable, malformed, or for another model)."""
 
 
+def read_bytes(path: Path, error: type[Exception], missing: str, folder: str, unreadable: str) -> bytes:
+    """The bytes of ``path``, or one ``error``: ``missing`` when there is no such file, ``folder``
+    when it is a directory, ``unreadable: <the system's reason>`` otherwise (plans and checkpoints
+    read their files through this)."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise error(missing) from None
+    except IsADirectoryError:
+        raise error(folder) from None
+    except OSError as reason:
+        raise error(f"{unreadable}: {reason.strerror or reason}") from None
+
+
 def load_plan(path: str | Path) -> dict:
     """Read a plan file: ``{"pairs": [[i, i+1], …], "num_layers": N, "modes"?: [...], …}``."""
     path = Path(path)
+    text = read_bytes(path, PlanError, missing=f"plan file {path} not found; make one with `lp-fx plan`",
+                      folder=f"plan file {path} is a directory; give the JSON file `lp-fx plan` wrote",
+                      unreadable=f"cannot read plan file {path}")
     try:
-        plan = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PlanError(f"plan file {path} not found; make one with `lp-fx plan`") from None
-    except IsADirectoryError:
-        raise PlanError(f"plan file {path} is a directory; give the JSON file `lp-fx plan` wrote") from None
-    except OSError as error:
-        raise PlanError(f"cannot read plan file {path}: {error.strerror or error}") from None
+        plan = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise PlanError(f"plan file {path} is not valid JSON: {error}") from None
     if not isinstance(plan, dict) or not isinstance(plan.get("pairs"), list):

@@ -437,7 +437,7 @@ def test_unreadable_file_is_named_as_unreadable_not_missing_or_corrupt(ckpt, mon
     deny_reading(monkeypatch, ckpt / name)
     model = hf_model("llama")
     before = state_of(model)
-    with pytest.raises(CheckpointError, match=f"{(ckpt / name).resolve()} cannot be read: permission denied$"):
+    with pytest.raises(CheckpointError, match=f"{(ckpt / name).resolve()} cannot be read: Permission denied$"):
         load_finetuned(model, ckpt)
     assert same_state(before, state_of(model))
     monkeypatch.undo()

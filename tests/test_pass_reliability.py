@@ -235,6 +235,6 @@ def test_an_unreadable_plan_is_named(tmp_path, monkeypatch):
     def refuse(self, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(self))
 
-    monkeypatch.setattr(type(plan), "read_text", refuse)
+    monkeypatch.setattr(type(plan), "read_bytes", refuse)
     with pytest.raises(PlanError, match=f"cannot read plan file {plan}: Permission denied"):
         load_plan(plan)

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from lp_fx.config import LayerParallelError
+from lp_fx.config import LayerParallelError, read_bytes
 from lp_fx.tools.files import write_json
 
 log = logging.getLogger(__name__)
@@ -181,17 +181,9 @@ def checkpoint_folder(directory: str | Path) -> Path:
 
 
 def _read_bytes(path: Path, missing: str) -> bytes:
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing: {missing}") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"{path} is a directory, not a file: the checkpoint is damaged") from None
-    except PermissionError:
-        raise CheckpointError(f"{path} cannot be read: permission denied") from None
-    except OSError as error:
-        raise CheckpointError(f"{path} cannot be read: {error.strerror or error}") from None
+    return read_bytes(path, CheckpointError, missing=f"{path} is missing: {missing}",
+                      folder=f"{path} is a directory, not a file: the checkpoint is damaged",
+                      unreadable=f"{path} cannot be read")
 
 
 def read_pairing(directory: str | Path) -> dict[str, Any]:
