@@ -30,7 +30,7 @@ def _commands(document: Path) -> list[str]:
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split("#", 1)[0].replace("[", "").replace("]", "").strip()
             line = re.sub(r"^torchrun .*? -m ", "python -m ", line)
-            if line.startswith(tuple(PARSERS)):
+            if line.startswith(tuple(f"{prefix} " for prefix in PARSERS)):  # not lp-fx-lm-eval (lm-eval's own)
                 out.append(line)
     return out
 
@@ -41,14 +41,14 @@ def _cases() -> list:
 
 def test_the_documents_quote_commands_of_every_tool():
     quoted = " ".join(command for document in DOCUMENTS for command in _commands(document))
-    for tool in ("eval", "sweep", "plan", "finetune", "bench", "export", "bench --single", "bench --llamacpp"):
+    for tool in ("eval", "sweep", "plan", "finetune", "bench", "export", "frontier", "bench --single", "bench --llamacpp"):
         assert f"lp-fx {tool} " in quoted, tool
     assert "python -m lp_fx.tools.llamacpp " in quoted
 
 
 @pytest.mark.parametrize(("document", "command"), _cases())
 def test_every_quoted_command_parses(document: Path, command: str):
-    start = next(prefix for prefix in sorted(PARSERS, key=len, reverse=True) if command.startswith(prefix))
+    start = next(prefix for prefix in sorted(PARSERS, key=len, reverse=True) if command.startswith(f"{prefix} "))
     build, skip = PARSERS[start]
     words = shlex.split(command)[skip:]
     if start == "python -m lp_fx.tools.bench":
