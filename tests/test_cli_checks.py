@@ -233,7 +233,7 @@ def test_a_refusal_creates_no_results_folder(
 
 # ------------------------------------------------------------------------- the data directory (item 12)
 
-REPO_DATA = Path(lp_fx.__file__).resolve().parent.parent.parent / "shared" / "data"
+REPO_DATA = (Path(lp_fx.__file__).resolve().parent.parent.parent / "shared" / "data").resolve()  # as found: links resolved
 
 
 @pytest.mark.skipif(not REPO_DATA.is_dir(), reason="no ../shared/data next to this checkout")
