@@ -135,8 +135,8 @@ def plot_frontier(result: dict, path: str | Path, title: str = "") -> None:
     if measured:  # where each budget would be if time were proportional to depth
         for delta, ideal in sorted({(row.delta, row.ideal) for row in table if row.delta}):
             ax.axvline(ideal, color="grey", linestyle=":", linewidth=0.8)
-            ax.annotate(f"ideal Δ={delta}", (ideal, 1), xycoords=("data", "axes fraction"), rotation=90,
-                        va="top", ha="right", fontsize=6, color="grey")
+            ax.annotate(f"ideal Δ={delta}", (ideal, 0.02), xycoords=("data", "axes fraction"), rotation=90,
+                        va="bottom", ha="right", fontsize=7, color="grey")
     if tasks:
         (x0, x1), (y0, y1) = PAPER_RANGE["speedup"], PAPER_RANGE["retention"]
         ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, color="grey", alpha=0.25, label=PAPER_RANGE["label"]))

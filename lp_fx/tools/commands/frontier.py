@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -121,9 +122,10 @@ def run(args: argparse.Namespace) -> None:
           f"{len(frontier.measured(result))} points already in {out}")
     runner = frontier.Frontier(loaded.model, loaded.tokenizer, loaded.name, data_dir, settings, out, result,
                                progress=not args.no_progress)
-    with tempfile.TemporaryDirectory(prefix=".frontier_gguf_", dir=out.parent if out.parent.exists() else None) as tmp:
+    with contextlib.ExitStack() as stack:
         if args.speed_rounds:
-            llamacpp = _llamacpp_bench(args, Path(tmp), loaded.name) if args.llamacpp else None
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory())) if args.llamacpp else None
+            llamacpp = _llamacpp_bench(args, folder, loaded.name) if folder else None
             runner.speed = frontier_speed.SpeedBench(loaded.tokenizer, args.speed_inner, args.speed_tokens,
                                                      args.speed_rounds, llamacpp)
         result = runner.run(budgets)
