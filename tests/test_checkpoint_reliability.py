@@ -29,6 +29,9 @@ from lp_fx.tools.checkpoint_files import (
 
 from .models import VOCAB, hf_model
 
+# Its module-scoped fixture is costly: every test of this module runs in one pytest-xdist worker.
+pytestmark = pytest.mark.xdist_group("test_checkpoint_reliability")
+
 REPO = Path(__file__).resolve().parent.parent
 DOWN_PROJ = "model.layers.1.mlp.down_proj.weight"
 

@@ -14,6 +14,9 @@ from . import dist_workers
 from lp_fx.backend import LayerParallel
 from lp_fx.config import LayerParallelError
 
+# Its module-scoped fixture is costly: every test of this module runs in one pytest-xdist worker.
+pytestmark = pytest.mark.xdist_group("test_distributed")
+
 WORLD = 2
 TOL = 1e-4
 LLAMA_LAYERS, GPT_LAYERS = 6, 4

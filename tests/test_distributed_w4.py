@@ -15,6 +15,9 @@ from lp_fx.backend import LayerParallel
 from lp_fx.config import LayerParallelError
 from lp_fx.placement import ranks_per_branch
 
+# Its module-scoped fixture is costly: every test of this module runs in one pytest-xdist worker.
+pytestmark = pytest.mark.xdist_group("test_distributed_w4")
+
 WORLD = 4
 TOL = 1e-4
 LAYERS = 6

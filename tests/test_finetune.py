@@ -18,6 +18,9 @@ from lp_fx.tools.checkpoint import CURRENT, PAIRING, RECORD, TENSORS, Checkpoint
 
 from .models import VOCAB, hf_model
 
+# Its module-scoped fixture is costly: every test of this module runs in one pytest-xdist worker.
+pytestmark = pytest.mark.xdist_group("test_finetune")
+
 PAIRS = ((1, 2),)
 
 

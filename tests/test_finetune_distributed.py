@@ -13,6 +13,9 @@ from lp_fx.tools.finetune import finetune
 
 from . import dist_workers
 
+# Its module-scoped fixture is costly: every test of this module runs in one pytest-xdist worker.
+pytestmark = pytest.mark.xdist_group("test_finetune_distributed")
+
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> tuple[list[dict], object]:

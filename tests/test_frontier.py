@@ -41,6 +41,7 @@ def frontier_data(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 def _args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return ["frontier", "--model", str(model_dir), "--data-dir", str(data), "--window", "16", "--no-progress",
+            "--inner", "eager",
             "--ppl-windows", "2", "--calib-windows", "2", "--screen-windows", "1", "--plan-modes", "lp",
             "--contiguous-start", "0", "--speed-inner", "eager", "--speed-tokens", "3", "--speed-rounds", "1",
             "--out", str(out), *extra]
@@ -138,7 +139,17 @@ def test_budgets_sorted_and_the_ideal_speedup_is_depth_over_effective_depth() ->
     assert frontier.check_budgets([14, 2, 8], 30, 14) == (2, 8, 14)
     assert frontier.ideal_speedup(30, 14) == pytest.approx(30 / 23)
     assert frontier.contiguous_pairing(14, 4).pairs == ((14, 15), (16, 17))
-    assert frontier.point_keys([2], 0) == [("baseline", 0), ("contiguous", 2), ("planned", 2)]
+    assert frontier.point_keys([2], frontier.check_variants(None, 0)) == [("baseline", 0), ("contiguous", 2), ("planned", 2)]
+
+
+def test_variants_default_to_every_curve_and_a_chosen_few_keep_the_baseline() -> None:
+    assert frontier.check_variants(None, 5) == ("contiguous", "planned", "finetuned")
+    assert frontier.check_variants(("finetuned", "planned"), 5) == ("planned", "finetuned")
+    assert frontier.point_keys([8, 14], ("finetuned",)) == [("baseline", 0), ("finetuned", 8), ("finetuned", 14)]
+    with pytest.raises(ValueError, match="'tuned': give some of contiguous, planned, finetuned"):
+        frontier.check_variants(("tuned",), 5)
+    with pytest.raises(ValueError, match="needs fine-tuning steps"):
+        frontier.check_variants(("finetuned",), 0)
 
 
 def test_cli_refuses_bad_budgets_and_tasks_before_any_work(
@@ -150,6 +161,8 @@ def test_cli_refuses_bad_budgets_and_tasks_before_any_work(
     assert cli.main(_args(six_layers, frontier_data, out, "--tasks", "arc_easy,nope")) == 2
     assert "unknown 'nope'" in capsys.readouterr().err
     assert cli.main(_args(six_layers, frontier_data, out, "--budgets", "2,x")) == 2
+    assert cli.main(_args(six_layers, frontier_data, out, "--variants", "finetuned", "--finetune-steps", "0")) == 2
+    assert "needs fine-tuning steps" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -114,9 +114,22 @@ def contiguous_pairing(start: int, delta: int) -> Pairing:
     return Pairing(f"{start}:{start + delta}", pairs, ("lp",) * len(pairs))
 
 
-def point_keys(budgets: Sequence[int], finetune_steps: int) -> list[tuple[str, int]]:
-    """``(variant, Δ)`` of every point, in the order measured: the baseline, then per budget."""
-    variants = VARIANTS if finetune_steps else VARIANTS[:2]
+def check_variants(variants: Sequence[str] | None, finetune_steps: int) -> tuple[str, ...]:
+    """The variants to measure, in :data:`VARIANTS` order; by default every one (``finetuned`` only
+    with fine-tuning steps). Errors name what is valid."""
+    if variants is None:
+        return VARIANTS if finetune_steps else VARIANTS[:2]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or not variants:
+        raise ValueError(f"variants {', '.join(map(repr, unknown)) or '(none given)'}: give some of {', '.join(VARIANTS)}")
+    if "finetuned" in variants and not finetune_steps:
+        raise ValueError("the finetuned variant needs fine-tuning steps: give --finetune-steps N (N >= 1)")
+    return tuple(variant for variant in VARIANTS if variant in variants)
+
+
+def point_keys(budgets: Sequence[int], variants: Sequence[str]) -> list[tuple[str, int]]:
+    """``(variant, Δ)`` of every point, in the order measured: the baseline (every retention and
+    ratio is relative to it), then each budget's ``variants``."""
     return [("baseline", 0), *((variant, delta) for delta in budgets for variant in variants)]
 
 
@@ -241,10 +254,12 @@ class Frontier:
     def save(self) -> None:
         write_json(self.out, self.result)
 
-    def run(self, budgets: Sequence[int]) -> dict:
-        """Plan the budgets not planned yet, then measure every point not measured yet."""
+    def run(self, budgets: Sequence[int], variants: Sequence[str] | None = None) -> dict:
+        """Plan the budgets not planned yet, then measure every point of ``variants`` (default: all,
+        see :func:`check_variants`) not measured yet."""
         began, load = time.monotonic(), os.getloadavg()
-        todo = [key for key in point_keys(budgets, self.options.finetune_steps) if key not in measured(self.result)]
+        variants = check_variants(variants, self.options.finetune_steps)
+        todo = [key for key in point_keys(budgets, variants) if key not in measured(self.result)]
         unplanned = sorted({d for variant, d in todo if variant != "contiguous" and d and str(d) not in self.result["plans"]})
         if unplanned:
             self.result["planner"].append(plan_budgets(

@@ -42,6 +42,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--passes", type=non_negative_int, default=2, help="planner: rounds of swapping")
     parser.add_argument("--finetune-steps", type=non_negative_int, default=100,
                         help="steps of distillation for the planned pairing of each budget (0: no fine-tuned curve)")
+    parser.add_argument("--variants", type=parse_variants, default=None,
+                        help=f"comma-separated, from: {', '.join(frontier.VARIANTS)} (default: all; finetuned only "
+                        "with --finetune-steps); the baseline is always measured. Another --variants on --resume "
+                        "adds its points to the same JSON")
     parser.add_argument("--speed-inner", default="inductor", choices=["inductor", "aot_eager", "eager"],
                         help="compiler of the timed variants (unpaired, paired, paired + fuse)")
     parser.add_argument("--speed-tokens", type=positive_int, default=32, help="tokens generated per timed run")
@@ -68,6 +72,10 @@ def parse_tasks(spec: str) -> tuple[str, ...]:
         raise ValueError(f"--tasks {spec!r}: unknown {', '.join(map(repr, unknown)) or 'empty list'}; "
                          f"give 'none' or some of {', '.join(frontier.TASK_NAMES)}")
     return tasks
+
+
+def parse_variants(spec: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(variant.strip() for variant in spec.split(",") if variant.strip()))
 
 
 def parse_modes(spec: str) -> tuple[str, ...]:
@@ -103,6 +111,7 @@ def run(args: argparse.Namespace) -> None:
     from lp_fx.tools import frontier_report, frontier_speed, sweep
 
     tasks, modes = parse_tasks(args.tasks), parse_modes(args.plan_modes)
+    variants = frontier.check_variants(args.variants, args.finetune_steps)
     if args.llamacpp:
         check_llamacpp()
     out, table_path, plot_path = outputs(args)
@@ -118,7 +127,8 @@ def run(args: argparse.Namespace) -> None:
     )
     result = frontier.resume_result(out, settings) if args.resume else frontier.new_result(settings)
     print(f"model {loaded.name} ({loaded.num_layers} layers): budgets Δ={list(budgets)}, contiguous ranges from layer "
-          f"{start}, tasks {', '.join(tasks) or 'none'}, fine-tuning {args.finetune_steps} steps; "
+          f"{start}, variants {', '.join(variants)}, tasks {', '.join(tasks) or 'none'}, fine-tuning "
+          f"{args.finetune_steps} steps; "
           f"{len(frontier.measured(result))} points already in {out}")
     runner = frontier.Frontier(loaded.model, loaded.tokenizer, loaded.name, data_dir, settings, out, result,
                                progress=not args.no_progress)
@@ -128,7 +138,7 @@ def run(args: argparse.Namespace) -> None:
             llamacpp = _llamacpp_bench(args, folder, loaded.name) if folder else None
             runner.speed = frontier_speed.SpeedBench(loaded.tokenizer, args.speed_inner, args.speed_tokens,
                                                      args.speed_rounds, llamacpp)
-        result = runner.run(budgets)
+        result = runner.run(budgets, variants)
     print(f"wrote {out} ({result['runs'][-1]['wall_s']:.0f} s this run; planning: {result['planner'] or 'none'})")
     table = frontier_report.frontier_table(result)
     atomic_write(table_path, lambda tmp: tmp.write_text(table + "\n", encoding="utf-8"))
