@@ -1,11 +1,18 @@
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from .models import hf_model
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers share the cores: one thread each (and in the processes they start) instead of two
+    # threads each spinning for the same cores; the tiny models gain nothing from intra-op threads.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -14,8 +14,9 @@ from . import dist_workers
 from lp_fx.backend import LayerParallel
 from lp_fx.config import LayerParallelError
 
-# Its module-scoped fixture is costly: every test of this module runs in one pytest-xdist worker.
-pytestmark = pytest.mark.xdist_group("test_distributed")
+# Gloo ranks: every module that spawns them runs in the same pytest-xdist worker, one after the
+# other, so that ranks of two modules never share the cores (and the module fixture runs once).
+pytestmark = pytest.mark.xdist_group("gloo_ranks")
 
 WORLD = 2
 TOL = 1e-4

@@ -15,8 +15,9 @@ from lp_fx.backend import LayerParallel
 from lp_fx.config import LayerParallelError
 from lp_fx.placement import ranks_per_branch
 
-# Its module-scoped fixture is costly: every test of this module runs in one pytest-xdist worker.
-pytestmark = pytest.mark.xdist_group("test_distributed_w4")
+# Gloo ranks: every module that spawns them runs in the same pytest-xdist worker, one after the
+# other, so that ranks of two modules never share the cores (and the module fixture runs once).
+pytestmark = pytest.mark.xdist_group("gloo_ranks")
 
 WORLD = 4
 TOL = 1e-4

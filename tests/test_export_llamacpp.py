@@ -30,7 +30,7 @@ def test_llamacpp_computes_what_the_pass_computes(tmp_path, bpe_dir, arch, modes
     export(model, pairing.pairs, modes, out, Source("tiny", bpe_dir))
     llm = llamacpp.open_gguf(out, threads=2, n_ctx=64, f32_cache=True)
     tokens = torch.randint(1, BPE_VOCAB, (12,), generator=torch.Generator().manual_seed(5))
-    paired = torch.compile(model, backend=make_backend(model, pairing, "lp", "eager"))
+    paired = torch.compile(model, backend=make_backend(pairing, "lp", "eager"))
     with torch.no_grad():
         expected = paired(tokens[None], use_cache=False).logits[0]
     got = torch.from_numpy(llamacpp.logits(llm, tokens.tolist()))

@@ -13,8 +13,9 @@ from lp_fx.tools.finetune import finetune
 
 from . import dist_workers
 
-# Its module-scoped fixture is costly: every test of this module runs in one pytest-xdist worker.
-pytestmark = pytest.mark.xdist_group("test_finetune_distributed")
+# Gloo ranks: every module that spawns them runs in the same pytest-xdist worker, one after the
+# other, so that ranks of two modules never share the cores (and the module fixture runs once).
+pytestmark = pytest.mark.xdist_group("gloo_ranks")
 
 
 @pytest.fixture(scope="module")

@@ -82,7 +82,7 @@ def paired_forward(
     measured as the baseline. More backend ``options`` (``fuse=True``) may be given.
     """
     torch._dynamo.reset()
-    backend = make_backend(model, pairing, mode, inner, **options)
+    backend = make_backend(pairing, mode, inner, **options)
     compiled = torch.compile(model.forward, backend=backend)
 
     def forward(*args: Any, **kwargs: Any) -> Any:
@@ -95,7 +95,7 @@ def paired_forward(
     return forward
 
 
-def make_backend(model: torch.nn.Module, pairing: Pairing, mode: str, inner: str, **options: Any) -> object:
+def make_backend(pairing: Pairing, mode: str, inner: str, **options: Any) -> object:
     """A strict backend for one pairing (more backend ``options`` may be added, e.g. ``mesh``);
     ``mode`` for pairs without a mode of their own."""
     from lp_fx import LayerParallel
@@ -112,7 +112,7 @@ def check_pairing(model: torch.nn.Module, pairing: Pairing, mode: str = "lp", **
     """Refuse, before anything is measured, a pairing that :func:`compile_pairing` would refuse for
     this model: the backend's own checks of its options (:mod:`lp_fx.config`: consecutive, disjoint,
     modes, ``options``), then every layer index against the model's layer count."""
-    config = make_backend(model, pairing, mode, "eager", **options).config
+    config = make_backend(pairing, mode, "eager", **options).config
     num_layers = model.config.num_hidden_layers
     for pair in config.pairs:
         if pair[1] >= num_layers:

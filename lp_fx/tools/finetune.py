@@ -209,7 +209,7 @@ def make_student(model: nn.Module, config: FinetuneConfig, mesh: Any = None) -> 
     options: dict[str, Any] = {"stack": layer_stack_of(model)[0]}
     if mesh is not None:
         options["mesh"] = mesh
-    backend = make_backend(model, config.pairing, config.mode, config.inner, **options)
+    backend = make_backend(config.pairing, config.mode, config.inner, **options)
     return torch.compile(model, backend=backend), backend
 
 

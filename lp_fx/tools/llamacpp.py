@@ -156,7 +156,7 @@ def pass_greedy(model: torch.nn.Module, pairing: Any, ids: torch.Tensor, tokens:
     torch._dynamo.reset()
     paired = copy.deepcopy(model)
     paired.generation_config.eos_token_id = None
-    paired.forward = torch.compile(paired.forward, backend=make_backend(paired, pairing, "lp", "eager"))
+    paired.forward = torch.compile(paired.forward, backend=make_backend(pairing, "lp", "eager"))
     with torch.no_grad():
         out = paired.generate(ids, max_new_tokens=tokens, do_sample=False, cache_implementation="static")
     return out[0, ids.shape[1]:].tolist()
