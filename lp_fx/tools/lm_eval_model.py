@@ -65,7 +65,8 @@ class LayerParallelLM(HFLM):
         evaluate.check_pairing(model, self.pairing, mode, fuse=self.fuse)
         super().__init__(pretrained=model, tokenizer=tokenizer, backend="causal", **options)
         self._forward = evaluate.paired_forward(model, self.pairing, mode, inner, fuse=self.fuse)
-        log.info("%s: %s (%s mode%s)", NAME, self.pairing.name, mode, ", fused" * self.fuse)
+        modes = ", ".join(self.pairing.modes) if self.pairing.modes else mode  # a plan's own modes win
+        log.info("%s: %s (%s%s)", NAME, self.pairing.name, modes, ", fused" * self.fuse)
 
     def paired_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits of the paired model (no KV cache): a ``LogitsFn`` for perplexity."""
