@@ -121,12 +121,13 @@ def demo(args: argparse.Namespace, data_dir) -> None:
     base, base_speed = results[0]["ppl"], results[0]["tokens_per_s"]
     print(f"\nSmolLM2-135M-Instruct, WikiText-2 raw test: {windows.shape[0]} windows × 512 tokens, inner={args.inner}"
           f"{', fused pairs' if args.fuse else ''}; decode: {args.new_tokens} greedy tokens, best of {args.speed_runs}")
+    width = max(len(r["name"]) for r in results)
     for r in results:
-        print(f"  {r['name']:<52} perplexity {r['ppl']:8.3f}  ({r['ppl'] / base:5.3f}× baseline)   "
+        print(f"  {r['name']:<{width}}  perplexity {r['ppl']:8.3f}  ({r['ppl'] / base:5.3f}× baseline)   "
               f"decode {r['tokens_per_s']:6.1f} tok/s ({r['tokens_per_s'] / base_speed:5.3f}× baseline)")
     print(f"\nPrompt: {PROMPT}")
     for r in results:
-        print(f"  {r['name']:<52} {r['answer']!r}")
+        print(f"  {r['name']:<{width}}  {r['answer']!r}")
 
 
 if __name__ == "__main__":
