@@ -39,3 +39,16 @@ def test_the_pass_never_imports_a_tool():
     for path in pass_modules:
         tools = {m for m in _imported_modules(path) if ".tools" in m or m.startswith(("transformers", "torchao"))}
         assert not tools, f"{path.name} imports {sorted(tools)}"
+
+
+def test_no_module_of_the_package_prints_output_goes_through_the_console_or_logging() -> None:
+    """Library code logs; a command's results go through ``lp_fx.tools.console.say``; only the
+    command line's own error line (``lp_fx/tools/cli.py``) prints."""
+    package = Path(__file__).resolve().parent.parent / "lp_fx"
+    printing = sorted(
+        f"{path.relative_to(package)}:{node.lineno}"
+        for path in package.rglob("*.py") if path.name != "cli.py"
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print"
+    )
+    assert printing == []

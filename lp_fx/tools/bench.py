@@ -10,6 +10,7 @@ wait. Rank 0 prints a table and writes JSON. ``--single`` (:mod:`lp_fx.tools.ben
 
 from __future__ import annotations
 
+from lp_fx.tools.console import say
 import argparse
 import logging
 import os
@@ -125,11 +126,11 @@ def run(args: argparse.Namespace) -> None:
     latency.append(all_reduce_ms(hidden))
     if rank == 0:
         delta = args.end - args.start
-        print(f"{loaded.name}: {loaded.num_layers} layers, Δ={delta} (start={args.start}, end={args.end}), "
+        say(f"{loaded.name}: {loaded.num_layers} layers, Δ={delta} (start={args.start}, end={args.end}), "
               f"world={torch.distributed.get_world_size()}, inner={args.inner}, weights {args.quantize}, {args.tokens} tokens, "
               f"{args.rounds} rounds, batch 1, static cache; median decode tokens/s, median per-round ratio to TP")
-        print(table(todo, loaded.num_layers, delta))
-        print(f"gloo all-reduce of {hidden} floats: {latency[0]:.2f} ms before the timed rounds, {latency[1]:.2f} ms after")
+        say(table(todo, loaded.num_layers, delta))
+        say(f"gloo all-reduce of {hidden} floats: {latency[0]:.2f} ms before the timed rounds, {latency[1]:.2f} ms after")
         print_texts(loaded.tokenizer, texts)
         result = {"model": loaded.name, "layers": loaded.num_layers, "start": args.start, "end": args.end,
                   "ideal": loaded.num_layers / (loaded.num_layers - delta / 2), "args": vars(args),
@@ -137,7 +138,7 @@ def run(args: argparse.Namespace) -> None:
                   "all_reduce_ms": latency,
                   "variants": [asdict(v) for v in todo]}
         write_json(args.json, result, indent=1)
-        print(f"wrote {args.json}")
+        say(f"wrote {args.json}")
     torch.distributed.destroy_process_group()
 
 
@@ -205,12 +206,12 @@ def _bench_llamacpp(args: argparse.Namespace) -> None:
     from lp_fx.tools import llamacpp
 
     result = llamacpp.bench(args.llamacpp, args.threads, args.tokens, args.rounds, args.prompt, args.flash_attn)
-    print(f"llama.cpp, {args.threads} threads, flash attention {'on' if args.flash_attn else 'off'}, "
+    say(f"llama.cpp, {args.threads} threads, flash attention {'on' if args.flash_attn else 'off'}, "
           f"{args.tokens} tokens after the prompt, {args.rounds} rounds interleaved, "
           "batch 1; median decode tokens/s, median per-round ratio to the unpaired export of the same dtype")
-    print(llamacpp.bench_table(result))
+    say(llamacpp.bench_table(result))
     write_json(args.json, result, indent=1)
-    print(f"wrote {args.json}")
+    say(f"wrote {args.json}")
 
 
 def _argv(args: argparse.Namespace) -> list[str]:

@@ -13,6 +13,7 @@ op by op; the report's per-graph GEMM counts are printed instead.
 
 from __future__ import annotations
 
+from lp_fx.tools.console import say
 import argparse
 import logging
 import statistics
@@ -91,10 +92,10 @@ def run_single(args: argparse.Namespace) -> dict:
     compiled = compile_and_warm_up(loaded.model, todo, ids, args.tokens, note, warm_ups=2, cudagraphs=args.cudagraphs)
     texts = time_interleaved(compiled, todo, ids, args.tokens, args.rounds)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"{loaded.name}: {loaded.num_layers} layers, Δ={args.end - args.start} (start={args.start}, end={args.end}), "
+    say(f"{loaded.name}: {loaded.num_layers} layers, Δ={args.end - args.start} (start={args.start}, end={args.end}), "
           f"one device ({device_name}), {args.dtype}, weights {args.quantize}, CUDA graphs {args.cudagraphs}, "
           f"batch 1, static cache, {args.tokens} tokens, {args.rounds} rounds interleaved")
-    print(single_table(todo))
+    say(single_table(todo))
     print_texts(loaded.tokenizer, texts)
     result = {
         "model": loaded.name, "layers": loaded.num_layers, "device": device_name, "args": vars(args),
@@ -102,7 +103,7 @@ def run_single(args: argparse.Namespace) -> dict:
         "variants": [asdict(v) for v in todo],
     }
     write_json(args.json, result, indent=1)
-    print(f"wrote {args.json}")
+    say(f"wrote {args.json}")
     return result
 
 

@@ -9,6 +9,7 @@ tokens agree. ``lp-fx bench --llamacpp GGUF...`` times decoding (:func:`bench`).
 
 from __future__ import annotations
 
+from lp_fx.tools.console import say
 import json
 import logging
 import math
@@ -244,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                    args.threads, args.data_dir, args.window)
     if args.json:
         write_json(args.json, result, indent=1)
-        print(f"wrote {args.json}")
+        say(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ last generated token (prefill excluded).
 
 from __future__ import annotations
 
+from lp_fx.tools.console import say
 import copy
 import statistics
 import time
@@ -165,4 +166,4 @@ def ratio_to_first(variant: Speeds, first: Speeds) -> float:
 def print_texts(tokenizer, texts: dict[str, torch.Tensor]) -> None:
     """Each variant's generated text, to check by eye that the variants agree."""
     for name, out in texts.items():
-        print(f"[{name}] {tokenizer.decode(out[0], skip_special_tokens=True)!r}")
+        say(f"[{name}] {tokenizer.decode(out[0], skip_special_tokens=True)!r}")

@@ -6,6 +6,7 @@ standard errors beside the means."""
 
 from __future__ import annotations
 
+from lp_fx.tools.console import say
 import argparse
 
 from lp_fx.tools import evaluate
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> None:
     spec = eval_spec(args, data_dir)
     prepared = evaluate.prepare(loaded.tokenizer, spec)
     quantize_weights(loaded.model, args.quantize)
-    print(f"model {loaded.name} ({loaded.num_layers} layers, {args.quantize} weights); "
+    say(f"model {loaded.name} ({loaded.num_layers} layers, {args.quantize} weights); "
           f"items per task: {prepared.sizes()}")
     results = {}
     for pairing in pairings:
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> None:
                 fuse=args.fuse,
             )
     names = [pairing.name for pairing in pairings]
-    print(format_table(names, results))
+    say(format_table(names, results))
     write_results(
         {
             "model": loaded.name,

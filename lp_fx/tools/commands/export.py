@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lp_fx.tools.console import say
 import argparse
 from pathlib import Path
 
@@ -54,6 +55,6 @@ def run(args: argparse.Namespace) -> None:
     source = Source(loaded.name, directory / gguf_file if gguf_file else directory)
     folded = export(loaded.model, pairing.pairs, modes, args.out, source, args.format, args.dtype, args.checkpoint)
     widths = ", ".join(f"{layer.source}->{layer.heads}h/{layer.ffn}" for layer in folded.layers if layer.how == "lp")
-    print(f"{loaded.name} {pairing.name}: {loaded.num_layers} -> {len(folded.layers)} layers "
+    say(f"{loaded.name} {pairing.name}: {loaded.num_layers} -> {len(folded.layers)} layers "
           f"({args.format}, {args.dtype}){'; wide layers ' + widths if widths else ''}")
-    print(f"wrote {args.out}")
+    say(f"wrote {args.out}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lp_fx.tools.console import say
 import argparse
 import re
 from dataclasses import dataclass
@@ -190,7 +191,7 @@ def run(args: argparse.Namespace) -> None:
     train = source.token_ids(loaded, mesh, rank0 and not args.no_progress)
     heldout = evaluate.wikitext_windows(loaded.tokenizer, data_dir, args.window, "all", args.eval_windows)
     if rank0:
-        print(f"model {loaded.name}: {pairing.name}, loss {args.loss}, {train.description}, "
+        say(f"model {loaded.name}: {pairing.name}, loss {args.loss}, {train.description}, "
               f"held-out: {heldout.shape[0]} windows of WikiText-2 raw test")
     record = finetune.finetune(
         loaded.model, train.ids, config, out, heldout=heldout, mesh=mesh, progress=rank0 and not args.no_progress,
@@ -200,10 +201,10 @@ def run(args: argparse.Namespace) -> None:
     )
     if rank0:
         points = record["heldout"]
-        print(f"held-out perplexity: {points[0]['ppl']:.3f} before, {points[-1]['ppl']:.3f} after "
+        say(f"held-out perplexity: {points[0]['ppl']:.3f} before, {points[-1]['ppl']:.3f} after "
               f"{record['step']} steps ({record['wall_s']:.0f} s); checkpoint in {out}")
         finetune.plot_record(record, out / "loss.png")
-        print(f"wrote {out / 'loss.png'}")
+        say(f"wrote {out / 'loss.png'}")
 
 
 def _init_mesh(mesh: str | None) -> str | None:

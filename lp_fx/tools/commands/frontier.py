@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lp_fx.tools.console import say
 import argparse
 import contextlib
 import tempfile
@@ -126,7 +127,7 @@ def run(args: argparse.Namespace) -> None:
         speed_tokens=args.speed_tokens, speed_rounds=args.speed_rounds, llamacpp=args.llamacpp,
     )
     result = frontier.resume_result(out, settings) if args.resume else frontier.new_result(settings)
-    print(f"model {loaded.name} ({loaded.num_layers} layers): budgets Δ={list(budgets)}, contiguous ranges from layer "
+    say(f"model {loaded.name} ({loaded.num_layers} layers): budgets Δ={list(budgets)}, contiguous ranges from layer "
           f"{start}, variants {', '.join(variants)}, tasks {', '.join(tasks) or 'none'}, fine-tuning "
           f"{args.finetune_steps} steps; "
           f"{len(frontier.measured(result))} points already in {out}")
@@ -139,13 +140,13 @@ def run(args: argparse.Namespace) -> None:
             runner.speed = frontier_speed.SpeedBench(loaded.tokenizer, args.speed_inner, args.speed_tokens,
                                                      args.speed_rounds, llamacpp)
         result = runner.run(budgets, variants)
-    print(f"wrote {out} ({result['runs'][-1]['wall_s']:.0f} s this run; planning: {result['planner'] or 'none'})")
+    say(f"wrote {out} ({result['runs'][-1]['wall_s']:.0f} s this run; planning: {result['planner'] or 'none'})")
     table = frontier_report.frontier_table(result)
     atomic_write(table_path, lambda tmp: tmp.write_text(table + "\n", encoding="utf-8"))
-    print(table)
-    print(f"wrote {table_path}")
+    say(table)
+    say(f"wrote {table_path}")
     frontier_report.plot_frontier(result, new_file(plot_path), f"{loaded.name}: speed against quality per budget Δ")
-    print(f"wrote {plot_path}")
+    say(f"wrote {plot_path}")
 
 
 def _llamacpp_bench(args: argparse.Namespace, folder: Path, name: str):

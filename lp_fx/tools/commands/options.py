@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lp_fx.tools.console import say
 import argparse
 import contextlib
 import re
@@ -140,7 +141,7 @@ def new_file(path: str) -> str:
 
 def write_results(payload: dict, path: str) -> None:
     write_json(path, payload)
-    print(f"wrote {path}")
+    say(f"wrote {path}")
 
 
 def format_table(names: Sequence[str], results: dict[str, dict]) -> str:

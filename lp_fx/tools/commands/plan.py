@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lp_fx.tools.console import say
 import argparse
 
 from lp_fx.tools import evaluate, planner
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> None:
         for count in (args.calib_windows, args.screen_windows)
     )
     modes = tuple(args.modes.split(","))
-    print(f"model {loaded.name} ({loaded.num_layers} layers); calibration: {windows.shape[0]} "
+    say(f"model {loaded.name} ({loaded.num_layers} layers); calibration: {windows.shape[0]} "
           f"windows of {args.window} tokens from the first half of WikiText-2 raw test "
           f"({screen_windows.shape[0]} for single pairs)")
     scorer = planner.GatedScorer(loaded.model, windows, modes, args.inner)
@@ -73,14 +74,14 @@ def run(args: argparse.Namespace) -> None:
     if share is not None:
         plan["search"]["share_of_graph_run"] = round(share, 3)
     calib, search = plan["calibration"], plan["search"]
-    print(f"pairs {plan['pairs']} modes {plan['modes']}")
-    print(f"calibration ppl: baseline {calib['baseline_ppl']:.3f}, plan {calib['plan_ppl']:.3f} "
+    say(f"pairs {plan['pairs']} modes {plan['modes']}")
+    say(f"calibration ppl: baseline {calib['baseline_ppl']:.3f}, plan {calib['plan_ppl']:.3f} "
           f"(compiled plainly: {calib['plan_ppl_plain']:.3f})")
     lazily = f", {share:.0%} of its nodes run per score" if share is not None else ""
-    print(f"{search['pairings_scored']} pairings scored with {search['graphs_compiled']} compiled graph(s){lazily} "
+    say(f"{search['pairings_scored']} pairings scored with {search['graphs_compiled']} compiled graph(s){lazily} "
           f"in {search['seconds']:.0f} s")
     planner.save_plan(plan, args.out)
-    print(f"wrote {args.out}")
+    say(f"wrote {args.out}")
     problem = planner.plain_disagreement(plan)
     if problem:
         raise ValueError(f"{problem}: do not trust {args.out}")

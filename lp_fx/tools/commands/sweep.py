@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lp_fx.tools.console import say
 import argparse
 
 from lp_fx.tools import evaluate, sweep
@@ -52,10 +53,10 @@ def run(args: argparse.Namespace) -> None:
     starts, step = sweep.default_layout(loaded.num_layers, transforms)
     ranges = sweep.sweep_ranges(loaded.num_layers, args.starts or starts, args.deltas, step)
     points = sweep.sweep_points(loaded.num_layers, transforms, ranges, args.seeds)
-    print(f"model {loaded.name}: {', '.join(transforms)} on the ranges (start, Δ) {ranges}, "
+    say(f"model {loaded.name}: {', '.join(transforms)} on the ranges (start, Δ) {ranges}, "
           f"{len(points)} points, weights {', '.join(precisions)}; sizes {prepared.sizes()}")
     for skip in sweep.unsupported(transforms, precisions):
-        print(f"left out: {skip['transform']} with {skip['quantize']} weights ({skip['why']})")
+        say(f"left out: {skip['transform']} with {skip['quantize']} weights ({skip['why']})")
 
     def measure(pairing: Pairing) -> dict:
         return evaluate.measure(loaded.model, loaded.tokenizer, pairing, prepared, inner=args.inner, progress=False)
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> None:
     write_results(result, args.out)
     if "wikitext" in spec.tasks:
         measured = f"WikiText-2 ({args.split}), {prepared.sizes()['wikitext']} windows of {args.window} tokens"
-        print(f"{measured}: perplexity; shuffle: mean [min–max] over seeds")
-        print(sweep.sweep_table(result))
+        say(f"{measured}: perplexity; shuffle: mean [min–max] over seeds")
+        say(sweep.sweep_table(result))
         sweep.plot_sweep(result, new_file(args.plot), f"{loaded.name}, {measured}")
-        print(f"wrote {args.plot}")
+        say(f"wrote {args.plot}")
