@@ -127,8 +127,8 @@ def run(args: argparse.Namespace) -> None:
     if rank == 0:
         delta = args.end - args.start
         say(f"{loaded.name}: {loaded.num_layers} layers, Δ={delta} (start={args.start}, end={args.end}), "
-              f"world={torch.distributed.get_world_size()}, inner={args.inner}, weights {args.quantize}, {args.tokens} tokens, "
-              f"{args.rounds} rounds, batch 1, static cache; median decode tokens/s, median per-round ratio to TP")
+            f"world={torch.distributed.get_world_size()}, inner={args.inner}, weights {args.quantize}, {args.tokens} tokens, "
+            f"{args.rounds} rounds, batch 1, static cache; median decode tokens/s, median per-round ratio to TP")
         say(table(todo, loaded.num_layers, delta))
         say(f"gloo all-reduce of {hidden} floats: {latency[0]:.2f} ms before the timed rounds, {latency[1]:.2f} ms after")
         print_texts(loaded.tokenizer, texts)
@@ -207,8 +207,8 @@ def _bench_llamacpp(args: argparse.Namespace) -> None:
 
     result = llamacpp.bench(args.llamacpp, args.threads, args.tokens, args.rounds, args.prompt, args.flash_attn)
     say(f"llama.cpp, {args.threads} threads, flash attention {'on' if args.flash_attn else 'off'}, "
-          f"{args.tokens} tokens after the prompt, {args.rounds} rounds interleaved, "
-          "batch 1; median decode tokens/s, median per-round ratio to the unpaired export of the same dtype")
+        f"{args.tokens} tokens after the prompt, {args.rounds} rounds interleaved, "
+        "batch 1; median decode tokens/s, median per-round ratio to the unpaired export of the same dtype")
     say(llamacpp.bench_table(result))
     write_json(args.json, result, indent=1)
     say(f"wrote {args.json}")

@@ -93,8 +93,8 @@ def run_single(args: argparse.Namespace) -> dict:
     texts = time_interleaved(compiled, todo, ids, args.tokens, args.rounds)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     say(f"{loaded.name}: {loaded.num_layers} layers, Δ={args.end - args.start} (start={args.start}, end={args.end}), "
-          f"one device ({device_name}), {args.dtype}, weights {args.quantize}, CUDA graphs {args.cudagraphs}, "
-          f"batch 1, static cache, {args.tokens} tokens, {args.rounds} rounds interleaved")
+        f"one device ({device_name}), {args.dtype}, weights {args.quantize}, CUDA graphs {args.cudagraphs}, "
+        f"batch 1, static cache, {args.tokens} tokens, {args.rounds} rounds interleaved")
     say(single_table(todo))
     print_texts(loaded.tokenizer, texts)
     result = {

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> None:
     prepared = evaluate.prepare(loaded.tokenizer, spec)
     quantize_weights(loaded.model, args.quantize)
     say(f"model {loaded.name} ({loaded.num_layers} layers, {args.quantize} weights); "
-          f"items per task: {prepared.sizes()}")
+        f"items per task: {prepared.sizes()}")
     results = {}
     for pairing in pairings:
         with finetuned(loaded.model, checkpoints.get(pairing)):

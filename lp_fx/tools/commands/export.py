@@ -56,5 +56,5 @@ def run(args: argparse.Namespace) -> None:
     folded = export(loaded.model, pairing.pairs, modes, args.out, source, args.format, args.dtype, args.checkpoint)
     widths = ", ".join(f"{layer.source}->{layer.heads}h/{layer.ffn}" for layer in folded.layers if layer.how == "lp")
     say(f"{loaded.name} {pairing.name}: {loaded.num_layers} -> {len(folded.layers)} layers "
-          f"({args.format}, {args.dtype}){'; wide layers ' + widths if widths else ''}")
+        f"({args.format}, {args.dtype}){'; wide layers ' + widths if widths else ''}")
     say(f"wrote {args.out}")

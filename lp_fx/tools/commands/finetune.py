@@ -192,7 +192,7 @@ def run(args: argparse.Namespace) -> None:
     heldout = evaluate.wikitext_windows(loaded.tokenizer, data_dir, args.window, "all", args.eval_windows)
     if rank0:
         say(f"model {loaded.name}: {pairing.name}, loss {args.loss}, {train.description}, "
-              f"held-out: {heldout.shape[0]} windows of WikiText-2 raw test")
+            f"held-out: {heldout.shape[0]} windows of WikiText-2 raw test")
     record = finetune.finetune(
         loaded.model, train.ids, config, out, heldout=heldout, mesh=mesh, progress=rank0 and not args.no_progress,
         extra_args={"model": args.model, "pairing": pairing.name, **train.record,
@@ -202,7 +202,7 @@ def run(args: argparse.Namespace) -> None:
     if rank0:
         points = record["heldout"]
         say(f"held-out perplexity: {points[0]['ppl']:.3f} before, {points[-1]['ppl']:.3f} after "
-              f"{record['step']} steps ({record['wall_s']:.0f} s); checkpoint in {out}")
+            f"{record['step']} steps ({record['wall_s']:.0f} s); checkpoint in {out}")
         finetune.plot_record(record, out / "loss.png")
         say(f"wrote {out / 'loss.png'}")
 

@@ -128,9 +128,9 @@ def run(args: argparse.Namespace) -> None:
     )
     result = frontier.resume_result(out, settings) if args.resume else frontier.new_result(settings)
     say(f"model {loaded.name} ({loaded.num_layers} layers): budgets Δ={list(budgets)}, contiguous ranges from layer "
-          f"{start}, variants {', '.join(variants)}, tasks {', '.join(tasks) or 'none'}, fine-tuning "
-          f"{args.finetune_steps} steps; "
-          f"{len(frontier.measured(result))} points already in {out}")
+        f"{start}, variants {', '.join(variants)}, tasks {', '.join(tasks) or 'none'}, fine-tuning "
+        f"{args.finetune_steps} steps; "
+        f"{len(frontier.measured(result))} points already in {out}")
     runner = frontier.Frontier(loaded.model, loaded.tokenizer, loaded.name, data_dir, settings, out, result,
                                progress=not args.no_progress)
     with contextlib.ExitStack() as stack:

@@ -51,8 +51,8 @@ def run(args: argparse.Namespace) -> None:
     )
     modes = tuple(args.modes.split(","))
     say(f"model {loaded.name} ({loaded.num_layers} layers); calibration: {windows.shape[0]} "
-          f"windows of {args.window} tokens from the first half of WikiText-2 raw test "
-          f"({screen_windows.shape[0]} for single pairs)")
+        f"windows of {args.window} tokens from the first half of WikiText-2 raw test "
+        f"({screen_windows.shape[0]} for single pairs)")
     scorer = planner.GatedScorer(loaded.model, windows, modes, args.inner)
     plan = planner.make_plan(
         scorer,
@@ -76,10 +76,10 @@ def run(args: argparse.Namespace) -> None:
     calib, search = plan["calibration"], plan["search"]
     say(f"pairs {plan['pairs']} modes {plan['modes']}")
     say(f"calibration ppl: baseline {calib['baseline_ppl']:.3f}, plan {calib['plan_ppl']:.3f} "
-          f"(compiled plainly: {calib['plan_ppl_plain']:.3f})")
+        f"(compiled plainly: {calib['plan_ppl_plain']:.3f})")
     lazily = f", {share:.0%} of its nodes run per score" if share is not None else ""
     say(f"{search['pairings_scored']} pairings scored with {search['graphs_compiled']} compiled graph(s){lazily} "
-          f"in {search['seconds']:.0f} s")
+        f"in {search['seconds']:.0f} s")
     planner.save_plan(plan, args.out)
     say(f"wrote {args.out}")
     problem = planner.plain_disagreement(plan)

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> None:
     ranges = sweep.sweep_ranges(loaded.num_layers, args.starts or starts, args.deltas, step)
     points = sweep.sweep_points(loaded.num_layers, transforms, ranges, args.seeds)
     say(f"model {loaded.name}: {', '.join(transforms)} on the ranges (start, Δ) {ranges}, "
-          f"{len(points)} points, weights {', '.join(precisions)}; sizes {prepared.sizes()}")
+        f"{len(points)} points, weights {', '.join(precisions)}; sizes {prepared.sizes()}")
     for skip in sweep.unsupported(transforms, precisions):
         say(f"left out: {skip['transform']} with {skip['quantize']} weights ({skip['why']})")
 
