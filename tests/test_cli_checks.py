@@ -95,6 +95,7 @@ def _bad_values(command: str, option: str, valid: str, *values: str) -> list:
         *_bad_values("plan --num-pairs 1", "--screen-windows", "integer >= 1", "-1"),
         *_bad_values("plan --num-pairs 1", "--refine", "integer >= 1", "0"),
         *_bad_values("plan --num-pairs 1", "--passes", "integer >= 0", "-1"),
+        *_bad_values("plan --num-pairs 1", "--race-margin", "finite number >= 0", "-0.1", "nan"),
         *_bad_values("plan", "--max-ppl-ratio", "finite number > 0", "0", "nan"),
         *_bad_values("finetune --pairs 1:3", "--eval-windows", "integer >= 1", "0"),
         *_bad_values("finetune --pairs 1:3", "--clip", "finite number > 0", "-1"),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lp_fx.tools import cli, frontier, frontier_report, planner
+from lp_fx.tools import cli, frontier, frontier_report, plan_scorers
 from lp_fx.tools.frontier import FrontierOptions
 
 from .conftest import WORDS
@@ -81,8 +81,8 @@ def test_json_after_every_point_resume_measures_the_rest_and_one_gated_graph_pla
     six_layers: Path, frontier_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     scorers = []
-    original = planner.GatedScorer.__init__
-    monkeypatch.setattr(planner.GatedScorer, "__init__", lambda self, *a, **k: scorers.append(self) or original(self, *a, **k))
+    original = plan_scorers.GatedScorer.__init__
+    monkeypatch.setattr(plan_scorers.GatedScorer, "__init__", lambda self, *a, **k: scorers.append(self) or original(self, *a, **k))
     out = tmp_path / "run.json"
     args = _args(six_layers, frontier_data, out, "--budgets", "2,4", "--tasks", "none", "--finetune-steps", "0",
                  "--speed-rounds", "0")

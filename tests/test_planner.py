@@ -11,7 +11,7 @@ import torch
 from lp_fx import GatedLayerParallel
 from lp_fx.config import PlanError, check_plan, load_plan
 from lp_fx.gates import OFF
-from lp_fx.tools import evaluate, planner
+from lp_fx.tools import evaluate, plan_scorers, planner
 from lp_fx.tools.evaluate import Pairing
 from lp_fx.tools.lazy_gates import LazyGatedGraph
 from .models import VOCAB, hf_model, tiny_hand_written
@@ -90,6 +90,64 @@ def test_single_pairs_are_ranked_by_the_screen_and_sets_decided_by_the_measure()
     assert all(len(pairs) != 1 or pairs in {((3, 4),), ((5, 6),), ((4, 5),)} for pairs in measured if pairs)
     assert len(plan["pairs"]) == 3
     assert plan["search"]["pairings_scored"] == len(screened) + len(measured)
+
+
+def parts(measure: planner.Measure, first_scale: dict | None = None) -> tuple[list, list, planner.Measure, planner.Measure]:
+    """``measure`` as two window parts that record what they score; the first part's perplexity is
+    scaled per pairing by ``first_scale`` (what the first windows alone may say), the rest's set so
+    that the whole is ``measure``'s."""
+    first_calls, rest_calls, scale = [], [], first_scale or {}
+
+    def first(pairing: Pairing) -> float:
+        first_calls.append(pairing.pairs)
+        return measure(pairing) * scale.get(pairing.pairs, 1.0)
+
+    def rest(pairing: Pairing) -> float:
+        rest_calls.append(pairing.pairs)
+        return measure(pairing) / scale.get(pairing.pairs, 1.0)
+
+    return first_calls, rest_calls, first, rest
+
+
+def test_a_race_drops_trials_clearly_worse_on_the_first_windows_and_keeps_the_plan() -> None:
+    """Growing from nothing, the options are (3,4) and (5,6) at ppl 11 and (4,5) at 13: (4,5) is
+    18 % above the best on the first part and never runs on the rest; the chosen sets are those of
+    the unraced search, with the same perplexities."""
+    first_calls, rest_calls, first, rest = parts(fake_measure)
+    raced = planner.RacedMeasure(first, rest, share=0.5, margin=0.02)
+    candidates = planner.score_singles(raced.first, 10, progress=False)
+    selection = planner.select(raced, candidates, BASE_PPL, planner.Objective(num_pairs=2), progress=False)
+    plain = planner.select(planner.cached(fake_measure), candidates, BASE_PPL, planner.Objective(num_pairs=2), progress=False)
+    assert [c.pair for c in selection.chosen] == [c.pair for c in plain.chosen] == [(3, 4), (6, 7)]
+    assert selection.ppl == pytest.approx(plain.ppl, rel=1e-12)
+    first_step = {tuple(t["pair"]): t["ppl"] for t in selection.steps[0]["tried"]}
+    assert first_step[(4, 5)] is None and first_step[(3, 4)] == pytest.approx(11.0)
+    assert ((4, 5),) not in rest_calls and len(rest_calls) < len(set(first_calls))
+
+
+def test_a_swap_race_is_run_against_the_set_it_must_beat() -> None:
+    """Every alternative is > 2 % worse than the chosen set on the first windows (though one is
+    better on all of them): none runs on the rest, and nothing is swapped — the margin is what
+    such a miss costs, which the plan records."""
+    pairings = {((3, 4), (6, 7)), ((1, 2), (6, 7)), ((4, 5), (6, 7)), ((5, 6), (3, 4)), ((3, 4), (5, 6))}
+    scale = {pairs: 1.5 for pairs in pairings if pairs != ((3, 4), (6, 7))}
+    first_calls, rest_calls, first, rest = parts(fake_measure, scale)
+    raced = planner.RacedMeasure(first, rest, share=0.5, margin=0.02)
+    candidates = planner.score_singles(planner.cached(fake_measure), 10, progress=False)
+    chosen = [c for c in candidates if c.pair in ((3, 4), (6, 7))]
+    current = planner.Selection(chosen, raced(planner.Selection(chosen).pairing()))
+    rest_before = len(rest_calls)
+    after = planner.improve(raced, candidates, current, refine=2, progress=False)
+    assert [c.pair for c in after.chosen] == [c.pair for c in current.chosen] and after.ppl == current.ppl
+    assert len(rest_calls) == rest_before
+    assert all(t["ppl"] is None for step in after.steps for t in step["tried"])
+
+
+def test_raced_measure_refuses_a_bad_share_or_margin() -> None:
+    with pytest.raises(ValueError, match="share"):
+        planner.RacedMeasure(fake_measure, fake_measure, share=1.0, margin=0.02)
+    with pytest.raises(ValueError, match="margin"):
+        planner.RacedMeasure(fake_measure, fake_measure, share=0.5, margin=-0.1)
 
 
 def test_plan_round_trip_and_foreign_plan_refused(tmp_path: Path) -> None:
@@ -173,8 +231,8 @@ def test_plan_on_tiny_model_scores_every_pairing_with_one_compile():
     model = hf_model("llama", layers=6)
     torch.manual_seed(0)
     windows = evaluate.make_windows(torch.randint(0, VOCAB, (4 * 32,)), 32)
-    scorer = planner.GatedScorer(model, windows, ("lp", "block"), "eager")
-    plain = planner.compiled_scorer(model, windows, "eager")
+    scorer = plan_scorers.GatedScorer(model, windows, ("lp", "block"), "eager")
+    plain = plan_scorers.compiled_scorer(model, windows, "eager")
     plan = planner.make_plan(
         scorer, 6, "tiny", num_pairs=2, modes=("lp", "block"), refine=2, passes=1, verify=plain, progress=False
     )
@@ -250,7 +308,7 @@ def test_a_graph_that_writes_in_place_is_refused():
 def scorer_and_windows(layers: int = 6, inner="eager"):
     model = hf_model("llama", layers=layers)
     windows = evaluate.make_windows(torch.randint(0, VOCAB, (4 * 32,), generator=torch.Generator().manual_seed(0)), 32)
-    return planner.GatedScorer(model, windows, ("lp", "block"), inner), windows
+    return plan_scorers.GatedScorer(model, windows, ("lp", "block"), inner), windows
 
 
 def test_a_pairing_runs_the_graph_from_its_first_pair_on():
@@ -283,6 +341,23 @@ def test_only_the_values_the_search_goes_on_from_are_kept():
     assert kept and kept <= allowed
     assert any(key == graph._gate_key(node, tuple(gates[2])) and key != graph._gate_key(node, tuple(gates[0]))
                for node, key in kept)
+
+
+def test_calibration_in_two_parts_scores_what_all_the_windows_score():
+    """The screen's windows are the first part (its single scores are the first part's), the rest
+    the others; a pairing's raced score equals its score on all the windows."""
+    scorer, windows = scorer_and_windows()
+    screen = windows[[0, 3]]
+    first, rest = plan_scorers.race_parts(windows, screen)
+    assert first is screen and torch.equal(rest, windows[[1, 2]])
+    halves = plan_scorers.race_parts(windows, windows[:0] + 1)  # not calibration windows: halves
+    assert torch.equal(halves[0], windows[:2]) and torch.equal(halves[1], windows[2:])
+    measure, screen_measure = plan_scorers.calibration_measures(scorer, windows, screen, race_margin=0.02)
+    assert isinstance(measure, planner.RacedMeasure) and screen_measure is measure.first
+    pairing = Pairing("two", ((0, 1), (3, 4)), ("lp", "block"))
+    assert measure(pairing) == pytest.approx(scorer(pairing), rel=1e-12)
+    unraced, _ = plan_scorers.calibration_measures(scorer, windows, screen, race_margin=None)
+    assert not isinstance(unraced, planner.RacedMeasure) and unraced(pairing) == scorer(pairing)
 
 
 def test_lazy_planner_makes_the_plan_of_the_whole_gated_graph():

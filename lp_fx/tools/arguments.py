@@ -31,15 +31,24 @@ positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
 
 
-def positive_float(text: str) -> float:
-    """An argparse ``type``: a finite number ``> 0``."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a finite number > 0") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not valid; give a finite number > 0")
-    return value
+def finite_float(check: Callable[[float], bool], what: str) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number for which ``check`` holds, ``what`` saying which."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number; give {what}") from None
+        if not math.isfinite(value) or not check(value):
+            raise argparse.ArgumentTypeError(f"{text} is not valid; give {what}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+positive_float = finite_float(lambda value: value > 0, "a finite number > 0")
+non_negative_float = finite_float(lambda value: value >= 0, "a finite number >= 0")
 
 
 def index_list(text: str) -> list[int]:

@@ -10,7 +10,6 @@ wait. Rank 0 prints a table and writes JSON. ``--single`` (:mod:`lp_fx.tools.ben
 
 from __future__ import annotations
 
-from lp_fx.tools.console import say
 import argparse
 import logging
 import os
@@ -27,6 +26,7 @@ import torch
 from lp_fx.config import DEFAULTS, INNER_COMPILERS, PAIRING_MODES, check_range
 from lp_fx.tools.bench_single import run_single
 from lp_fx.tools.arguments import OneLineParser, int_at_least, non_negative_int, positive_int
+from lp_fx.tools.console import say
 from lp_fx.tools.files import check_files_writable, write_json
 from lp_fx.tools.models import PRECISIONS
 from lp_fx.tools.timing import (

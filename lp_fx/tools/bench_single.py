@@ -13,7 +13,6 @@ op by op; the report's per-graph GEMM counts are printed instead.
 
 from __future__ import annotations
 
-from lp_fx.tools.console import say
 import argparse
 import logging
 import statistics
@@ -22,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from lp_fx.config import DEFAULTS
+from lp_fx.tools.console import say
 from lp_fx.tools.files import write_json
 from lp_fx.tools.timing import (
     compile_and_warm_up,

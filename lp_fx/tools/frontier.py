@@ -6,7 +6,7 @@ For each budget Δ (Δ/2 pairs, effective depth L − Δ/2, ideal speedup L / (L
   start ``s`` for every Δ; by default the middle-of-the-stack start ``lp-fx sweep --transforms`` uses
   (:func:`lp_fx.tools.sweep.default_starts`' last: 14 on 30 layers, so Δ = 14 is the demo's ``14:28``);
 - ``planned``: :func:`lp_fx.tools.planner.make_plan` for Δ/2 pairs. Every budget is planned from ONE
-  :class:`~lp_fx.tools.planner.GatedScorer` (one gated compiled graph) whose measure caches are shared
+  :class:`~lp_fx.tools.plan_scorers.GatedScorer` (one gated compiled graph) whose measure caches are shared
   across budgets, before anything else is compiled (a ``torch._dynamo.reset`` would make it compile
   again). A budget's pairs need not be a subset of the next one's;
 - ``finetuned``: the planned pairing after :func:`lp_fx.tools.finetune.finetune` (distillation by
@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lp_fx.config import pairs_from_range
-from lp_fx.tools import data, evaluate, lm_eval_tasks, planner
+from lp_fx.tools import data, evaluate, lm_eval_tasks, plan_scorers, planner
 from lp_fx.tools.evaluate import BASELINE, Pairing
 from lp_fx.tools.files import write_json
 
@@ -66,6 +66,7 @@ class FrontierOptions:
     screen_windows: int = 2
     refine: int = 3
     passes: int = 2
+    race_margin: float | None = None  # see lp_fx.tools.planner.RacedMeasure; None: no racing
     finetune_steps: int = 0
     speed_inner: str = "inductor"
     speed_tokens: int = 32
@@ -184,8 +185,8 @@ def plan_budgets(
     """Plan every budget with ONE gated scorer and measure caches shared across budgets; ``save``
     each plan as it is made. Returns the planner's totals (graphs compiled, pairings scored)."""
     began = time.monotonic()
-    scorer = planner.GatedScorer(model, calib, options.plan_modes, options.inner)
-    measure, screen_measure = planner.cached(scorer), planner.cached(scorer.on(screen))
+    scorer = plan_scorers.GatedScorer(model, calib, options.plan_modes, options.inner)
+    measure, screen_measure = plan_scorers.calibration_measures(scorer, calib, screen, options.race_margin)
     calibration = {"split": "calib", "windows": int(calib.shape[0]), "screen_windows": int(screen.shape[0]),
                    "window": options.window}
     for delta in budgets:
@@ -200,7 +201,7 @@ def plan_budgets(
         log.info("planned Δ=%d: pairs %s modes %s, calibration ppl %.3f", delta, plan["pairs"], plan["modes"],
                  plan["calibration"]["plan_ppl"])
         save(delta, plan)
-    return {"graphs_compiled": scorer.compiles, "pairings_scored": measure.scored + screen_measure.scored,
+    return {"graphs_compiled": scorer.compiles, "pairings_scored": planner.pairings_scored(measure, screen_measure),
             "budgets": list(budgets), "seconds": round(time.monotonic() - began, 1)}
 
 

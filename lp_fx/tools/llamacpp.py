@@ -9,7 +9,6 @@ tokens agree. ``lp-fx bench --llamacpp GGUF...`` times decoding (:func:`bench`).
 
 from __future__ import annotations
 
-from lp_fx.tools.console import say
 import json
 import logging
 import math
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from lp_fx.tools.arguments import OneLineParser, int_at_least, positive_int
+from lp_fx.tools.console import say
 from lp_fx.tools.files import write_json
 from lp_fx.tools.timing import PROMPT, ratio_to_first
 

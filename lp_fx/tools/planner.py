@@ -15,10 +15,15 @@ measured, because the costs of pairs do not add up:
    or by itself in another mode, when that lowers the measured perplexity of the whole set.
    With fewer pairs than asked (a budget), the set grows again after a round that improved it.
 
-:class:`GatedScorer` scores all of this with one compiled graph (:class:`lp_fx.GatedLayerParallel`):
-a score sets the gates and runs the calibration windows. The chosen pairing is then compiled
-plainly once (:func:`compiled_scorer`) and its perplexity recorded next to the gated one, which
-must agree to ``PLAIN_TOLERANCE``.
+Trials are raced when the measure is a :class:`RacedMeasure`: the options of a step are scored on
+part of the calibration windows first, and those clearly worse there than the best option (or the
+set a swap must beat) are dropped before the rest of the windows. This is a heuristic: a dropped
+option could have won on all the windows; the margin sets how clearly worse it must be.
+
+:class:`lp_fx.tools.plan_scorers.GatedScorer` scores all of this with one compiled graph
+(:class:`lp_fx.GatedLayerParallel`): a score sets the gates and runs the calibration windows. The
+chosen pairing is then compiled plainly once (:func:`lp_fx.tools.plan_scorers.compiled_scorer`) and
+its perplexity recorded next to the gated one, which must agree to ``PLAIN_TOLERANCE``.
 
 A plan file records the model's layer count so that a plan made for another model is refused.
 ``options={"pairs": plan["pairs"]}`` and ``options={"plan": path}`` both accept it.
@@ -27,20 +32,17 @@ A plan file records the model's layer count so that a plan made for another mode
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-import torch
 from tqdm.auto import tqdm
 
 from lp_fx.config import PAIRING_MODES
-from lp_fx.gates import OFF
-from lp_fx.tools import evaluate
 from lp_fx.tools.evaluate import Pair, Pairing
 from lp_fx.tools.files import write_json
-from lp_fx.tools.lazy_gates import LazyGatedGraph
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +103,7 @@ class CachedMeasure:
         self._memo: dict[tuple, float] = {}
 
     def __call__(self, pairing: Pairing) -> float:
-        key = tuple(sorted(zip(pairing.pairs, pairing.modes or ("lp",) * pairing.num_pairs)))
+        key = _key(pairing)
         if key not in self._memo:
             self._memo[key] = self._measure(pairing)
         return self._memo[key]
@@ -110,6 +112,35 @@ class CachedMeasure:
     def scored(self) -> int:
         """How many different pairings were measured."""
         return len(self._memo)
+
+
+class RacedMeasure(CachedMeasure):
+    """Calibration perplexity over windows in two parts, ``first`` (a ``share`` of the tokens) and
+    ``rest``. The whole is the token-weighted geometric mean of the parts' perplexities (every
+    window predicts as many tokens), so a pairing scored on both parts has its score on all the
+    windows. A set of trials is raced (:func:`_best_trial`): each is scored on ``first``, and
+    only those within ``margin`` (relative) of the best there are run on ``rest``."""
+
+    def __init__(self, first: Measure, rest: Measure, share: float, margin: float) -> None:
+        if not 0 < share < 1:
+            raise ValueError(f"the first part's share of the windows must be in (0, 1), got {share}")
+        if not margin >= 0:
+            raise ValueError(f"the race margin must be >= 0, got {margin}")
+        self.first, self.rest = cached(first), cached(rest)
+        self.share, self.margin = share, margin
+        super().__init__(self._whole)
+
+    def _whole(self, pairing: Pairing) -> float:
+        return math.exp(self.share * math.log(self.first(pairing)) + (1 - self.share) * math.log(self.rest(pairing)))
+
+    @property
+    def scored(self) -> int:
+        """How many different pairings were measured, whole or on the first part only."""
+        return self.first.scored
+
+
+def _key(pairing: Pairing) -> tuple:
+    return tuple(sorted(zip(pairing.pairs, pairing.modes or ("lp",) * pairing.num_pairs)))
 
 
 def cached(measure: Measure) -> CachedMeasure:
@@ -192,11 +223,24 @@ def select(
 
 
 def _best_trial(
-    measure: Measure, kept: Sequence[Candidate], options: Sequence[Candidate]
-) -> tuple[list[tuple[float, Candidate]], float, Candidate]:
-    """Each option added to ``kept``, measured: all the trials, and the lowest perplexity and its option."""
-    tried = [(measure(_pairing([*kept, c])), c) for c in options]
-    best_ppl, best = min(tried, key=lambda t: t[0])
+    measure: Measure, kept: Sequence[Candidate], options: Sequence[Candidate], incumbent: Pairing | None = None
+) -> tuple[list[tuple[float | None, Candidate]], float, Candidate | None]:
+    """Each option added to ``kept``, measured: all the trials (perplexity None for one dropped in
+    a race), and the lowest perplexity and its option (inf and None when every option was dropped,
+    which only a set to beat, ``incumbent``, can cause).
+
+    With a :class:`RacedMeasure` the options are first scored on its first part; one above the
+    best there (of the options and ``incumbent``, the set they must beat) by more than its margin
+    is dropped, and only the others are measured whole."""
+    trials = [_pairing([*kept, c]) for c in options]
+    running = [True] * len(trials)
+    if isinstance(measure, RacedMeasure):
+        partial = [measure.first(t) for t in trials]
+        bar = min(partial + ([measure.first(incumbent)] if incumbent is not None else []))
+        running = [p <= bar * (1 + measure.margin) for p in partial]
+    tried = [(measure(t) if run else None, c) for t, c, run in zip(trials, options, running)]
+    finished = [(ppl, c) for ppl, c in tried if ppl is not None]
+    best_ppl, best = min(finished, key=lambda t: t[0]) if finished else (math.inf, None)
     return tried, best_ppl, best
 
 
@@ -211,7 +255,7 @@ def improve(
         alternatives = _alternatives(candidates, old, others, refine)
         if not alternatives:
             continue
-        tried, best_ppl, best = _best_trial(measure, others, alternatives)
+        tried, best_ppl, best = _best_trial(measure, others, alternatives, incumbent=_pairing(current.chosen))
         swap = best_ppl < current.ppl
         current.steps.append({
             "step": "swap", "removed": _describe(old, current.ppl), "tried": [_describe(c, ppl) for ppl, c in tried],
@@ -265,8 +309,16 @@ def _pairing(chosen: Sequence[Candidate]) -> Pairing:
     return Selection(list(chosen)).pairing("trial")
 
 
-def _describe(candidate: Candidate, ppl: float) -> dict:
+def _describe(candidate: Candidate, ppl: float | None) -> dict:
+    """A candidate with its perplexity in a set (None: dropped in a race)."""
     return {"pair": list(candidate.pair), "mode": candidate.mode, "single_ppl": candidate.ppl, "ppl": ppl}
+
+
+def pairings_scored(measure: CachedMeasure, screen: CachedMeasure) -> int:
+    """How many pairings the two measures scored (a pairing scored on the screen's windows and on
+    the calibration windows counts twice, unless the screen is the measure or its first part)."""
+    shared = screen in (measure, getattr(measure, "first", None))
+    return measure.scored + (0 if shared else screen.scored)
 
 
 PLAIN_TOLERANCE = 1e-3  # relative: the gated graph's perplexity of the plan against the plain compile's
@@ -306,8 +358,10 @@ def make_plan(
     selection = search(measure, candidates, baseline_ppl, objective, progress)
     pairing = selection.pairing()
     calib = {**(calibration or {}), "baseline_ppl": baseline_ppl, "plan_ppl": selection.ppl}
-    scored = measure.scored + (screen.scored if screen is not measure else 0)
-    search_record = {"pairings_scored": scored, "seconds": round(time.monotonic() - began, 1)}
+    search_record = {"pairings_scored": pairings_scored(measure, screen), "seconds": round(time.monotonic() - began, 1)}
+    if isinstance(measure, RacedMeasure):
+        dropped = sum(trial["ppl"] is None for step in selection.steps for trial in step["tried"])
+        search_record.update(race_margin=measure.margin, trials_dropped=dropped)
     if verify is not None:
         calib["plan_ppl_plain"] = verify(pairing)
     return {
@@ -335,86 +389,3 @@ def plain_disagreement(plan: dict) -> str | None:
         f"the searched perplexity of the plan, {searched:.4f}, differs from the plain compile's, {plain:.4f}, "
         f"by more than {PLAIN_TOLERANCE:.1%}"
     )
-
-
-# ------------------------------------------------------------------------------------- scorers
-
-
-class GatedScorer:
-    """Calibration perplexity of any pairing from one compiled graph: a score sets the gates of
-    :class:`lp_fx.GatedLayerParallel` and runs the windows; nothing is compiled again.
-
-    With the ``eager`` inner compiler the graph runs lazily (:class:`LazyGatedGraph`): only what
-    the pairing selects, from the first layer where it differs from a pairing scored before on the
-    same window. The values kept are those of the pairings the search goes on from (see
-    :meth:`_keep_values`). Any other ``inner`` runs the whole gated graph for every score.
-    """
-
-    def __init__(
-        self, model: torch.nn.Module, windows: torch.Tensor, modes: Sequence[str], inner: str | Callable
-    ) -> None:
-        from lp_fx import GatedLayerParallel
-
-        torch._dynamo.reset()
-        self.graphs: list[LazyGatedGraph] = []
-        self.backend = GatedLayerParallel(model.config.num_hidden_layers, modes, self._lazy if inner == "eager" else inner)
-        compiled = torch.compile(model, backend=self.backend)
-        self._logits: evaluate.LogitsFn = lambda ids: compiled(input_ids=ids, use_cache=False).logits
-        self.windows = windows
-        self._best: dict[tuple[int, int], tuple[float, tuple[int, ...]]] = {}
-
-    def _lazy(self, gm: torch.fx.GraphModule, example_inputs: Sequence[object]) -> LazyGatedGraph:
-        graph = LazyGatedGraph(gm)
-        self.graphs.append(graph)
-        return graph
-
-    def __call__(self, pairing: Pairing) -> float:
-        return self.score(pairing, self.windows)
-
-    def score(self, pairing: Pairing, windows: torch.Tensor) -> float:
-        """The perplexity of ``pairing`` on ``windows`` (same shape as the compiled ones)."""
-        self.backend.set_pairing(pairing.pairs, pairing.modes or ("lp",) * pairing.num_pairs)
-        ppl = evaluate.perplexity(self._logits, windows, pairing.name, progress=False).ppl
-        if self.graphs:
-            self._keep_values(pairing.num_pairs, ppl, windows)
-        return ppl
-
-    def _keep_values(self, num_pairs: int, ppl: float, windows: torch.Tensor) -> None:
-        """Keep the values of the unpaired model and of the best pairing scored so far on
-        ``windows`` with each of the two largest numbers of pairs scored there, drop the others.
-
-        The search goes on from those: growing adds a pair to the best set of its size, a swap
-        replaces a pair of the best set of its size (the current one), and singles and the first
-        pair start from the unpaired model."""
-        best = self._best.get((id(windows), num_pairs))
-        if best is None or ppl < best[0]:
-            self._best[(id(windows), num_pairs)] = (ppl, tuple(self.backend.gates.tolist()))
-        sizes = sorted(n for w, n in self._best if w == id(windows))[-2:]
-        keep = [(OFF,) * len(self.backend.gates)] + [self._best[(id(windows), n)][1] for n in sizes]
-        for graph in self.graphs:
-            graph.retain(keep)
-
-    def on(self, windows: torch.Tensor) -> Measure:
-        """This scorer measuring on other windows of the same length, from the same graph."""
-        return lambda pairing: self.score(pairing, windows)
-
-    @property
-    def compiles(self) -> int:
-        """How many graphs the backend compiled."""
-        return len(self.backend.reports)
-
-    def share_run(self) -> float | None:
-        """The share of the gated graph's nodes run per score (lazily), or None when run whole."""
-        if not self.graphs:
-            return None
-        return sum(g.share_run() for g in self.graphs) / len(self.graphs)
-
-
-def compiled_scorer(model: torch.nn.Module, windows: torch.Tensor, inner: str) -> Measure:
-    """Calibration perplexity of a pairing compiled plainly (one compile per call)."""
-
-    def score(pairing: Pairing) -> float:
-        logits_fn = evaluate.compile_pairing(model, pairing, "lp", inner)
-        return evaluate.perplexity(logits_fn, windows, pairing.name, progress=False).ppl
-
-    return score

@@ -11,7 +11,6 @@ last generated token (prefill excluded).
 
 from __future__ import annotations
 
-from lp_fx.tools.console import say
 import copy
 import statistics
 import time
@@ -20,6 +19,7 @@ from typing import Protocol
 
 import torch
 
+from lp_fx.tools.console import say
 from lp_fx.weights import resident_bytes
 
 PROMPT = "The capital of France is"

@@ -6,10 +6,10 @@ standard errors beside the means."""
 
 from __future__ import annotations
 
-from lp_fx.tools.console import say
 import argparse
 
 from lp_fx.tools import evaluate
+from lp_fx.tools.console import say
 from lp_fx.tools.evaluate import BASELINE, Pairing
 from lp_fx.tools.models import quantize_weights
 from lp_fx.tools.commands import options

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from lp_fx.tools.console import say
 import argparse
 from pathlib import Path
 
 from lp_fx.tools.commands.options import checkpoint_pairing, parse_pairing
+from lp_fx.tools.console import say
 from lp_fx.tools.files import check_folder_writable
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from lp_fx.tools.console import say
 import argparse
 import re
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from lp_fx.tools import data, evaluate, self_text
 from lp_fx.tools.arguments import positive_float, positive_int
 from lp_fx.tools.commands import options
 from lp_fx.tools.commands.options import RANGE, add_model_options, parse_pairing
+from lp_fx.tools.console import say
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

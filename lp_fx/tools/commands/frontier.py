@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from lp_fx.tools.console import say
 import argparse
 import contextlib
 import tempfile
@@ -14,6 +13,7 @@ from lp_fx.tools import frontier
 from lp_fx.tools.arguments import index_list, non_negative_int, positive_int
 from lp_fx.tools.commands import options
 from lp_fx.tools.commands.options import RESULTS, add_model_options, new_file, writable
+from lp_fx.tools.console import say
 from lp_fx.tools.files import atomic_write
 
 
@@ -41,6 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--screen-windows", type=positive_int, default=2, help="planner: windows for single pairs")
     parser.add_argument("--refine", type=positive_int, default=3, help="planner: candidates tried at each step")
     parser.add_argument("--passes", type=non_negative_int, default=2, help="planner: rounds of swapping")
+    options.add_race_options(parser)
     parser.add_argument("--finetune-steps", type=non_negative_int, default=100,
                         help="steps of distillation for the planned pairing of each budget (0: no fine-tuned curve)")
     parser.add_argument("--variants", type=parse_variants, default=None,
@@ -123,7 +124,7 @@ def run(args: argparse.Namespace) -> None:
         model=loaded.name, num_layers=loaded.num_layers, contiguous_start=start, window=args.window,
         ppl_windows=args.ppl_windows, tasks=tasks, limit=args.limit, seed=args.seed, batch_size=args.batch_size,
         inner=args.inner, plan_modes=modes, calib_windows=args.calib_windows, screen_windows=args.screen_windows,
-        refine=args.refine, passes=args.passes, finetune_steps=args.finetune_steps, speed_inner=args.speed_inner,
+        refine=args.refine, passes=args.passes, race_margin=options.race_margin(args), finetune_steps=args.finetune_steps, speed_inner=args.speed_inner,
         speed_tokens=args.speed_tokens, speed_rounds=args.speed_rounds, llamacpp=args.llamacpp,
     )
     result = frontier.resume_result(out, settings) if args.resume else frontier.new_result(settings)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from lp_fx.tools.console import say
 import argparse
 import contextlib
 import re
@@ -13,7 +12,8 @@ import torch
 
 from lp_fx.config import INNER_COMPILERS, PAIRING_MODES, check_plan, load_plan, validate_pairs
 from lp_fx.tools import data, evaluate, planner
-from lp_fx.tools.arguments import int_at_least, positive_int
+from lp_fx.tools.arguments import int_at_least, non_negative_float, positive_int
+from lp_fx.tools.console import say
 from lp_fx.tools.evaluate import BASELINE, EvalSpec, Pairing
 from lp_fx.tools.models import PRECISIONS
 from lp_fx.tools.files import write_json
@@ -66,6 +66,24 @@ def add_eval_options(parser: argparse.ArgumentParser, tasks: str, split: str, wi
         help="use this many evenly spaced windows of the split (default: all)",
     )
     parser.add_argument("--batch-size", type=positive_int, default=8, help="batch size for task scoring")
+
+
+RACE_MARGIN = 0.02  # planner: a trial > 2 % above the best on the first windows is dropped
+
+
+def add_race_options(parser: argparse.ArgumentParser) -> None:
+    """The planner's racing of trial sets (see :class:`lp_fx.tools.planner.RacedMeasure`)."""
+    parser.add_argument(
+        "--race-margin", type=non_negative_float, default=RACE_MARGIN,
+        help="planner: score each step's trial sets on the screen's windows first and drop those more than "
+             "this (relative perplexity) above the best there before the other windows",
+    )
+    parser.add_argument("--no-race", action="store_true", help="planner: score every trial set on every window")
+
+
+def race_margin(args: argparse.Namespace) -> float | None:
+    """The race margin asked for, or None (no racing)."""
+    return None if args.no_race else args.race_margin
 
 
 def eval_spec(args: argparse.Namespace, data_dir: Path) -> EvalSpec:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from lp_fx.tools.console import say
 import argparse
 
-from lp_fx.tools import evaluate, planner
+from lp_fx.tools import evaluate, plan_scorers, planner
 from lp_fx.tools.arguments import non_negative_int, positive_float, positive_int
+from lp_fx.tools.console import say
 from lp_fx.tools.commands import options
 from lp_fx.tools.commands.options import RESULTS, add_model_options, writable
 
@@ -32,6 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--passes", type=non_negative_int, default=2,
                         help="rounds of swapping each chosen pair for a better one (0: grow only)")
+    options.add_race_options(parser)
     parser.add_argument("--out", default=str(RESULTS / "plan.json"),
                         help="plan file, accepted by options={'plan': ...} (folders are created)")
     parser.set_defaults(func=run)
@@ -53,9 +54,10 @@ def run(args: argparse.Namespace) -> None:
     say(f"model {loaded.name} ({loaded.num_layers} layers); calibration: {windows.shape[0]} "
         f"windows of {args.window} tokens from the first half of WikiText-2 raw test "
         f"({screen_windows.shape[0]} for single pairs)")
-    scorer = planner.GatedScorer(loaded.model, windows, modes, args.inner)
+    scorer = plan_scorers.GatedScorer(loaded.model, windows, modes, args.inner)
+    measure, screen = plan_scorers.calibration_measures(scorer, windows, screen_windows, options.race_margin(args))
     plan = planner.make_plan(
-        scorer,
+        measure,
         loaded.num_layers,
         loaded.name,
         num_pairs=args.num_pairs,
@@ -65,8 +67,8 @@ def run(args: argparse.Namespace) -> None:
         passes=args.passes,
         calibration={"split": "calib", "windows": int(windows.shape[0]),
                      "screen_windows": int(screen_windows.shape[0]), "window": args.window},
-        verify=planner.compiled_scorer(loaded.model, windows, args.inner),
-        screen=scorer.on(screen_windows),
+        verify=plan_scorers.compiled_scorer(loaded.model, windows, args.inner),
+        screen=screen,
         progress=not args.no_progress,
     )
     plan["search"]["graphs_compiled"] = scorer.compiles
@@ -78,8 +80,10 @@ def run(args: argparse.Namespace) -> None:
     say(f"calibration ppl: baseline {calib['baseline_ppl']:.3f}, plan {calib['plan_ppl']:.3f} "
         f"(compiled plainly: {calib['plan_ppl_plain']:.3f})")
     lazily = f", {share:.0%} of its nodes run per score" if share is not None else ""
+    raced = (f"; {search['trials_dropped']} trials dropped after part of the windows (race margin "
+             f"{search['race_margin']:.1%})" if "race_margin" in search else "")
     say(f"{search['pairings_scored']} pairings scored with {search['graphs_compiled']} compiled graph(s){lazily} "
-        f"in {search['seconds']:.0f} s")
+        f"in {search['seconds']:.0f} s{raced}")
     planner.save_plan(plan, args.out)
     say(f"wrote {args.out}")
     problem = planner.plain_disagreement(plan)

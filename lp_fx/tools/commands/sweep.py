@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from lp_fx.tools.console import say
 import argparse
 
 from lp_fx.tools import evaluate, sweep
 from lp_fx.tools.arguments import index_list, positive_int
+from lp_fx.tools.console import say
 from lp_fx.tools.evaluate import Pairing
 from lp_fx.tools.models import parse_precisions, quantize_weights
 from lp_fx.tools.commands import options
