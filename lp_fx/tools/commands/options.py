@@ -68,7 +68,7 @@ def add_eval_options(parser: argparse.ArgumentParser, tasks: str, split: str, wi
     parser.add_argument("--batch-size", type=positive_int, default=8, help="batch size for task scoring")
 
 
-RACE_MARGIN = 0.02  # planner: a trial > 2 % above the best on the first windows is dropped
+RACE_MARGIN = 0.01  # planner: a trial > 1 % above the best on the first windows is dropped
 
 
 def add_race_options(parser: argparse.ArgumentParser) -> None:
