@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lp_fx.tools import cli
+from lp_fx.tools import cli, planner
 from lp_fx.tools.commands import options
 
 from .conftest import WORDS
@@ -23,7 +23,7 @@ def test_plan_then_eval_with_the_plan(model_dir: Path, data_dir: Path, tmp_path:
     saved = json.loads(plan.read_text())
     assert saved["num_layers"] == 4 and len(saved["pairs"]) == 1 and len(saved["candidates"]) == 6
     assert saved["modes"][0] in ("lp", "block") and saved["search"]["graphs_compiled"] == 1
-    assert saved["search"]["race_margin"] == options.RACE_MARGIN
+    assert saved["search"]["race_margin"] == planner.RACE_MARGIN
     calib = saved["calibration"]
     assert (calib["windows"], calib["screen_windows"]) == (2, 1)
     assert calib["plan_ppl"] == pytest.approx(calib["plan_ppl_plain"], rel=1e-5)

@@ -66,7 +66,7 @@ class FrontierOptions:
     screen_windows: int = 2
     refine: int = 3
     passes: int = 2
-    race_margin: float | None = None  # see lp_fx.tools.planner.RacedMeasure; None: no racing
+    race_margin: float | None = planner.RACE_MARGIN  # see lp_fx.tools.planner.RacedMeasure; None: no racing
     finetune_steps: int = 0
     speed_inner: str = "inductor"
     speed_tokens: int = 32

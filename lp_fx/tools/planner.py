@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 PLAN_VERSION = 1
 MODES = PAIRING_MODES  # the planner gates the modes in which both layers run
+RACE_MARGIN = 0.01  # a trial > 1 % above the best on the first windows is dropped (see RacedMeasure)
 
 
 def plan_pairing(plan: dict, name: str) -> Pairing:

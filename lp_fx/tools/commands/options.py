@@ -68,15 +68,12 @@ def add_eval_options(parser: argparse.ArgumentParser, tasks: str, split: str, wi
     parser.add_argument("--batch-size", type=positive_int, default=8, help="batch size for task scoring")
 
 
-RACE_MARGIN = 0.01  # planner: a trial > 1 % above the best on the first windows is dropped
-
-
 def add_race_options(parser: argparse.ArgumentParser) -> None:
     """The planner's racing of trial sets (see :class:`lp_fx.tools.planner.RacedMeasure`)."""
     parser.add_argument(
-        "--race-margin", type=non_negative_float, default=RACE_MARGIN,
+        "--race-margin", type=non_negative_float, default=planner.RACE_MARGIN,
         help="planner: score each step's trial sets on the screen's windows first and drop those more than "
-             "this (relative perplexity) above the best there before the other windows",
+             f"this (relative perplexity) above the best there before the other windows (default {planner.RACE_MARGIN:g})",
     )
     parser.add_argument("--no-race", action="store_true", help="planner: score every trial set on every window")
 
