@@ -113,6 +113,19 @@ def test_bad_numbers_are_refused_while_parsing_naming_what_is_valid(
     assert _snapshot(results) == before
 
 
+@pytest.mark.parametrize("command", ["plan --num-pairs 1", "frontier"])
+def test_a_race_margin_with_no_race_is_refused_while_parsing(
+    model_dir: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+    command: str,
+) -> None:
+    monkeypatch.setattr(options, "load", lambda args: pytest.fail("the model was loaded before the options were checked"))
+    args = [*command.split(), *_common(model_dir, data_dir), "--race-margin", "0.02", "--no-race",
+            "--out", str(tmp_path / "out.json")]
+    err = _refused(args, capsys)
+    assert "--no-race" in err and "--race-margin" in err and "not allowed" in err
+    assert not (tmp_path / "out.json").exists()
+
+
 @pytest.mark.parametrize(
     ("option", "value", "valid"),
     [("--tokens", "1", "integer >= 2"), ("--rounds", "0", "integer >= 1"), ("--nproc", "0", "integer >= 1")],

@@ -15,7 +15,6 @@ from lp_fx.tools.lazy_gates import LazyGatedGraph
 from lp_fx.tools.planner import CachedMeasure, Measure, RacedMeasure, cached
 
 
-
 class GatedScorer:
     """Calibration perplexity of any pairing from one compiled graph: a score sets the gates of
     :class:`lp_fx.GatedLayerParallel` and runs the windows; nothing is compiled again.

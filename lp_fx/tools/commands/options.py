@@ -70,12 +70,13 @@ def add_eval_options(parser: argparse.ArgumentParser, tasks: str, split: str, wi
 
 def add_race_options(parser: argparse.ArgumentParser) -> None:
     """The planner's racing of trial sets (see :class:`lp_fx.tools.planner.RacedMeasure`)."""
-    parser.add_argument(
+    race = parser.add_mutually_exclusive_group()
+    race.add_argument(
         "--race-margin", type=non_negative_float, default=planner.RACE_MARGIN,
         help="planner: score each step's trial sets on the screen's windows first and drop those more than "
              f"this (relative perplexity) above the best there before the other windows (default {planner.RACE_MARGIN:g})",
     )
-    parser.add_argument("--no-race", action="store_true", help="planner: score every trial set on every window")
+    race.add_argument("--no-race", action="store_true", help="planner: score every trial set on every window")
 
 
 def race_margin(args: argparse.Namespace) -> float | None:
