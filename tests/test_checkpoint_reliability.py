@@ -254,17 +254,31 @@ def _save_forever(directory: str) -> None:
         print(step, flush=True)
 
 
+def _signal_until_it_stops(proc: subprocess.Popen, sig: int, seconds: float = 60.0) -> None:
+    """Send ``sig`` every second until ``proc`` ends. A SIGINT whose KeyboardInterrupt is raised
+    inside a finalizer (``__del__``, a weakref callback) is printed and ignored by Python, and the
+    saving goes on: the next one stops it."""
+    deadline = time.monotonic() + seconds
+    while proc.poll() is None and time.monotonic() < deadline:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            continue
+    assert proc.poll() is not None, f"the saving process did not stop after {seconds:.0f} s of signals"
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
 def test_a_signal_during_saves_every_step_leaves_a_consistent_checkpoint(tmp_path, sig):
     out = tmp_path / "ckpt"
     script = f"from tests.test_checkpoint_reliability import _save_forever; _save_forever({str(out)!r})"
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     try:
         for _ in range(5):  # a few complete saves, then the signal lands in the middle of others
-            assert proc.stdout.readline(), "the saving process ended early"
+            assert proc.stdout.readline(), f"the saving process ended early: {proc.stderr.read()}"
         time.sleep(0.05)
-        proc.send_signal(sig)
-        proc.wait(timeout=60)
+        _signal_until_it_stops(proc, sig)
     finally:
         proc.kill()
     model = TinyMoE(2)
