@@ -254,18 +254,11 @@ def _save_forever(directory: str) -> None:
         print(step, flush=True)
 
 
-def _signal_until_it_stops(proc: subprocess.Popen, sig: int, seconds: float = 60.0) -> None:
-    """Send ``sig`` every second until ``proc`` ends. A SIGINT whose KeyboardInterrupt is raised
-    inside a finalizer (``__del__``, a weakref callback) is printed and ignored by Python, and the
-    saving goes on: the next one stops it."""
-    deadline = time.monotonic() + seconds
-    while proc.poll() is None and time.monotonic() < deadline:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=1)
-        except subprocess.TimeoutExpired:
-            continue
-    assert proc.poll() is not None, f"the saving process did not stop after {seconds:.0f} s of signals"
+def _default_sigint() -> None:
+    """In the saver, before Python starts: SIGINT's default disposition. A process started with
+    SIGINT ignored (pytest-xdist's workers are) passes that on, and Python then installs no
+    KeyboardInterrupt handler, so the saver would never stop on SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
@@ -273,12 +266,13 @@ def test_a_signal_during_saves_every_step_leaves_a_consistent_checkpoint(tmp_pat
     out = tmp_path / "ckpt"
     script = f"from tests.test_checkpoint_reliability import _save_forever; _save_forever({str(out)!r})"
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=_default_sigint)
     try:
         for _ in range(5):  # a few complete saves, then the signal lands in the middle of others
             assert proc.stdout.readline(), f"the saving process ended early: {proc.stderr.read()}"
         time.sleep(0.05)
-        _signal_until_it_stops(proc, sig)
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
     finally:
         proc.kill()
     model = TinyMoE(2)
