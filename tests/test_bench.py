@@ -101,3 +101,26 @@ def test_variants_are_warmed_up_then_timed_interleaved_and_generate_what_eager_d
     with torch.no_grad():
         eager = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, cache_implementation="static")
     assert torch.equal(texts["plain"], eager) and texts["paired"].shape == eager.shape
+
+
+def test_decode_only_compiles_just_the_one_token_graph_and_generates_what_eager_does():
+    """``decode_only``: the prompt runs eagerly, so the backend compiles ONE graph (the decode
+    step, one token in) where it compiles two without it; an unpaired variant still generates
+    exactly the eager model's tokens, so nothing the decode step is given is lost on the way."""
+    import torch
+
+    from .models import hf_model
+
+    model = hf_model("llama", layers=4)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        eager = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, cache_implementation="static")
+    graphs = {}
+    for decode_only in (False, True):
+        torch._dynamo.reset()
+        copy_, backend = compile_variant(model, {"inner": "eager"}, decode_only=decode_only)
+        out, _ = generate(copy_, ids, 5)
+        graphs[decode_only] = len(backend.reports)
+        assert torch.equal(out, eager)
+    torch._dynamo.reset()
+    assert graphs == {False: 2, True: 1}
