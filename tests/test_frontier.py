@@ -65,6 +65,10 @@ def test_frontier_measures_every_variant_and_writes_table_and_plot(
     assert len(planned["pairing"]["pairs"]) == 2 and planned["backend_options"]["plan"].endswith("delta_4.json")
     for point in (contiguous, planned):
         assert set(point["speed"]["ratio"]) == {"paired", "paired + fuse"} and len(point["speed"]["tokens_per_s"]) == 3
+    # the budget's two pairings were timed in one run, against one unpaired copy
+    assert contiguous["speed"]["tokens_per_s"]["unpaired"] == planned["speed"]["tokens_per_s"]["unpaired"]
+    assert contiguous["speed"]["timed_with"] == [planned["pairing"]["name"]]
+    assert planned["speed"]["timed_with"] == [contiguous["pairing"]["name"]]
     assert contiguous["tasks"]["winogrande"]["n"] == 3 and "acc_stderr" in contiguous["tasks"]["winogrande"]
     assert finetuned["finetune"]["args"]["steps"] == 1 and finetuned["speed"]["measured_for"] == "planned"
     assert finetuned["pairing"]["pairs"] == planned["pairing"]["pairs"]
@@ -84,8 +88,7 @@ def test_json_after_every_point_resume_measures_the_rest_and_one_gated_graph_pla
     original = plan_scorers.GatedScorer.__init__
     monkeypatch.setattr(plan_scorers.GatedScorer, "__init__", lambda self, *a, **k: scorers.append(self) or original(self, *a, **k))
     out = tmp_path / "run.json"
-    args = _args(six_layers, frontier_data, out, "--budgets", "2,4", "--tasks", "none", "--finetune-steps", "0",
-                 "--speed-rounds", "0")
+    args = _args(six_layers, frontier_data, out, "--budgets", "2,4", "--tasks", "none", "--finetune-steps", "0")
     measure, calls = frontier.Frontier.measure, []
 
     def interrupted(self, variant, delta):
@@ -107,6 +110,10 @@ def test_json_after_every_point_resume_measures_the_rest_and_one_gated_graph_pla
     assert cli.main([*args, "--resume"]) == 0
     assert calls == [("planned", 2), ("contiguous", 4), ("planned", 4)] and len(scorers) == 1  # plans were kept
     assert _points(out) == [("baseline", 0), ("contiguous", 2), ("planned", 2), ("contiguous", 4), ("planned", 4)]
+    # the interruption lost the planned Δ=2 speed timed beside contiguous Δ=2: it was timed again, alone
+    speeds = {(p["variant"], p["delta"]): p["speed"] for p in json.loads(out.read_text())["points"][1:]}
+    assert speeds["contiguous", 2]["timed_with"] == ["planned Δ=2"] and speeds["planned", 2]["timed_with"] == []
+    assert speeds["contiguous", 4]["timed_with"] == ["planned Δ=4"] and speeds["planned", 4]["timed_with"] == ["0:4"]
 
 
 def test_resume_refuses_a_json_made_with_other_options(

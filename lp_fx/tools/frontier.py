@@ -14,7 +14,8 @@ For each budget Δ (Δ/2 pairs, effective depth L − Δ/2, ideal speedup L / (L
 
 Each point: perplexity on the held-out half of WikiText-2 raw test (the planner calibrates on the
 other half) and on the LAMBADA passages, task accuracy (:func:`score_tasks`), decode speed on one
-device (:mod:`lp_fx.tools.frontier_speed`) and, for ``lp`` pairings, in llama.cpp. The JSON is
+device (:mod:`lp_fx.tools.frontier_speed`; a budget's contiguous and planned pairings are timed in
+one interleaved run) and, for ``lp`` pairings, in llama.cpp. The JSON is
 rewritten after every plan and every point, so an interrupted run keeps what it measured and
 ``resume`` goes on from there; a JSON made with other options is refused, naming the difference.
 """
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 VERSION = 1
 VARIANTS = ("contiguous", "planned", "finetuned")
+TIMED = VARIANTS[:2]  # a fine-tuned pairing runs the planned pairing's graph: its speed is the planned one's
 DEFAULT_BUDGETS = (2, 4, 6, 8, 10, 12, 14)
 PPL_TEXTS = ("wikitext", "lambada_text")
 TASK_NAMES = lm_eval_tasks.LOCAL_TASKS  # what score_tasks accepts
@@ -238,6 +240,8 @@ class Frontier:
     speed: Any = None  # a frontier_speed.SpeedBench, or None: no speed measured
     windows: dict[str, torch.Tensor] = field(init=False, repr=False)
     _train_ids: list[int] | None = field(default=None, init=False, repr=False)
+    _pending: set[tuple[str, int]] = field(default_factory=set, init=False, repr=False)  # points this run measures later
+    _timed_ahead: dict[tuple[str, int], dict] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         window, count = self.options.window, self.options.ppl_windows
@@ -266,7 +270,9 @@ class Frontier:
             self.result["planner"].append(plan_budgets(
                 self.model, self.model_name, self.calib, self.screen, unplanned, self.options, self._save_plan, self.progress
             ))
+        self._pending = set(todo)
         for variant, delta in tqdm(todo, desc="frontier points", disable=not self.progress):
+            self._pending.discard((variant, delta))
             self.result["points"].append(self.measure(variant, delta))
             self.save()
         self.result["runs"].append({"points": len(todo), "wall_s": round(time.monotonic() - began, 1),
@@ -310,14 +316,28 @@ class Frontier:
             if self.options.tasks:
                 point["tasks"] = score_tasks(self.model, self.tokenizer, pairing, self.data_dir, self.options,
                                              self.progress)
-            if self.speed is not None and variant in ("contiguous", "planned"):
-                point.update(self.speed.measure(self.model, pairing, backend_options))
+            if self.speed is not None and variant in TIMED:
+                point.update(self._speed_of(variant, delta, pairing, backend_options))
         if variant == "finetuned":  # the planned pairing's graph, so its speed: measured once
             planned = find_point(self.result, "planned", delta) or {}
             point.update({key: {**planned[key], "measured_for": "planned"} for key in ("speed", "llamacpp") if key in planned})
         point.update(seconds=round(time.monotonic() - began, 1), loadavg_start=load, loadavg_end=os.getloadavg())
         log.info("frontier %s Δ=%d: %s", variant, delta, {k: point[k] for k in ("ppl", "seconds")})
         return point
+
+    def _speed_of(self, variant: str, delta: int, pairing: Pairing, backend_options: dict) -> dict:
+        """The speed records of a point. The budget's other timed variant, when this run measures it
+        later, is timed in the same run (one unpaired copy for both: its compile and rounds once per
+        budget) and its records kept for its point; an interrupted run times it again alone."""
+        if (variant, delta) in self._timed_ahead:
+            return self._timed_ahead.pop((variant, delta))
+        later = [other for other in TIMED if other != variant and (other, delta) in self._pending]
+        group = [(variant, pairing, backend_options),
+                 *((other, *self.pairing(other, delta)) for other in later)]
+        records = self.speed.measure(self.model, [(p, options) for _, p, options in group])
+        for (other, _, _), record in zip(group[1:], records[1:]):
+            self._timed_ahead[(other, delta)] = record
+        return records[0]
 
     def _check_plan(self, delta: int, plain_ppl: float) -> None:
         """The gated graph's calibration perplexity of the plan must be the plain compile's."""
