@@ -111,7 +111,7 @@ def test_decode_only_compiles_just_the_one_token_graph_and_generates_what_eager_
 
     from .models import hf_model
 
-    model = hf_model("llama", layers=4)
+    model = hf_model("llama", layers=2)
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         eager = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, cache_implementation="static")
