@@ -99,6 +99,8 @@ def _bad_values(command: str, option: str, valid: str, *values: str) -> list:
         *_bad_values("plan", "--max-ppl-ratio", "finite number > 0", "0", "nan"),
         *_bad_values("finetune --pairs 1:3", "--eval-windows", "integer >= 1", "0"),
         *_bad_values("finetune --pairs 1:3", "--clip", "finite number > 0", "-1"),
+        *_bad_values("frontier", "--speed-tokens", "integer >= 2", "0", "1"),  # 1 token: no decode step to time
+        *_bad_values("frontier", "--speed-rounds", "integer >= 0", "-1"),
     ],
 )
 def test_bad_numbers_are_refused_while_parsing_naming_what_is_valid(

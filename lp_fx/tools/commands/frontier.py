@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from lp_fx.tools import frontier
-from lp_fx.tools.arguments import index_list, non_negative_int, positive_int
+from lp_fx.tools.arguments import index_list, int_at_least, non_negative_int, positive_int
 from lp_fx.tools.commands import options
 from lp_fx.tools.commands.options import RESULTS, add_model_options, new_file, writable
 from lp_fx.tools.console import say
@@ -50,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "adds its points to the same JSON")
     parser.add_argument("--speed-inner", default="inductor", choices=["inductor", "aot_eager", "eager"],
                         help="compiler of the timed variants (unpaired, paired, paired + fuse)")
-    parser.add_argument("--speed-tokens", type=positive_int, default=32, help="tokens generated per timed run")
+    parser.add_argument("--speed-tokens", type=int_at_least(2), default=32,
+                        help="tokens generated per timed run (decode speed is timed from the first to the last)")
     parser.add_argument("--speed-rounds", type=non_negative_int, default=5,
                         help="interleaved timing rounds (0: no speed measured)")
     parser.add_argument("--llamacpp", action="store_true",
