@@ -220,3 +220,12 @@ def test_llamacpp_ratio_of_an_exported_pairing_against_the_unpaired_export(tmp_p
     assert record["layers"] == [6, 4] and record["ratio"] > 0
     assert [len(speeds) for speeds in record["tokens_per_s"].values()] == [2, 2]
     assert [path.name for path in tmp_path.iterdir()] == ["unpaired_f32.gguf"]  # the paired export is removed
+
+
+def test_pairings_timed_together_need_distinct_names() -> None:
+    """Each pairing's variants are named after it: two of one name would overwrite each other's copies."""
+    from lp_fx.tools.evaluate import Pairing
+
+    pairing = Pairing("14:16", [(14, 15)], ("lp",))
+    with pytest.raises(ValueError, match="distinct names"):
+        frontier_speed.SpeedBench(tokenizer=None).one_device(None, [(pairing, {}), (pairing, {})])

@@ -74,6 +74,9 @@ class SpeedBench:
         """One record per pairing: its paired and fused variants against ONE unpaired copy, every
         variant compiled once and all timed interleaved in the same rounds (so two pairings of a
         budget share the unpaired copy's compile and rounds, and are compared on the same footing)."""
+        names = [pairing.name for pairing, _ in pairings]
+        if len(set(names)) < len(names):  # the variants are named after their pairings
+            raise ValueError(f"pairings timed together need distinct names, got {names}")
         ids = self.tokenizer(PROMPT, return_tensors="pt").input_ids
         unpaired = unpaired_variant(self.inner)
         own = [paired_variants(pairing, options, self.inner) for pairing, options in pairings]
