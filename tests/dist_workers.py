@@ -6,6 +6,7 @@ model and pairing, and returns plain numbers; the test process asserts on them.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import traceback
@@ -24,10 +25,12 @@ from lp_fx.config import LayerParallelError
 from lp_fx.weights import resident_bytes
 
 GPT_CASES = (("lp", True), ("block", False))
+# The tiny Llama's layers and the pair the two-rank cases place: one tensor-parallel layer on each side.
+LLAMA_LAYERS, LLAMA_PAIR = 4, (1, 2)
 PROMPT = torch.tensor([[3, 14, 15, 9, 26, 5, 35]])
 
 
-def tiny_llama(layers: int = 6, kv_heads: int = 2, seed: int = 0, heads: int = 4) -> LlamaForCausalLM:
+def tiny_llama(layers: int = LLAMA_LAYERS, kv_heads: int = 2, seed: int = 0, heads: int = 4) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=heads,
@@ -88,12 +91,20 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def logits_case(mesh, make_model: Callable[[], nn.Module], pairs, mode: str, tp: bool) -> dict:
     """Max |placed - single device| and the placed report's collectives and parameter bytes."""
     case = placed_case(mesh, make_model, pairs, mode, tp)
-    case["diff"] = _diff(case.pop("logits"), single_device_logits(make_model, pairs, mode))
+    case["diff"] = _diff(case.pop("logits"), single_device_logits(make_model, tuple(pairs), mode))
     return case
 
 
-def single_device_logits(make_model: Callable[[], nn.Module], pairs, mode: str) -> torch.Tensor:
-    return compiled_logits(make_model(), LayerParallel(pairs=pairs, mode=mode, inner="eager"))
+@functools.cache
+def single_device_logits(make_model: Callable[[], nn.Module], pairs: tuple, mode: str) -> torch.Tensor:
+    """The single-device reference, computed once per process for cases that share it."""
+    return compiled_logits(make_model(), LayerParallel(pairs=list(pairs), mode=mode, inner="eager"))
+
+
+@functools.cache
+def single_device_tokens(make_model: Callable[[], nn.Module] = tiny_llama) -> list[int]:
+    """Greedy tokens of the single-device pairing of ``LLAMA_PAIR`` (static cache), computed once per process."""
+    return greedy_tokens(LayerParallel(pairs=[LLAMA_PAIR], inner="eager"), make_model)[0]
 
 
 def placed_case(mesh, make_model: Callable[[], nn.Module], pairs, mode: str, tp: bool) -> dict:
@@ -128,16 +139,14 @@ def greedy_tokens(backend: LayerParallel, make_model: Callable[[], nn.Module] = 
 
 def generate_case(mesh) -> dict:
     """Greedy tokens with a static cache, TP + LP on 2 ranks vs single-device LP."""
-    pairs = [(2, 3)]
-    placed = LayerParallel(pairs=pairs, inner="aot_eager", mesh=mesh)
-    return {"single": greedy_tokens(LayerParallel(pairs=pairs, inner="eager"))[0],
+    placed = LayerParallel(pairs=[LLAMA_PAIR], inner="aot_eager", mesh=mesh)
+    return {"single": single_device_tokens(),
             "placed": greedy_tokens(placed)[0], "collectives": [r.collectives for r in placed.reports]}
 
 
 def free_weights_case(mesh, make_model: Callable[[], nn.Module] = tiny_llama, inner: str = "inductor") -> dict:
     """TP + LP generation with ``free_weights=True``: tokens, and the parameter memory the rank keeps."""
-    pairs = [(2, 3)]
-    placed = LayerParallel(pairs=pairs, inner=inner, mesh=mesh, free_weights=True)
+    placed = LayerParallel(pairs=[LLAMA_PAIR], inner=inner, mesh=mesh, free_weights=True)
     tokens, model = greedy_tokens(placed, make_model)
     full = resident_bytes(make_model())
 
@@ -145,7 +154,7 @@ def free_weights_case(mesh, make_model: Callable[[], nn.Module] = tiny_llama, in
         torch._dynamo.reset()
         torch.compile(tiny_llama(), backend=LayerParallel(mesh=mesh, free_weights=True))(PROMPT)
 
-    return {"single": greedy_tokens(LayerParallel(pairs=pairs, inner="eager"), make_model)[0], "placed": tokens,
+    return {"single": single_device_tokens(make_model), "placed": tokens,
             "resident": resident_bytes(model, placed.weights), "full_bytes": full,
             "param_bytes": [r.param_bytes for r in placed.reports], "released": [r.released_bytes for r in placed.reports],
             "grad_error": error_case(with_gradients)}
@@ -217,7 +226,7 @@ def two_rank_cases(mesh: DeviceMesh) -> dict:
     llama, gpt = tiny_llama, TinyGPT
     for tp in (False, True):
         for mode in ("lp", "block"):
-            results[f"llama_{mode}_tp{tp}"] = logits_case(mesh, llama, [(2, 3)], mode, tp)
+            results[f"llama_{mode}_tp{tp}"] = logits_case(mesh, llama, [LLAMA_PAIR], mode, tp)
     for mode, tp in GPT_CASES:
         results[f"gpt_{mode}_tp{tp}"] = logits_case(mesh, gpt, [(1, 2)], mode, tp)
     results["llama_tp_only"] = logits_case(mesh, llama, [], "lp", True)
@@ -229,7 +238,7 @@ def two_rank_cases(mesh: DeviceMesh) -> dict:
     results["grad_tp"] = gradient_case(mesh, tp=True)
     results["grad_lp"] = gradient_case(mesh, tp=False)
     one = init_device_mesh("cpu", (mesh.size(), 1), mesh_dim_names=("outer", "inner"))["inner"]
-    results["mesh_of_one"] = logits_case(one, llama, [(2, 3)], "lp", True)
+    results["mesh_of_one"] = logits_case(one, llama, [LLAMA_PAIR], "lp", True)
     results["kv_heads_error"] = error_case(lambda: logits_case(mesh, lambda: tiny_llama(kv_heads=1), [], "lp", True))
     return results
 
@@ -272,4 +281,4 @@ def finetune_tokens() -> torch.Tensor:
 def finetune_config(train: str):
     from lp_fx.tools.finetune import FinetuneConfig
 
-    return FinetuneConfig(pairs=((2, 3),), train=train, steps=3, lr=1e-4, batch=2, seq_len=16, warmup=1)
+    return FinetuneConfig(pairs=(LLAMA_PAIR,), train=train, steps=3, lr=1e-4, batch=2, seq_len=16, warmup=1)

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.xdist_group("gloo_ranks")
 
 WORLD = 2
 TOL = 1e-4
-LLAMA_LAYERS, GPT_LAYERS = 6, 4
+LLAMA_LAYERS, GPT_LAYERS = dist_workers.LLAMA_LAYERS, 4
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +68,8 @@ def test_greedy_generation_with_static_cache(ranks):
     for res in ranks:
         case = res["generate"]
         assert case["placed"] == case["single"]
-        # prefill and decode graphs: 1 LP pair (2 all-reduces) + 4 TP layers (2 each)
-        assert case["collectives"] == [10, 10]
+        # prefill and decode graphs: 1 LP pair (2 all-reduces) + 2 TP layers (2 each)
+        assert case["collectives"] == [6, 6]
 
 
 @pytest.mark.parametrize("weights", ["fp32", "int8"])

@@ -21,8 +21,8 @@ pytestmark = pytest.mark.xdist_group("gloo_ranks")
 
 WORLD = 4
 TOL = 1e-4
-LAYERS = 6
-PAIR = [(2, 3)]
+LAYERS = 4
+PAIR = [(1, 2)]
 # Per pair of Llama layers at W = 2k: lp fuses both sums into whole-mesh all-reduces (2);
 # block needs the attention output whole inside the branch (1) plus one fused sum (1).
 PAIR_COLLECTIVES = {"lp": 2, "block": 2}
@@ -48,7 +48,7 @@ def ranks(tmp_path_factory) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def single_device() -> dict[str, torch.Tensor]:
-    return {mode: dist_workers.single_device_logits(_llama, PAIR, mode) for mode in ("lp", "block")}
+    return {mode: dist_workers.single_device_logits(_llama, tuple(PAIR), mode) for mode in ("lp", "block")}
 
 
 @pytest.mark.parametrize("mode,tp", CASES)
@@ -65,7 +65,7 @@ def test_branches_tensor_parallel_equal_single_device(ranks, single_device, mode
 def test_branch_weights_are_split_within_the_branch(ranks):
     """Without tp only the pair is placed: a rank holds the other layers, and half the linears of its
     branch with its norms whole."""
-    layer = _llama().model.layers[2]
+    layer = _llama().model.layers[PAIR[0][0]]
     norms = sum(_bytes(m) for m in (layer.input_layernorm, layer.post_attention_layernorm))
     for res in ranks:
         case = res["lp_tpFalse"]
@@ -79,7 +79,7 @@ def _bytes(module: torch.nn.Module) -> int:
 def test_branch_too_small_to_split_is_refused(ranks):
     for res in ranks:
         msg = res["kv_heads_error"]
-        assert "pair (2, 3) on a mesh of 4 devices runs each branch tensor-parallel over 2" in msg
+        assert "pair (1, 2) on a mesh of 4 devices runs each branch tensor-parallel over 2" in msg
         assert "only 1 key/value heads" in msg and "mesh sizes that fit this pair: 2" in msg
 
 
