@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,33 @@ def test_retention_ratios_and_means() -> None:
         {"wikitext/ppl": 1.2, "piqa/acc": 0.8, "piqa/acc_norm": 1.0}
     )
     assert summary["mean_acc"] == pytest.approx(0.8)
+
+
+def _task(items: list[int], stderr: float | None, first_doc: int = 0) -> dict:
+    return {"acc": sum(items) / len(items), "acc_stderr": stderr, "n": len(items),
+            "items": {"doc_id": list(range(first_doc, first_doc + len(items))), "acc": [float(i) for i in items]}}
+
+
+def test_acc_retention_error_is_paired_over_shared_items_else_propagated_as_independent() -> None:
+    base_items, ours_items = [1, 1, 0, 1, 0, 1, 0, 0], [1, 1, 0, 0, 0, 1, 0, 0]  # one item lost: 0.5 -> 0.375
+    same = [1, 0, 1, 0]
+    base = {"piqa": _task(base_items, 0.19), "arc_easy": _task(same, 0.29), "wikitext": {"ppl": 10.0}}
+    ours = {"piqa": _task(ours_items, 0.18), "arc_easy": _task(same, 0.29), "wikitext": {"ppl": 12.0}}
+    summary = evaluate.retention(ours, base)
+    assert summary["mean_acc"] == pytest.approx((0.75 + 1) / 2)
+    # per task, the error of (ours - ratio * base) per item over the baseline's accuracy; averaged over 2 tasks
+    differences = [p - 0.75 * b for p, b in zip(ours_items, base_items)]
+    piqa = statistics.stdev(differences) / math.sqrt(8) / 0.5
+    assert summary["mean_acc_stderr"] == pytest.approx(piqa / 2) and summary["mean_acc_stderr_paired"] is True
+    ours["piqa"]["items"]["doc_id"] = list(range(1, 9))  # other items: the errors as if independent
+    independent = evaluate.retention(ours, base)
+    piqa = math.sqrt(0.18**2 + (0.75 * 0.19) ** 2) / 0.5
+    arc = math.sqrt(0.29**2 + 0.29**2) / 0.5
+    assert independent["mean_acc_stderr"] == pytest.approx(math.hypot(piqa, arc) / 2)
+    assert independent["mean_acc_stderr_paired"] is False and summary["mean_acc_stderr"] < independent["mean_acc_stderr"]
+    del ours["piqa"]["items"]
+    ours["piqa"]["acc_stderr"] = None
+    assert "mean_acc_stderr" not in evaluate.retention(ours, base) and "mean_acc" in evaluate.retention(ours, base)
 
 
 def test_subset_is_fixed_by_seed() -> None:

@@ -199,8 +199,15 @@ def test_table_gives_ratios_retention_with_its_error_and_the_ideal(tmp_path: Pat
     table = frontier_report.frontier_table(result)
     row = table.splitlines()[-1]
     assert "| 14 | 23 | 1.304× | contiguous |" in row and "60.00 (×2.000)" in row and "1.250×" in row
-    assert "0.900 ± 0.054" in row  # 0.45/0.5; 0.9 * sqrt((0.02/0.45)**2 + (0.02/0.5)**2)
+    # no per-item scores: 0.45/0.5, the error as if independent, sqrt(0.02**2 + (0.9 * 0.02)**2) / 0.5
+    assert "0.900 ± 0.054 indep." in row
     frontier_report.plot_frontier(result, tmp_path / "tasks.png")
+    # per-item scores of the same 20 items (10 right, then 9 of them): the error of p - 0.9 b per item,
+    # 0.1 (×9), -0.9 and 0 (×10): stdev sqrt(0.9 / 19), / sqrt(20) / 0.5
+    for point, right in zip(result["points"], (10, 9)):
+        point["tasks"]["piqa"]["items"] = {"doc_id": list(range(20)), "acc": [1] * right + [0] * (20 - right)}
+    row = frontier_report.frontier_table(result).splitlines()[-1]
+    assert "0.900 ± 0.097 |" in row
     without_tasks = {"points": [_point("baseline", 0, 30.0, None, None), _point("planned", 2, 33.0, None, None)]}
     (row,) = frontier_report.rows(without_tasks)[1:]
     assert row.retention is None and row.ppl_retention == pytest.approx(30 / 33)

@@ -287,8 +287,13 @@ def test_eval_command_python_api_and_lm_eval_command_line_agree(
     assert "piqa/acc [3]" in table and "±" in table
     saved = json.loads(out.read_text())
     paired = saved["pairings"][1]["results"]
-    assert set(paired["piqa"]) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n"}
-    assert set(paired["lambada"]) == {"ppl", "ppl_stderr", "acc", "acc_stderr", "n"}
+    assert set(paired["piqa"]) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n", "items"}
+    assert set(paired["lambada"]) == {"ppl", "ppl_stderr", "acc", "acc_stderr", "n", "items"}
+    for task in ("piqa", "lambada"):  # each item's acc, by document: their mean is lm-eval's acc
+        items = paired[task]["items"]
+        assert items["doc_id"] == list(range(paired[task]["n"]))
+        assert sum(items["acc"]) / len(items["acc"]) == pytest.approx(paired[task]["acc"])
+    assert "mean_acc_stderr" in saved["pairings"][1]["retention"]
     assert saved["task_scorer"].startswith("lm-evaluation-harness ")
 
     from lm_eval.tasks import TaskManager

@@ -1,9 +1,10 @@
 """The frontier's Markdown table and its plot of speedup against retention (:mod:`lp_fx.tools.frontier`).
 
-Retention is the mean task accuracy (``acc``, averaged over the tasks) of a point over the
-baseline's, with a standard error from the tasks' own (propagated as if the two means were
-independent: the same items are scored in both, so the true error is smaller). Without tasks,
-retention is the baseline's held-out WikiText-2 perplexity over the point's.
+Retention is a point's task accuracy (``acc``) over the baseline's, per task and averaged
+(:func:`lp_fx.tools.evaluate.retention`), with its standard error paired over the items both
+scored; a record without per-item scores (made before they were kept) gets the error propagated
+from the tasks' own as if the two were independent, which overstates it, and the table marks it
+"indep.". Without tasks, retention is the baseline's held-out WikiText-2 perplexity over the point's.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+
+from lp_fx.tools import evaluate
 
 VARIANT_STYLE = {"contiguous": ("C0", "o"), "planned": ("C1", "s"), "finetuned": ("C2", "^")}
 # DESIGN.md §1 gives the paper's Llama results only as a range (no point per model): Llama 2 7B at
@@ -32,6 +35,7 @@ class Row:
     ppl: dict[str, tuple[float, float]]  # text -> (ppl, × baseline)
     mean_acc: tuple[float, float] | None  # (mean, standard error)
     retention: tuple[float, float] | None  # task retention (value, standard error), or None without tasks
+    retention_paired: bool  # the error is paired over the items (else propagated as if independent)
     ppl_retention: float  # baseline / held-out WikiText-2 perplexity
     speedup: dict[str, float]  # "paired", "paired + fuse", "llama.cpp" -> × unpaired
 
@@ -43,12 +47,6 @@ def mean_accuracy(tasks: dict) -> tuple[float, float] | None:
         return None
     mean = sum(a for a, _ in accs) / len(accs)
     return mean, math.sqrt(sum(se * se for _, se in accs)) / len(accs)
-
-
-def ratio_with_error(value: tuple[float, float], base: tuple[float, float]) -> tuple[float, float]:
-    """``value / base`` and its standard error (first order, the two independent)."""
-    ratio = value[0] / base[0]
-    return ratio, abs(ratio) * math.sqrt((value[1] / value[0]) ** 2 + (base[1] / base[0]) ** 2)
 
 
 def describe_pairs(pairing: dict) -> str:
@@ -64,10 +62,10 @@ def rows(result: dict) -> list[Row]:
     base = next((p for p in points if p["variant"] == "baseline"), None)
     if base is None:
         raise ValueError("the results hold no baseline point")
-    base_acc = mean_accuracy(base.get("tasks", {}))
     out = []
     for point in points:
         acc = mean_accuracy(point.get("tasks", {}))
+        retention, paired = _task_retention(point, base)
         speed = dict(point.get("speed", {}).get("ratio", {}))
         if "llamacpp" in point:
             speed["llama.cpp"] = point["llamacpp"]["ratio"]
@@ -77,18 +75,28 @@ def rows(result: dict) -> list[Row]:
         out.append(Row(
             point["variant"], point["delta"], point["effective_depth"], point["ideal_speedup"],
             describe_pairs(point["pairing"]), ppl, acc,
-            ratio_with_error(acc, base_acc) if acc and base_acc and base_acc[0] else None,
-            1 / ppl["wikitext"][1], speed,
+            retention, paired, 1 / ppl["wikitext"][1], speed,
         ))
     return out
+
+
+def _task_retention(point: dict, base: dict) -> tuple[tuple[float, float] | None, bool]:
+    """A point's task retention and its standard error (None without tasks), and whether the error
+    is paired over the items; the baseline's own is exactly 1."""
+    kept = evaluate.retention(point.get("tasks", {}), base.get("tasks", {}))
+    if "mean_acc" not in kept:
+        return None, False
+    if point is base:
+        return (1.0, 0.0), True
+    return (kept["mean_acc"], kept.get("mean_acc_stderr", math.nan)), kept.get("mean_acc_stderr_paired", False)
 
 
 def _ppl_cell(value: tuple[float, float]) -> str:
     return f"{value[0]:.2f} (×{value[1]:.3f})"
 
 
-def _error_cell(value: tuple[float, float] | None) -> str:
-    return "–" if value is None else f"{value[0]:.3f} ± {value[1]:.3f}"
+def _error_cell(value: tuple[float, float] | None, independent: bool = False) -> str:
+    return "–" if value is None else f"{value[0]:.3f} ± {value[1]:.3f}" + " indep." * independent
 
 
 def _speed_cell(speed: dict[str, float], key: str) -> str:
@@ -103,7 +111,7 @@ def frontier_table(result: dict) -> str:
     for row in rows(result):
         cells = [str(row.delta), str(row.depth), f"{row.ideal:.3f}×", row.variant, row.pairs,
                  _ppl_cell(row.ppl["wikitext"]), _ppl_cell(row.ppl["lambada_text"]),
-                 _error_cell(row.mean_acc), _error_cell(row.retention),
+                 _error_cell(row.mean_acc), _error_cell(row.retention, not row.retention_paired),
                  *(_speed_cell(row.speedup, key) for key in ("paired", "paired + fuse", "llama.cpp"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -222,17 +222,27 @@ def load_suite(
 
 def run_suite(lm: Any, suite: TaskSuite) -> dict[str, dict]:
     """lm-eval's scores of ``lm`` on every task of ``suite``: ``{task: {"acc": …, "acc_stderr": …, "n": …}}``
-    (LAMBADA's ``perplexity`` as ``ppl``)."""
+    (LAMBADA's ``perplexity`` as ``ppl``), with each item's ``acc`` as ``items``: ``{"doc_id": […],
+    "acc": […]}`` in document order, for errors paired over the items two models share."""
     import lm_eval
 
     by_harness = {harness_name(name): name for name in suite.tasks}
     samples = {harness_name(name): chosen for name, chosen in suite.samples.items() if chosen is not None}
     out = lm_eval.simple_evaluate(
         model=lm, tasks=list(suite.tasks.values()), task_manager=suite.manager, samples=samples or None,
-        log_samples=False, bootstrap_iters=suite.bootstrap_iters,
+        log_samples=True, bootstrap_iters=suite.bootstrap_iters,
     )
-    return {by_harness[task]: _metrics(values, out["n-samples"][task]["effective"])
+    return {by_harness[task]: {**_metrics(values, out["n-samples"][task]["effective"]), **_items(out["samples"][task])}
             for task, values in out["results"].items()}
+
+
+def _items(logged: Sequence[dict]) -> dict:
+    """Each logged item's ``acc`` by document, as ``{"items": {"doc_id": […], "acc": […]}}`` (nothing
+    when the task has no per-item ``acc``)."""
+    scored = sorted((sample["doc_id"], float(sample["acc"])) for sample in logged if "acc" in sample)
+    if not scored:
+        return {}
+    return {"items": {"doc_id": [doc for doc, _ in scored], "acc": [acc for _, acc in scored]}}
 
 
 def _metrics(values: dict[str, Any], count: int) -> dict:

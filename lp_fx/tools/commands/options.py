@@ -174,9 +174,10 @@ def format_table(names: Sequence[str], results: dict[str, dict]) -> str:
             stderr = results[name].get(task, {}).get(f"{metric}_stderr")
             cells.append("n/a" if value is None else f"{_with_stderr(value, stderr)} ({_ratio(value, baseline[(task, metric)])})")
         rows.append((f"{task}/{metric} [{size}]", cells))
+    kept = [evaluate.retention(results[name], results[names[0]]) for name in names[1:]]
     for key in ("mean_acc", "mean_acc_norm"):
-        means = [evaluate.retention(results[name], results[names[0]]).get(key) for name in names[1:]]
-        rows.append((f"retention {key}", ["", *("n/a" if m is None else f"{m:.3f}" for m in means)]))
+        cells = ["n/a" if key not in k else _with_stderr(k[key], k.get(f"{key}_stderr"), ".3f") for k in kept]
+        rows.append((f"retention {key}", ["", *cells]))
     label = max(len(row[0]) for row in rows) + 2
     width = max(18, *(len(name) + 2 for name in names), *(len(c) + 2 for _, cells in rows for c in cells))
     lines = ["metric".ljust(label) + "".join(name.rjust(width) for name in names)]
@@ -189,9 +190,9 @@ def _ratio(value: float, baseline: float) -> str:
     return f"{value / baseline:.3f}" if baseline else "n/a"
 
 
-def _with_stderr(value: float, stderr: float | None) -> str:
+def _with_stderr(value: float, stderr: float | None, spec: str = ".4g") -> str:
     """``0.4567 ± 0.0123`` (lm-eval's standard error), or the value alone when there is none."""
-    return f"{value:.4g}" if stderr is None else f"{value:.4g} ± {stderr:.2g}"
+    return f"{value:{spec}}" if stderr is None else f"{value:{spec}} ± {stderr:.2g}"
 
 
 def checkpoint_pairing(pairing: dict, directory: str) -> Pairing:
