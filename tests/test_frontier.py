@@ -56,7 +56,7 @@ def test_frontier_measures_every_variant_and_writes_table_and_plot(
 ) -> None:
     out = tmp_path / "frontier.json"
     args = _args(six_layers, frontier_data, out, "--budgets", "4", "--tasks", "winogrande", "--limit", "3",
-                 "--finetune-steps", "1")
+                 "--finetune-steps", "1", "--finetune-train", "all")
     assert cli.main(args) == 0
     result = json.loads(out.read_text())
     assert _points(out) == [("baseline", 0), ("contiguous", 4), ("planned", 4), ("finetuned", 4)]
@@ -71,6 +71,7 @@ def test_frontier_measures_every_variant_and_writes_table_and_plot(
     assert planned["speed"]["timed_with"] == [contiguous["pairing"]["name"]]
     assert contiguous["tasks"]["winogrande"]["n"] == 3 and "acc_stderr" in contiguous["tasks"]["winogrande"]
     assert finetuned["finetune"]["args"]["steps"] == 1 and finetuned["speed"]["measured_for"] == "planned"
+    assert finetuned["finetune"]["args"]["train"] == "all" and result["options"]["finetune_train"] == "all"
     assert finetuned["pairing"]["pairs"] == planned["pairing"]["pairs"]
     assert finetuned["ppl"]["wikitext"]["ppl"] != planned["ppl"]["wikitext"]["ppl"]  # it trained
     calib = result["plans"]["4"]["calibration"]
@@ -181,6 +182,18 @@ def test_cli_refuses_bad_budgets_and_tasks_before_any_work(
     assert cli.main(_args(six_layers, frontier_data, out, "--variants", "finetuned", "--finetune-steps", "0")) == 2
     assert "needs fine-tuning steps" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_record_made_before_an_option_existed_resumes_with_its_default(tmp_path: Path) -> None:
+    out = tmp_path / "run.json"
+    options = FrontierOptions(model="tiny", num_layers=6, contiguous_start=0, finetune_steps=100)
+    old = frontier.new_result(options)
+    del old["options"]["finetune_train"]  # written before --finetune-train existed: it trained the paired layers
+    out.write_text(json.dumps(old))
+    assert frontier.resume_result(out, options)["options"] == old["options"]
+    with pytest.raises(ValueError, match="finetune_train: 'paired' -> 'all'"):
+        frontier.resume_result(out, FrontierOptions(model="tiny", num_layers=6, contiguous_start=0, finetune_steps=100,
+                                                    finetune_train="all"))
 
 
 def _point(variant: str, delta: int, ppl: float, acc: float | None, fuse: float | None) -> dict:

@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -70,6 +70,7 @@ class FrontierOptions:
     passes: int = 2
     race_margin: float | None = planner.RACE_MARGIN  # see lp_fx.tools.planner.RacedMeasure; None: no racing
     finetune_steps: int = 0
+    finetune_train: str = "paired"  # what fine-tuning trains: the paired layers, or "all" parameters
     speed_inner: str = "inductor"
     speed_tokens: int = 32
     speed_rounds: int = 5
@@ -154,6 +155,12 @@ def option_differences(stored: dict, current: dict) -> list[str]:
     ]
 
 
+def option_defaults() -> dict:
+    """Each option's default, as JSON: what a record made before the option existed was measured with."""
+    defaults = {f.name: f.default for f in fields(FrontierOptions) if f.default is not MISSING}
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in defaults.items()}
+
+
 def resume_result(path: Path, options: FrontierOptions) -> dict:
     """The results in ``path``, made with ``options`` (else an error naming each difference)."""
     try:
@@ -162,7 +169,7 @@ def resume_result(path: Path, options: FrontierOptions) -> dict:
         raise ValueError(f"--resume: cannot read {path} ({error})") from None
     if not isinstance(result, dict) or result.get("version") != VERSION or "options" not in result:
         raise ValueError(f"--resume: {path} is not a frontier JSON of version {VERSION}")
-    differences = option_differences(result["options"], options.to_json())
+    differences = option_differences({**option_defaults(), **result["options"]}, options.to_json())
     if differences:
         raise ValueError(f"--resume: {path} was made with other options ({'; '.join(differences)}); run with the "
                          "options it was made with, or give another --out")
@@ -356,24 +363,24 @@ class Frontier:
             self._train_ids = self.tokenizer.encode(text, add_special_tokens=False)
         folder = self.out.with_name(f"{self.out.stem}_checkpoints") / f"delta_{delta}"
         return finetuned_weights(self.model, self._train_ids, pairing, self.options.finetune_steps, folder, point,
-                                 self.progress)
+                                 self.progress, self.options.finetune_train)
 
 
 @contextlib.contextmanager
 def finetuned_weights(
     model: torch.nn.Module, train_ids: Sequence[int], pairing: Pairing, steps: int, folder: Path, point: dict,
-    progress: bool = True,
+    progress: bool = True, train: str = "paired",
 ) -> Iterator[None]:
     """``model`` with ``pairing`` fine-tuned for ``steps`` (:func:`lp_fx.tools.finetune.finetune`,
-    its defaults: distillation from the unpaired model, only the paired layers train; checkpoint
-    in ``folder``); the training record goes to ``point["finetune"]``. The original weights and
-    ``requires_grad`` are put back afterwards."""
+    its defaults: distillation from the unpaired model; ``train``: only the paired layers, or all
+    parameters; checkpoint in ``folder``); the training record goes to ``point["finetune"]``. The
+    original weights and ``requires_grad`` are put back afterwards."""
     from lp_fx.tools import finetune
 
     original = {name: p.detach().clone() for name, p in model.named_parameters()}
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    config = finetune.FinetuneConfig(pairs=pairing.pairs, modes=pairing.modes, steps=steps, eval_every=steps,
-                                     save_every=steps)
+    config = finetune.FinetuneConfig(pairs=pairing.pairs, modes=pairing.modes, train=train, steps=steps,
+                                     eval_every=steps, save_every=steps)
     try:
         record = finetune.finetune(model, train_ids, config, folder, progress=progress)
         point["finetune"] = {"checkpoint": str(folder), "args": record["args"], "wall_s": record["wall_s"],

@@ -44,6 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     options.add_race_options(parser)
     parser.add_argument("--finetune-steps", type=non_negative_int, default=100,
                         help="steps of distillation for the planned pairing of each budget (0: no fine-tuned curve)")
+    parser.add_argument("--finetune-train", default="paired", choices=["paired", "all"],
+                        help="what the fine-tuning trains: the paired layers (default) or every parameter")
     parser.add_argument("--variants", type=parse_variants, default=None,
                         help=f"comma-separated, from: {', '.join(frontier.VARIANTS)} (default: all; finetuned only "
                         "with --finetune-steps); the baseline is always measured. Another --variants on --resume "
@@ -125,13 +127,14 @@ def run(args: argparse.Namespace) -> None:
         model=loaded.name, num_layers=loaded.num_layers, contiguous_start=start, window=args.window,
         ppl_windows=args.ppl_windows, tasks=tasks, limit=args.limit, seed=args.seed, batch_size=args.batch_size,
         inner=args.inner, plan_modes=modes, calib_windows=args.calib_windows, screen_windows=args.screen_windows,
-        refine=args.refine, passes=args.passes, race_margin=options.race_margin(args), finetune_steps=args.finetune_steps, speed_inner=args.speed_inner,
+        refine=args.refine, passes=args.passes, race_margin=options.race_margin(args), finetune_steps=args.finetune_steps,
+        finetune_train=args.finetune_train, speed_inner=args.speed_inner,
         speed_tokens=args.speed_tokens, speed_rounds=args.speed_rounds, llamacpp=args.llamacpp,
     )
     result = frontier.resume_result(out, settings) if args.resume else frontier.new_result(settings)
     say(f"model {loaded.name} ({loaded.num_layers} layers): budgets Δ={list(budgets)}, contiguous ranges from layer "
         f"{start}, variants {', '.join(variants)}, tasks {', '.join(tasks) or 'none'}, fine-tuning "
-        f"{args.finetune_steps} steps; "
+        f"{args.finetune_steps} steps ({args.finetune_train}); "
         f"{len(frontier.measured(result))} points already in {out}")
     runner = frontier.Frontier(loaded.model, loaded.tokenizer, loaded.name, data_dir, settings, out, result,
                                progress=not args.no_progress)
