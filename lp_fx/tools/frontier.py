@@ -77,7 +77,12 @@ class FrontierOptions:
     llamacpp: bool = False
 
     def to_json(self) -> dict:
-        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+        return _as_json(asdict(self))
+
+
+def _as_json(options: dict) -> dict:
+    """Options with tuples as lists, as JSON stores them."""
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in options.items()}
 
 
 # ----------------------------------------------------------------------------------- budgets
@@ -157,8 +162,7 @@ def option_differences(stored: dict, current: dict) -> list[str]:
 
 def option_defaults() -> dict:
     """Each option's default, as JSON: what a record made before the option existed was measured with."""
-    defaults = {f.name: f.default for f in fields(FrontierOptions) if f.default is not MISSING}
-    return {key: list(value) if isinstance(value, tuple) else value for key, value in defaults.items()}
+    return _as_json({f.name: f.default for f in fields(FrontierOptions) if f.default is not MISSING})
 
 
 def resume_result(path: Path, options: FrontierOptions) -> dict:
