@@ -89,6 +89,8 @@ def test_acc_retention_error_is_paired_over_shared_items_else_propagated_as_inde
     differences = [p - 0.75 * b for p, b in zip(ours_items, base_items)]
     piqa = statistics.stdev(differences) / math.sqrt(8) / 0.5
     assert summary["mean_acc_stderr"] == pytest.approx(piqa / 2) and summary["mean_acc_stderr_paired"] is True
+    ours["piqa"]["items"]["acc"].pop()  # a score missing: never a pairing of the first 7 items
+    assert evaluate.retention(ours, base)["mean_acc_stderr_paired"] is False
     ours["piqa"]["items"]["doc_id"] = list(range(1, 9))  # other items: the errors as if independent
     independent = evaluate.retention(ours, base)
     piqa = math.sqrt(0.18**2 + (0.75 * 0.19) ** 2) / 0.5

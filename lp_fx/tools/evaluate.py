@@ -356,8 +356,12 @@ def acc_retention_stderr(results: dict, baseline: dict) -> tuple[float, bool] | 
 
 
 def _same_items(ours: dict, base: dict) -> bool:
-    """Whether both kept per-item accuracies, for the same items."""
-    return "items" in ours and "items" in base and ours["items"]["doc_id"] == base["items"]["doc_id"]
+    """Whether both kept per-item accuracies, one per item, for the same items (a record whose lists
+    disagree is not paired: its error is taken as independent rather than from a truncated pairing)."""
+    if "items" not in ours or "items" not in base:
+        return False
+    docs = ours["items"]["doc_id"]
+    return docs == base["items"]["doc_id"] and len(ours["items"]["acc"]) == len(base["items"]["acc"]) == len(docs)
 
 
 def _mean_variance(values: Sequence[float]) -> float:
