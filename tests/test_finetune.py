@@ -186,6 +186,34 @@ def test_too_little_training_text_is_an_error(tmp_path):
         ft.finetune(hf_model("llama"), tokens(40), config(), tmp_path, progress=False)
 
 
+def test_mixed_batches_take_from_every_text_in_equal_shares():
+    long = torch.arange(64).repeat_interleave(4)  # 64 chunks of 4 tokens, chunk i all i
+    short = 1000 + torch.arange(3).repeat_interleave(4)  # 3 chunks: 1000, 1001, 1002
+    batches = data.MixedBatches([long, short], seq_len=4, batch=5, seed=0)
+    drawn = torch.stack([batches.next() for _ in range(10)])  # (10 batches, 5 sequences, 4 tokens)
+    assert drawn[:, :3].lt(64).all() and drawn[:, 3:].ge(1000).all()  # 3 + 2 of 5: the first text takes the odd one
+    assert set(drawn[:, 3:, 0].flatten().tolist()) == {1000, 1001, 1002}  # the short text repeated, not drowned
+
+
+def test_mixed_batches_of_one_text_are_the_plain_batches():
+    ids = tokens(40 * 8)
+    mixed = data.MixedBatches([ids], seq_len=8, batch=4, seed=3)
+    plain = data.Batches(data.training_chunks(ids, 8, 4), 4, 3)
+    assert all(torch.equal(mixed.next(), plain.next()) for _ in range(25))
+
+
+def test_more_texts_than_sequences_per_batch_is_an_error():
+    with pytest.raises(TrainingTextError, match="3 training texts cannot share a batch of 2 sequences; give --batch 3"):
+        data.MixedBatches([tokens(64)] * 3, seq_len=4, batch=2, seed=0)
+
+
+def test_token_streams_tell_one_text_from_several():
+    one = [5, 6, 7]
+    assert data.token_streams(one) == [one]
+    assert len(data.token_streams(torch.tensor(one))) == 1
+    assert data.token_streams([one, [8, 9]]) == [one, [8, 9]]
+
+
 # ------------------------------------------------------------------------------------------ CLI
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from lp_fx import LayerParallel
 from lp_fx.tools import cli, self_text
 from lp_fx.tools.data import training_chunks
 from lp_fx.tools import finetune as ft
+from lp_fx.tools.commands import finetune as finetune_command
 from lp_fx.tools.self_text import GenerationSettings, SelfTextError
 
 from .models import VOCAB, hf_model
@@ -255,6 +257,45 @@ def test_cli_self_distillation_writes_then_reuses_its_cache(chat_model_dir, data
     assert cache.read_text().count("dog dog dog") == len(PROMPTS)
     again = json.loads((out / "train.json").read_text())["args"]["self_text"]
     assert again["tokens"] == record["self_text"]["tokens"] + 3 * len(PROMPTS)
+
+
+def test_cli_mixes_a_file_with_the_self_text_in_every_batch(chat_model_dir, data_dir, tmp_path, capsys):
+    train = tmp_path / "train.txt"
+    train.write_text(" ".join(["the cat sat on a mat and the dog ran far away"] * 40))
+    out = tmp_path / "ckpt"
+    args = cli_args(chat_model_dir, data_dir, tmp_path, "--train-data", str(train), "--out", str(out))
+    assert cli.main(args) == 0
+    assert "; each batch takes from each in equal shares" in capsys.readouterr().out
+    record = json.loads((out / "train.json").read_text())["args"]
+    assert record["train_data"] == ["self", str(train)] and record["self_text"]["conversations"] == len(PROMPTS)
+
+
+@pytest.mark.parametrize(
+    ("batch", "more", "message"),
+    [
+        ("2", ["--train-data", "self"], "--train-data self is given more than once"),
+        ("1", ["--train-data", "TRAIN"], "2 training texts cannot share a batch of 1 sequences; give --batch 2"),
+    ],
+)
+def test_cli_bad_mixtures_are_a_clear_error(chat_model_dir, data_dir, tmp_path, capsys, batch, more, message):
+    train = tmp_path / "train.txt"
+    train.write_text(" ".join(["the cat sat on a mat and the dog ran far away"] * 40))
+    args = cli_args(chat_model_dir, data_dir, tmp_path, *[str(train) if m == "TRAIN" else m for m in more],
+                    "--out", str(tmp_path / "o"))
+    args[args.index("--batch") + 1] = batch
+    assert cli.main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.self-text.jsonl").exists()  # refused before the work
+
+
+@pytest.mark.parametrize("given", [None, ["wikitext"]])
+def test_train_data_defaults_to_and_wikitext_names_the_data_directorys_train_split(tmp_path, given):
+    train = tmp_path / "wikitext-2" / "train.txt"
+    train.parent.mkdir()
+    train.write_text("the cat sat on a mat\n")
+    args = argparse.Namespace(train_data=given, **{name: None for name in finetune_command.SELF_OPTIONS})
+    [text] = finetune_command.training_texts(args, tmp_path / "o", tmp_path)
+    assert text.path == train
 
 
 @pytest.mark.parametrize(

@@ -331,3 +331,31 @@ class Batches:
         index = self.order[self.position : self.position + self.batch]
         self.position += self.batch
         return self.chunks[index]
+
+
+def check_batch_shares(texts: int, batch: int) -> None:
+    """Every text mixed in takes at least one sequence of each batch."""
+    if texts > batch:
+        raise TrainingTextError(f"{texts} training texts cannot share a batch of {batch} sequences; give --batch {texts} or more")
+
+
+class MixedBatches:
+    """Batches drawn from several token streams in equal shares: each batch holds ``batch // k``
+    chunks of each of the ``k`` streams (the first ``batch % k`` streams one more), each stream in
+    its own seeded order, so a short text is repeated rather than drowned by a long one."""
+
+    def __init__(self, streams: Sequence[Sequence[int] | torch.Tensor], seq_len: int, batch: int, seed: int) -> None:
+        check_batch_shares(len(streams), batch)
+        shares = [batch // len(streams) + (i < batch % len(streams)) for i in range(len(streams))]
+        self.parts = [Batches(training_chunks(ids, seq_len, share), share, seed + i)
+                      for i, (ids, share) in enumerate(zip(streams, shares))]
+
+    def next(self) -> torch.Tensor:
+        return torch.cat([part.next() for part in self.parts])
+
+
+def token_streams(train_ids: Sequence[int] | torch.Tensor | Sequence[Sequence[int] | torch.Tensor]) -> list:
+    """One token stream, or a list of several, as a list of streams."""
+    if isinstance(train_ids, torch.Tensor) or not train_ids or isinstance(train_ids[0], int):
+        return [train_ids]
+    return list(train_ids)

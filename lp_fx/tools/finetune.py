@@ -44,7 +44,7 @@ from lp_fx.tools.checkpoint import (
     save_checkpoint,
     unique_tensors,
 )
-from lp_fx.tools.data import Batches, training_chunks
+from lp_fx.tools.data import MixedBatches, token_streams
 from lp_fx.tools.distributed import Ranks, resolve_mesh
 from lp_fx.tools.evaluate import Pairing, check_rewritten, perplexity
 
@@ -215,7 +215,7 @@ def make_student(model: nn.Module, config: FinetuneConfig, mesh: Any = None) -> 
 
 def finetune(
     model: nn.Module,
-    train_ids: Sequence[int] | torch.Tensor,
+    train_ids: Sequence[int] | torch.Tensor | Sequence[Sequence[int]],
     config: FinetuneConfig,
     out_dir: str | Path,
     heldout: torch.Tensor | None = None,
@@ -226,7 +226,8 @@ def finetune(
 ) -> dict[str, Any]:
     """Fine-tune ``model`` in place through its compiled pairing; write checkpoints to ``out_dir``.
 
-    ``train_ids``: the tokenized training text. ``heldout``: ``(N, T)`` windows of text never
+    ``train_ids``: the tokenized training text, or a list of several texts that every batch
+    draws from in equal shares (:class:`~lp_fx.tools.data.MixedBatches`). ``heldout``: ``(N, T)`` windows of text never
     trained on, whose perplexity is measured before training, every ``eval_every`` steps and at
     the end. Returns the run record (also ``out_dir/train.json``). ``out_dir`` holding another
     model's checkpoint or other files is refused before any work unless ``overwrite``
@@ -235,7 +236,7 @@ def finetune(
     out_dir = check_checkpoint_dir(out_dir, model, overwrite)
     torch.manual_seed(config.seed)
     check_layers(model, config)
-    chunks = training_chunks(train_ids, config.seq_len, config.batch)
+    batches = MixedBatches(token_streams(train_ids), config.seq_len, config.batch, config.seed)
     names = choose_trainable(model, config)
     params = [p for name, p in model.named_parameters() if p.requires_grad]
     teacher = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad} if config.loss == "distill" else None
@@ -247,7 +248,6 @@ def finetune(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_factor(step, config.steps, config.warmup_steps)
     )
-    batches = Batches(chunks, config.batch, config.seed)
     state = TrainState(config, extra=dict(extra_args or {}))
     pairing = pairing_record(model, config.pairs, config.pair_modes)
     log.info(

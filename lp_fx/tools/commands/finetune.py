@@ -36,10 +36,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="paired: only the paired layers' parameters (default); all: every parameter")
     parser.add_argument("--train-layers", default=None, metavar="SPEC",
                         help="train these layers instead of the paired ones: START:END or 3,4,5")
-    parser.add_argument("--train-data", default=None, metavar="FILE|self",
-                        help="plain text to train on (default: wikitext-2/train.txt in the data directory; "
-                        "the tokenized WikiText release is detokenized first); 'self': the unpaired model's own "
-                        "answers to --self-prompts through its chat template")
+    parser.add_argument("--train-data", action="append", default=None, metavar="FILE|wikitext|self",
+                        help="plain text to train on (default, or 'wikitext': wikitext-2/train.txt in the data "
+                        "directory; the tokenized WikiText release is detokenized first); 'self': the unpaired "
+                        "model's own answers to --self-prompts through its chat template. Given more than once, "
+                        "every batch takes its sequences from each text in equal shares")
     _add_self_options(parser)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -83,7 +84,7 @@ SELF_OPTIONS = ("self_prompts", "self_max_tokens", "self_temperature", "self_bat
 class TrainingIds:
     """The token stream to train on, what the run record says of it, and a line for the user."""
 
-    ids: list[int]
+    ids: list[int] | list[list[int]]  # one stream, or several mixed in equal shares per batch
     record: dict[str, Any]
     description: str
 
@@ -136,14 +137,27 @@ class SelfText:
                 f"tokens ({made['tokens']} tokens with the chat template; cache {self.cache})")
 
 
-def training_text(args: argparse.Namespace, out: Path, data_dir: Path) -> FileText | SelfText:
+WIKITEXT = "wikitext"  # the --train-data value naming the default text
+
+
+def training_texts(args: argparse.Namespace, out: Path, data_dir: Path) -> list[FileText | SelfText]:
     """What ``--train-data`` and the self options ask for, checked before the model is loaded."""
+    names = args.train_data or [WIKITEXT]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"--train-data {repeated[0]} is given more than once; each text is mixed in once")
     given = [name for name in SELF_OPTIONS if getattr(args, name) is not None]
-    if args.train_data != self_text.SELF:
-        if given:
-            raise ValueError(f"--{given[0].replace('_', '-')} is used only with --train-data self")
-        path = Path(args.train_data) if args.train_data else data_dir / "wikitext-2" / "train.txt"
-        return FileText(path, data.load_training_text(path))
+    if given and self_text.SELF not in names:
+        raise ValueError(f"--{given[0].replace('_', '-')} is used only with --train-data self")
+    return [_self_text(args, out) if name == self_text.SELF else _file_text(name, data_dir) for name in names]
+
+
+def _file_text(name: str, data_dir: Path) -> FileText:
+    path = data_dir / "wikitext-2" / "train.txt" if name == WIKITEXT else Path(name)
+    return FileText(path, data.load_training_text(path))
+
+
+def _self_text(args: argparse.Namespace, out: Path) -> SelfText:
     prompts_path = Path(args.self_prompts) if args.self_prompts else self_text.DEFAULT_PROMPTS
     defaults = self_text.GenerationSettings()
     settings = self_text.GenerationSettings(
@@ -154,6 +168,16 @@ def training_text(args: argparse.Namespace, out: Path, data_dir: Path) -> FileTe
     cache = Path(args.cache) if args.cache else out.parent / f"{out.name}.self-text.jsonl"
     options.writable(str(cache))
     return SelfText(prompts_path, self_text.load_prompts(prompts_path), settings, cache)
+
+
+def mixed(texts: list[TrainingIds]) -> TrainingIds:
+    """Several training texts as one: their streams, drawn from in equal shares per batch."""
+    if len(texts) == 1:
+        return texts[0]
+    record = {key: value for text in texts for key, value in text.record.items()}
+    record["train_data"] = [text.record["train_data"] for text in texts]
+    description = " + ".join(text.description for text in texts)
+    return TrainingIds([text.ids for text in texts], record, f"{description}; each batch takes from each in equal shares")
 
 
 def _given(value: Any, default: Any) -> Any:
@@ -176,7 +200,8 @@ def run(args: argparse.Namespace) -> None:
 
     out = check_checkpoint_dir(args.out, overwrite=args.overwrite)  # before any work: a run must be able to save
     data_dir = data.resolve_data_dir(args.data_dir)
-    source = training_text(args, out, data_dir)
+    sources = training_texts(args, out, data_dir)
+    data.check_batch_shares(len(sources), args.batch)
     mesh = _init_mesh(args.mesh)
     loaded, _ = options.load(args)
     check_checkpoint_dir(out, loaded.model, args.overwrite)  # another model's checkpoint: known once loaded
@@ -188,7 +213,7 @@ def run(args: argparse.Namespace) -> None:
         eval_every=args.eval_every, save_every=args.save_every, inner=args.inner,
     )
     rank0 = mesh is None or torch.distributed.get_rank() == 0
-    train = source.token_ids(loaded, mesh, rank0 and not args.no_progress)
+    train = mixed([source.token_ids(loaded, mesh, rank0 and not args.no_progress) for source in sources])
     heldout = evaluate.wikitext_windows(loaded.tokenizer, data_dir, args.window, "all", args.eval_windows)
     if rank0:
         say(f"model {loaded.name}: {pairing.name}, loss {args.loss}, {train.description}, "
