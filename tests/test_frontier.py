@@ -249,19 +249,3 @@ def test_pairings_timed_together_need_distinct_names() -> None:
     pairing = Pairing("14:16", [(14, 15)], ("lp",))
     with pytest.raises(ValueError, match="distinct names"):
         frontier_speed.SpeedBench(tokenizer=None).one_device(None, [(pairing, {}), (pairing, {})])
-
-
-def test_half_the_paired_variants_are_compiled_ahead_and_found_in_inductors_cache(
-    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A spawned process compiles the fused variant while this one compiles the others; an empty
-    Inductor cache, so the fused graph is found there only if that process put it there."""
-    from lp_fx.tools.models import load_model
-
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    loaded = load_model(str(model_dir), progress=False)
-    bench = frontier_speed.SpeedBench(loaded.tokenizer, "inductor", tokens=3, rounds=1, source=str(model_dir))
-    [record] = bench.one_device(loaded.model, [(frontier.contiguous_pairing(0, 2), {"start": 0, "end": 2})])
-    assert record["compiled_ahead"] == {"paired + fuse": {"graph_found_in_cache": True}}
-    assert record["waited_for_ahead_s"] >= 0 and set(record["compile_s"]) == {"unpaired", "paired", "paired + fuse"}
-    assert record["gemms_per_graph"]["paired + fuse"] != [None]  # compiled (and checked) here all the same

@@ -11,12 +11,6 @@ slow spell of a shared machine hits every variant alike. Dynamo's caches are res
 run; the unpaired graph is then compiled again but found in Inductor's on-disk graph cache (its compile
 seconds are recorded, so this shows).
 
-A compile is mostly one Python thread, so with Inductor and the model's ``source`` known, half of the
-paired variants are compiled ahead in a spawned process (:func:`compile_ahead`) while this process
-compiles the others; once it is done, this process compiles those too and finds their graphs in
-Inductor's on-disk cache. Every variant is still compiled, checked and timed here; the record says
-which were compiled ahead, whether their graphs were found, and how long this process waited.
-
 llama.cpp (:class:`LlamaCppBench`): an ``lp`` pairing is exported as a GGUF
 (:func:`lp_fx.tools.export.export`), timed against the unpaired export (made once per run) with
 :func:`lp_fx.tools.llamacpp.bench`, and removed.
@@ -26,17 +20,16 @@ from __future__ import annotations
 
 import gc
 import logging
-import multiprocessing
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from lp_fx.tools.bench_single import SingleVariant
-from lp_fx.tools.timing import PROMPT, compile_and_warm_up, compile_variant, generate, ratio_to_first, time_interleaved
+from lp_fx.tools.timing import PROMPT, compile_and_warm_up, ratio_to_first, time_interleaved
 from lp_fx.tools.evaluate import Pairing, check_rewritten
 
 log = logging.getLogger(__name__)
@@ -58,86 +51,15 @@ def paired_variants(pairing: Pairing, backend_options: dict, inner: str) -> dict
             FUSED: SingleVariant(f"{pairing.name}: {FUSED}", {**paired, "fuse": True})}
 
 
-def compile_ahead(source: str, options: Sequence[dict], tokens: int, threads: int) -> None:
-    """In a spawned process: load the model at ``source``, compile each of ``options`` as
-    :class:`SpeedBench` does (decode step only) and run the same warm-up generation, so that the
-    graphs are in Inductor's on-disk cache when the timing process compiles them. ``threads``: the
-    timing process's intra-op threads (Inductor's CPU kernels, and so its cache keys, depend on it)."""
-    from lp_fx.tools.models import load_model
-
-    torch.set_num_threads(threads)
-    loaded = load_model(source, progress=False)
-    ids = loaded.tokenizer(PROMPT, return_tensors="pt").input_ids
-    with torch._dynamo.config.patch(automatic_dynamic_shapes=False, cache_size_limit=64):
-        for variant_options in options:
-            torch._dynamo.reset()
-            copy_, _ = compile_variant(loaded.model, variant_options, decode_only=True)
-            generate(copy_, ids, tokens)
-            del copy_
-
-
-class AheadCompile:
-    """A spawned process running :func:`compile_ahead` for some variants; :meth:`wait` joins it
-    (a failed process is logged, and the variants are then simply compiled here)."""
-
-    def __init__(self, source: str, variants: Sequence[SingleVariant], tokens: int) -> None:
-        self.variants = list(variants)
-        context = multiprocessing.get_context("spawn")
-        self.process = context.Process(target=compile_ahead,
-                                       args=(source, [v.options for v in variants], tokens, torch.get_num_threads()))
-        self.process.start()
-
-    def wait(self) -> float:
-        """Seconds waited for the process to end."""
-        began = time.monotonic()
-        self.process.join()
-        if self.process.exitcode != 0:
-            log.warning("compiling %s ahead failed (exit code %s); compiling them here",
-                        [v.name for v in self.variants], self.process.exitcode)
-        return time.monotonic() - began
-
-    def stop(self) -> None:
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join()
-
-
-def fx_graph_cache_hits() -> int:
-    """Inductor's count of graphs found in its on-disk cache, in this process so far."""
-    return torch._dynamo.utils.counters["inductor"]["fxgraph_cache_hit"]
-
-
-@dataclass
-class Compiles:
-    """Seconds each variant took to compile (and warm up) here, whether Inductor found its graph
-    in the on-disk cache, the variants compiled ahead, and the seconds waited for them."""
-
-    seconds: dict[str, float] = field(default_factory=dict)
-    found: dict[str, bool] = field(default_factory=dict)
-    ahead: list[str] = field(default_factory=list)
-    waited_s: float = 0.0
-
-    def ahead_record(self, kinds: dict[str, SingleVariant]) -> dict:
-        """What a pairing's speed record says of its variants compiled ahead (nothing if none were)."""
-        if not self.ahead:
-            return {}
-        return {"compiled_ahead": {kind: {"graph_found_in_cache": self.found[v.name]}
-                                   for kind, v in kinds.items() if v.name in self.ahead},
-                "waited_for_ahead_s": self.waited_s}
-
-
 @dataclass
 class SpeedBench:
-    """Decode speed of pairings on one device against the unpaired model, in one interleaved run.
-    ``source``: where the model was loaded from (:func:`lp_fx.tools.models.load_model`), which
-    lets a spawned process compile half of the paired variants ahead (see the module doc)."""
+    """Decode speed of pairings on one device against the unpaired model, in one interleaved run."""
 
     tokenizer: object
     inner: str = "inductor"
     tokens: int = 32
     rounds: int = 5
     llamacpp: "LlamaCppBench | None" = None
-    source: str | None = None
 
     def measure(self, model: torch.nn.Module, pairings: Sequence[tuple[Pairing, dict]]) -> list[dict]:
         """For each ``(pairing, backend options)``: ``{"speed": …}`` and, for an all-``lp`` pairing
@@ -147,43 +69,6 @@ class SpeedBench:
             if self.llamacpp is not None and set(pairing.modes or ("lp",)) == {"lp"}:
                 record["llamacpp"] = self.llamacpp.ratio(model, pairing)
         return out
-
-    def _ahead(self, paired: Sequence[SingleVariant]) -> AheadCompile | None:
-        """The last half of the paired variants compiled ahead, when that can help: Inductor with
-        its on-disk graph cache, the model's source known, and two variants or more."""
-        if self.source is None or self.inner != "inductor" or len(paired) < 2:
-            return None
-        if not torch._inductor.config.fx_graph_cache:
-            return None
-        return AheadCompile(self.source, paired[len(paired) - len(paired) // 2:], self.tokens)
-
-    def _compile_all(
-        self, model: torch.nn.Module, todo: Sequence[SingleVariant], ids: torch.Tensor, note: Callable
-    ) -> tuple[dict[str, torch.nn.Module], "Compiles"]:
-        """Each variant compiled in its one warm-up generation (on CPU nothing records on first
-        calls, unlike CUDA graphs), so that it is warm when its rounds start; those compiled ahead
-        (:meth:`_ahead`) after the others and after the process compiling them has ended."""
-        ahead = self._ahead(todo[1:])
-        compiles = Compiles(ahead=[variant.name for variant in ahead.variants] if ahead else [])
-        compiled: dict[str, torch.nn.Module] = {}
-
-        def compile_each(variants: Sequence[SingleVariant]) -> None:
-            for variant in variants:
-                began, hits = time.monotonic(), fx_graph_cache_hits()
-                compiled.update(compile_and_warm_up(model, [variant], ids, self.tokens, note, warm_ups=1,
-                                                    decode_only=True))
-                compiles.seconds[variant.name] = round(time.monotonic() - began, 1)
-                compiles.found[variant.name] = fx_graph_cache_hits() > hits
-
-        try:
-            compile_each([variant for variant in todo if variant.name not in compiles.ahead])
-            if ahead:
-                compiles.waited_s = round(ahead.wait(), 1)
-                compile_each(ahead.variants)
-        finally:
-            if ahead:
-                ahead.stop()
-        return compiled, compiles
 
     def one_device(self, model: torch.nn.Module, pairings: Sequence[tuple[Pairing, dict]]) -> list[dict]:
         """One record per pairing: its paired and fused variants against ONE unpaired copy, every
@@ -197,6 +82,7 @@ class SpeedBench:
         own = [paired_variants(pairing, options, self.inner) for pairing, options in pairings]
         todo = [unpaired, *(variant for kinds in own for variant in kinds.values())]
         pairing_of = {variant.name: pairing for (pairing, _), kinds in zip(pairings, own) for variant in kinds.values()}
+        stamps = [time.monotonic()]  # one after each variant: its compile, in its one warm-up generation
 
         def note(variant: SingleVariant, copy_: torch.nn.Module, backend: Any) -> None:
             if variant is not unpaired:
@@ -205,9 +91,13 @@ class SpeedBench:
 
         with torch._dynamo.config.patch(automatic_dynamic_shapes=False, cache_size_limit=64):
             torch._dynamo.reset()
-            compiled, compiles = self._compile_all(model, todo, ids, note)
+            # One warm-up: the generation that compiles (on CPU nothing records on first calls, unlike
+            # CUDA graphs); each variant is then warm when its rounds start.
+            compiled = compile_and_warm_up(model, todo, ids, self.tokens, note, warm_ups=1, decode_only=True,
+                                           after_each=lambda: stamps.append(time.monotonic()))
             time_interleaved(compiled, todo, ids, self.tokens, self.rounds)
             torch._dynamo.reset()
+        compile_s = {v.name: round(after - before, 1) for v, before, after in zip(todo, stamps, stamps[1:])}
         del compiled
         gc.collect()
         records = []
@@ -219,10 +109,9 @@ class SpeedBench:
                 "ratio": {kind: ratio_to_first(v, unpaired) for kind, v in kinds.items()},
                 "tokens_per_s": {kind: v.tokens_per_s for kind, v in mine.items()},
                 "median_tokens_per_s": {kind: statistics.median(v.tokens_per_s) for kind, v in mine.items()},
-                "compile_s": {kind: compiles.seconds[v.name] for kind, v in mine.items()},
+                "compile_s": {kind: compile_s[v.name] for kind, v in mine.items()},
                 "gemms_per_graph": {kind: v.graph_gemms for kind, v in kinds.items()},
                 "timed_with": [other.name for other, _ in pairings if other is not pairing],
-                **compiles.ahead_record(kinds),
             }
             log.info("speed %s: %s (compile %s s)", pairing.name, record["ratio"], record["compile_s"])
             records.append(record)

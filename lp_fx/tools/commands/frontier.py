@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> None:
             folder = Path(stack.enter_context(tempfile.TemporaryDirectory())) if args.llamacpp else None
             llamacpp = _llamacpp_bench(args, folder, loaded.name) if folder else None
             runner.speed = frontier_speed.SpeedBench(loaded.tokenizer, args.speed_inner, args.speed_tokens,
-                                                     args.speed_rounds, llamacpp, source=args.model)
+                                                     args.speed_rounds, llamacpp)
         result = runner.run(budgets, variants)
     say(f"wrote {out} ({result['runs'][-1]['wall_s']:.0f} s this run; planning: {result['planner'] or 'none'})")
     table = frontier_report.frontier_table(result)
