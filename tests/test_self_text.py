@@ -274,13 +274,14 @@ def test_cli_mixes_a_file_with_the_self_text_in_every_batch(chat_model_dir, data
     ("batch", "more", "message"),
     [
         ("2", ["--train-data", "self"], "--train-data self is given more than once"),
+        ("2", ["--train-data", "TRAIN", "--train-data", "DIR/./train.txt"], "is given more than once (as "),
         ("1", ["--train-data", "TRAIN"], "2 training texts cannot share a batch of 1 sequences; give --batch 2"),
     ],
 )
 def test_cli_bad_mixtures_are_a_clear_error(chat_model_dir, data_dir, tmp_path, capsys, batch, more, message):
     train = tmp_path / "train.txt"
     train.write_text(" ".join(["the cat sat on a mat and the dog ran far away"] * 40))
-    args = cli_args(chat_model_dir, data_dir, tmp_path, *[str(train) if m == "TRAIN" else m for m in more],
+    args = cli_args(chat_model_dir, data_dir, tmp_path, *[m.replace("TRAIN", str(train)).replace("DIR", str(tmp_path)) for m in more],
                     "--out", str(tmp_path / "o"))
     args[args.index("--batch") + 1] = batch
     assert cli.main(args) == 2

@@ -143,17 +143,23 @@ WIKITEXT = "wikitext"  # the --train-data value naming the default text
 def training_texts(args: argparse.Namespace, out: Path, data_dir: Path) -> list[FileText | SelfText]:
     """What ``--train-data`` and the self options ask for, checked before the model is loaded."""
     names = args.train_data or [WIKITEXT]
-    repeated = sorted({name for name in names if names.count(name) > 1})
+    keys = [name if name == self_text.SELF else _file_path(name, data_dir).resolve() for name in names]
+    repeated = [name for name, key in zip(names, keys) if keys.count(key) > 1]
     if repeated:
-        raise ValueError(f"--train-data {repeated[0]} is given more than once; each text is mixed in once")
+        raise ValueError(f"--train-data {repeated[0]} is given more than once (as {' and '.join(repeated)}); "
+                         "each text is mixed in once")
     given = [name for name in SELF_OPTIONS if getattr(args, name) is not None]
     if given and self_text.SELF not in names:
         raise ValueError(f"--{given[0].replace('_', '-')} is used only with --train-data self")
     return [_self_text(args, out) if name == self_text.SELF else _file_text(name, data_dir) for name in names]
 
 
+def _file_path(name: str, data_dir: Path) -> Path:
+    return data_dir / "wikitext-2" / "train.txt" if name == WIKITEXT else Path(name)
+
+
 def _file_text(name: str, data_dir: Path) -> FileText:
-    path = data_dir / "wikitext-2" / "train.txt" if name == WIKITEXT else Path(name)
+    path = _file_path(name, data_dir)
     return FileText(path, data.load_training_text(path))
 
 
