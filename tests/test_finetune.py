@@ -240,6 +240,8 @@ def test_cli_finetune_then_eval_with_the_checkpoint(model_dir, data_dir, tmp_pat
         (["--steps", "0"], "steps must be a whole number >= 1"),
         (["--pairs", "8:10"], "valid indices 0..3"),
         (["--train-data", "/nonexistent/train.txt"], "training text /nonexistent/train.txt not found"),
+        (["--train-data", "/"], "training text / is a directory"),
+        (["--batch", "0"], "batch must be a whole number >= 1, got 0"),
     ],
 )
 def test_cli_finetune_bad_input_is_a_clear_error(model_dir, data_dir, tmp_path, capsys, extra, message):

@@ -292,7 +292,8 @@ def load_training_text(path: str | Path) -> str:
     """A plain text file to train on; the tokenized WikiText release is detokenized first."""
     path = Path(path)
     if not path.is_file():
-        raise TrainingTextError(f"training text {path} not found; give --train-data FILE (any plain text file)")
+        problem = "is a directory" if path.is_dir() else "not found"
+        raise TrainingTextError(f"training text {path} {problem}; give --train-data FILE (any plain text file)")
     text = path.read_text(encoding="utf-8", errors="replace")
     if not text.strip():
         raise TrainingTextError(f"training text {path} is empty")
@@ -335,6 +336,8 @@ class Batches:
 
 def check_batch_shares(texts: int, batch: int) -> None:
     """Every text mixed in takes at least one sequence of each batch."""
+    if batch < 1:
+        raise TrainingTextError(f"batch must be a whole number >= 1, got {batch!r}")
     if texts > batch:
         raise TrainingTextError(f"{texts} training texts cannot share a batch of {batch} sequences; give --batch {texts} or more")
 
