@@ -178,6 +178,51 @@ def test_perplexity_through_backend_matches_eager_reference(
     assert abs(compiled.ppl - plain) > 1e-3 * plain
 
 
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+def test_a_pairing_switch_traces_once_and_each_pairing_matches_its_eager_reference(
+    model: torch.nn.Module, inner: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(5)
+    windows = evaluate.make_windows(torch.randint(0, VOCAB, (2 * 32,)), 32)
+    captured = []
+    capture = evaluate.PairingSwitch._capture
+    monkeypatch.setattr(evaluate.PairingSwitch, "_capture", lambda self, gm, ex: captured.append(gm) or capture(self, gm, ex))
+    torch._dynamo.reset()
+    switch = evaluate.PairingSwitch(model, inner)
+    with pytest.raises(ValueError, match="call set_pairing before scoring"):
+        switch.logits(windows[:1])
+    for pairs in [((1, 2), (3, 4)), (), ((2, 3),), ((1, 2), (3, 4))]:
+        switch.set_pairing(Pairing("p", pairs))
+        with eager_pairing(model, pairs, "lp"):
+            expected = _reference_perplexity(model, windows)
+        assert evaluate.perplexity(switch.logits, windows, progress=False).ppl == pytest.approx(expected, rel=1e-4), pairs
+    assert len(captured) == 1  # one Dynamo trace served every pairing
+
+
+def test_a_pairing_switch_refuses_a_pairing_the_backend_did_not_apply(
+    model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch._dynamo.reset()
+    switch = evaluate.PairingSwitch(model)
+    switch.set_pairing(Pairing("p", ((1, 2),)))
+    switch.logits(torch.zeros(1, 32, dtype=torch.long))
+    make_backend = evaluate.make_backend
+
+    class Forgetful:  # a backend that leaves the pairs out of its graphs and says so in its reports
+        def __init__(self, *args, **kwargs) -> None:
+            self.backend = make_backend(*args, **kwargs)
+            self.reports = self.backend.reports
+
+        def __call__(self, gm, example_inputs):
+            compiled = self.backend(gm, example_inputs)
+            self.reports[-1].pairs_rewritten.clear()
+            return compiled
+
+    monkeypatch.setattr(evaluate, "make_backend", Forgetful)
+    with pytest.raises(RuntimeError, match=r"pairing 'q': not rewritten as asked: \[\(\(3, 4\), 'lp'\)\]"):
+        switch.set_pairing(Pairing("q", ((3, 4),)))
+
+
 def test_baseline_through_backend_matches_plain(model: torch.nn.Module) -> None:
     torch.manual_seed(3)
     windows = evaluate.make_windows(torch.randint(0, VOCAB, (2 * 32,)), 32)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lp_fx.tools import cli, frontier, frontier_report, frontier_speed, plan_scorers
+from lp_fx.tools import cli, evaluate, frontier, frontier_report, frontier_speed, models, plan_scorers
 from lp_fx.tools.frontier import FrontierOptions
 
 from .conftest import WORDS
@@ -121,10 +121,40 @@ def test_json_after_every_point_resume_measures_the_rest_and_one_gated_graph_pla
     calls.clear()
     monkeypatch.setattr(frontier.Frontier, "measure", lambda self, v, d: calls.append((v, d)) or measure(self, v, d))
     assert cli.main([*args, "--resume"]) == 0
-    assert calls == [("planned", 2), ("contiguous", 4), ("planned", 4)] and len(scorers) == 1  # plans were kept
+    assert calls == [("planned", 2), ("contiguous", 4), ("planned", 4)]
+    assert len(json.loads(out.read_text())["planner"]) == 1  # the plans were kept, not made again
+    assert len(scorers) == 2  # the resumed run's perplexities: a gated graph again, planning nothing
     assert _points(out) == [("baseline", 0), ("contiguous", 2), ("planned", 2), ("contiguous", 4), ("planned", 4)]
     # the interruption lost the planned Δ=2 speed timed beside contiguous Δ=2: it was timed again, alone
     assert timed == [["0:2", "planned Δ=2"], ["planned Δ=2"], ["0:4", "planned Δ=4"]]
+
+
+def test_perplexities_from_the_gated_graph_equal_each_pairings_plain_compile(
+    six_layers: Path, frontier_data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "gated.json"
+    assert cli.main(_args(six_layers, frontier_data, out, "--budgets", "2,4", "--tasks", "none",
+                          "--finetune-steps", "0", "--speed-rounds", "0")) == 0
+    result = json.loads(out.read_text())
+    loaded = models.load_model(str(six_layers))
+    runner = frontier.Frontier(loaded.model, loaded.tokenizer, loaded.name, frontier_data,
+                               FrontierOptions(**result["options"]), out, result, progress=False)
+    for point in result["points"]:
+        pairing = evaluate.Pairing("plain", tuple(map(tuple, point["pairing"]["pairs"])),
+                                   tuple(point["pairing"].get("modes", ())))
+        plain = evaluate.compile_pairing(loaded.model, pairing)
+        for text, windows in runner.windows.items():
+            assert point["ppl"][text]["ppl"] == pytest.approx(evaluate.perplexity(plain, windows, progress=False).ppl,
+                                                             rel=1e-5), (point["variant"], point["delta"], text)
+        check = point["ppl_check"]
+        assert check["windows"] == "calib" and check["gated_ppl"] == pytest.approx(check["plain_ppl"], rel=1e-5)
+
+
+def test_a_gated_graph_that_disagrees_with_the_plain_compile_stops_the_run() -> None:
+    assert frontier.check_gated("0:2", 10.0, 10.005) == {"windows": "calib", "gated_ppl": 10.0, "plain_ppl": 10.005}
+    with pytest.raises(ValueError, match=r"0:2: the gated graph's calibration perplexity, 10.0000, differs from the "
+                                         r"plain compile's, 10.1000, by more than 0.1%"):
+        frontier.check_gated("0:2", 10.0, 10.1)
 
 
 def test_resume_refuses_a_json_made_with_other_options(

@@ -15,9 +15,18 @@ For each budget Δ (Δ/2 pairs, effective depth L − Δ/2, ideal speedup L / (L
 Each point: perplexity on the held-out half of WikiText-2 raw test (the planner calibrates on the
 other half) and on the LAMBADA passages, task accuracy (:func:`score_tasks`), decode speed on one
 device (:mod:`lp_fx.tools.frontier_speed`; a budget's contiguous and planned pairings are timed in
-one interleaved run) and, for ``lp`` pairings, in llama.cpp. The JSON is
-rewritten after every plan and every point, so an interrupted run keeps what it measured and
-``resume`` goes on from there; a JSON made with other options is refused, naming the difference.
+one interleaved run) and, for ``lp`` pairings, in llama.cpp.
+
+The perplexities of the baseline, contiguous and planned points come from the planner's gated graph,
+run lazily before anything else is compiled (:meth:`Frontier._score_on_gated_graph`): a pairing is
+computed from the first layer where it differs from the unpaired model or from the previous
+pairing of its kind, so the layers below the pairs run once for every budget. Each such point is
+checked: its calibration perplexity through the gated graph must equal its plain compile's (within
+:data:`lp_fx.tools.planner.PLAIN_TOLERANCE`, recorded as ``ppl_check``), else the run stops. With
+another ``inner`` compiler, and for fine-tuned points, each point is scored by its plain compile.
+
+The JSON is rewritten after every plan and every point, so an interrupted run keeps what it
+measured and ``resume`` goes on from there; a JSON made with other options is refused, naming the difference.
 """
 
 from __future__ import annotations
@@ -46,6 +55,8 @@ VARIANTS = ("contiguous", "planned", "finetuned")
 TIMED = VARIANTS[:2]  # a fine-tuned pairing runs the planned pairing's graph: its speed is the planned one's
 DEFAULT_BUDGETS = (2, 4, 6, 8, 10, 12, 14)
 PPL_TEXTS = ("wikitext", "lambada_text")
+CALIB = "calib"
+GATED_VARIANTS = ("baseline", "contiguous", "planned")  # perplexities from the gated graph (fine-tuning changes weights)
 TASK_NAMES = lm_eval_tasks.LOCAL_TASKS  # what score_tasks accepts
 
 
@@ -192,13 +203,13 @@ def find_point(result: dict, variant: str, delta: int) -> dict | None:
 
 
 def plan_budgets(
-    model: torch.nn.Module, model_name: str, calib: torch.Tensor, screen: torch.Tensor, budgets: Sequence[int],
-    options: FrontierOptions, save: Callable[[int, dict], None], progress: bool = True,
+    scorer: plan_scorers.GatedScorer, model_name: str, calib: torch.Tensor, screen: torch.Tensor,
+    budgets: Sequence[int], options: FrontierOptions, save: Callable[[int, dict], None], progress: bool = True,
 ) -> dict:
-    """Plan every budget with ONE gated scorer and measure caches shared across budgets; ``save``
-    each plan as it is made. Returns the planner's totals (graphs compiled, pairings scored)."""
+    """Plan every budget with ONE gated scorer (on ``calib``) and measure caches shared across
+    budgets; ``save`` each plan as it is made. Returns the planner's totals (graphs compiled,
+    pairings scored)."""
     began = time.monotonic()
-    scorer = plan_scorers.GatedScorer(model, calib, options.plan_modes, options.inner)
     measure, screen_measure = plan_scorers.calibration_measures(scorer, calib, screen, options.race_margin)
     calibration = {"split": "calib", "windows": int(calib.shape[0]), "screen_windows": int(screen.shape[0]),
                    "window": options.window}
@@ -253,6 +264,10 @@ class Frontier:
     _train_ids: list[int] | None = field(default=None, init=False, repr=False)
     _pending: set[tuple[str, int]] = field(default_factory=set, init=False, repr=False)  # points this run measures later
     _timed_ahead: dict[tuple[str, int], dict] = field(default_factory=dict, init=False, repr=False)
+    _scorer: plan_scorers.GatedScorer | None = field(default=None, init=False, repr=False)
+    # (variant, Δ) -> (perplexities through the gated graph, its check against the plain compile)
+    _gated: dict[tuple[str, int], tuple[dict[str, evaluate.Perplexity], dict]] = field(
+        default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         window, count = self.options.window, self.options.ppl_windows
@@ -279,8 +294,10 @@ class Frontier:
         unplanned = sorted({d for variant, d in todo if variant != "contiguous" and d and str(d) not in self.result["plans"]})
         if unplanned:
             self.result["planner"].append(plan_budgets(
-                self.model, self.model_name, self.calib, self.screen, unplanned, self.options, self._save_plan, self.progress
+                self.scorer(), self.model_name, self.calib, self.screen, unplanned, self.options, self._save_plan,
+                self.progress,
             ))
+        self._score_on_gated_graph(todo)
         self._pending = set(todo)
         for variant, delta in tqdm(todo, desc="frontier points", disable=not self.progress):
             self._pending.discard((variant, delta))
@@ -290,6 +307,42 @@ class Frontier:
                                     "loadavg_start": load, "loadavg_end": os.getloadavg()})
         self.save()
         return self.result
+
+    def scorer(self) -> plan_scorers.GatedScorer:
+        """The run's gated scorer (one gated graph, run lazily with the ``eager`` inner compiler),
+        made at its first use."""
+        if self._scorer is None:
+            self._scorer = plan_scorers.GatedScorer(self.model, self.calib, self.options.plan_modes, self.options.inner)
+        return self._scorer
+
+    def _score_on_gated_graph(self, todo: Sequence[tuple[str, int]]) -> None:
+        """The held-out and calibration perplexities of every point of ``todo`` that the gated graph
+        computes (:data:`GATED_VARIANTS`, pairs in the gated modes), kept for :meth:`measure`,
+        each checked against its plain compile (:func:`check_gated`; the plain compiles share one
+        Dynamo trace, :class:`lp_fx.tools.evaluate.PairingSwitch`).
+
+        Run lazily (``eager`` inner only), the graph computes a pairing from the first layer where
+        it differs from the unpaired model or from the previous pairing of its variant, whose
+        values are kept: the layers before a budget's first new pair run once for all budgets.
+        This comes before every other compile, which resets Dynamo's caches (and with them the graph)."""
+        if self.options.inner != "eager":  # run whole, the gated graph computes more than a plain compile
+            return
+        pairings = {key: self.pairing(*key)[0] for key in todo if key[0] in GATED_VARIANTS}
+        keys = [key for key, pairing in pairings.items() if set(pairing.modes or ("lp",)) <= set(self.options.plan_modes)]
+        if not keys:
+            return
+        scorer = self.scorer()
+        windows = {**self.windows, CALIB: self.calib}
+        plain = evaluate.PairingSwitch(self.model, self.options.inner)
+        previous: dict[str, Pairing] = {}
+        for key in tqdm(keys, desc="perplexity (gated graph)", disable=not self.progress):
+            gated = scorer.perplexities(pairings[key], windows)
+            previous[key[0]] = pairings[key]
+            scorer.keep_only(list(previous.values()))
+            plain.set_pairing(pairings[key])
+            plain_ppl = evaluate.perplexity(plain.logits, self.calib, progress=False).ppl
+            self._gated[key] = (gated, check_gated(pairings[key].name, gated[CALIB].ppl, plain_ppl))
+        self._scorer = None  # its kept values go; the next compile resets Dynamo's caches anyway
 
     def _save_plan(self, delta: int, plan: dict) -> None:
         self.result["plans"][str(delta)] = plan
@@ -319,11 +372,17 @@ class Frontier:
             "backend_options": backend_options,
         }
         with self._weights_for(variant, pairing, delta, point):
-            logits_fn = evaluate.compile_pairing(self.model, pairing, inner=self.options.inner)
-            point["ppl"] = {text: evaluate.perplexity(logits_fn, w, text, progress=False).to_json()
-                            for text, w in self.windows.items()}
+            if (variant, delta) in self._gated:
+                gated, point["ppl_check"] = self._gated.pop((variant, delta))
+                point["ppl"] = {text: gated[text].to_json() for text in self.windows}
+                plain_calib = point["ppl_check"]["plain_ppl"]
+            else:
+                logits_fn = evaluate.compile_pairing(self.model, pairing, inner=self.options.inner)
+                point["ppl"] = {text: evaluate.perplexity(logits_fn, w, text, progress=False).to_json()
+                                for text, w in self.windows.items()}
+                plain_calib = evaluate.perplexity(logits_fn, self.calib, progress=False).ppl if variant == "planned" else None
             if variant == "planned":
-                self._check_plan(delta, evaluate.perplexity(logits_fn, self.calib, progress=False).ppl)
+                self._check_plan(delta, plain_calib)
             if self.options.tasks:
                 point["tasks"] = score_tasks(self.model, self.tokenizer, pairing, self.data_dir, self.options,
                                              self.progress)
@@ -368,6 +427,17 @@ class Frontier:
         folder = self.out.with_name(f"{self.out.stem}_checkpoints") / f"delta_{delta}"
         return finetuned_weights(self.model, self._train_ids, pairing, self.options.finetune_steps, folder, point,
                                  self.progress, self.options.finetune_train)
+
+
+def check_gated(name: str, gated: float, plain: float) -> dict:
+    """The record of a point's check: the gated graph's calibration perplexity against its plain
+    compile's; an error when they differ by more than :data:`lp_fx.tools.planner.PLAIN_TOLERANCE`."""
+    if abs(gated - plain) > planner.PLAIN_TOLERANCE * plain:
+        raise ValueError(
+            f"{name}: the gated graph's calibration perplexity, {gated:.4f}, differs from the plain compile's, "
+            f"{plain:.4f}, by more than {planner.PLAIN_TOLERANCE:.1%}; its held-out perplexities cannot be trusted"
+        )
+    return {"windows": CALIB, "gated_ppl": gated, "plain_ppl": plain}
 
 
 @contextlib.contextmanager

@@ -73,6 +73,23 @@ class GatedScorer:
         for graph in self.graphs:
             graph.retain(keep)
 
+    def perplexities(self, pairing: Pairing, windows: dict[str, torch.Tensor]) -> dict[str, evaluate.Perplexity]:
+        """The perplexity of ``pairing`` on each named set of ``windows``. Unlike :meth:`score` it
+        keeps every value computed, whatever the planner would keep: :meth:`keep_only` chooses."""
+        self.backend.set_pairing(pairing.pairs, pairing.modes or ("lp",) * pairing.num_pairs)
+        return {name: evaluate.perplexity(self._logits, rows, f"{pairing.name}: {name}", progress=False)
+                for name, rows in windows.items()}
+
+    def keep_only(self, pairings: Sequence[Pairing]) -> None:
+        """Keep only the values of the unpaired model and of ``pairings`` (those a later pairing
+        may start from), on every set of windows."""
+        keep = [(OFF,) * len(self.backend.gates)]
+        for pairing in pairings:
+            self.backend.set_pairing(pairing.pairs, pairing.modes or ("lp",) * pairing.num_pairs)
+            keep.append(tuple(self.backend.gates.tolist()))
+        for graph in self.graphs:
+            graph.retain(keep)
+
     def on(self, windows: torch.Tensor) -> Measure:
         """This scorer measuring on other windows of the same length, from the same graph."""
         return lambda pairing: self.score(pairing, windows)
