@@ -178,9 +178,8 @@ def test_perplexity_through_backend_matches_eager_reference(
     assert abs(compiled.ppl - plain) > 1e-3 * plain
 
 
-@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
 def test_a_pairing_switch_traces_once_and_each_pairing_matches_its_eager_reference(
-    model: torch.nn.Module, inner: str, monkeypatch: pytest.MonkeyPatch
+    model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     torch.manual_seed(5)
     windows = evaluate.make_windows(torch.randint(0, VOCAB, (2 * 32,)), 32)
@@ -188,7 +187,7 @@ def test_a_pairing_switch_traces_once_and_each_pairing_matches_its_eager_referen
     capture = evaluate.PairingSwitch._capture
     monkeypatch.setattr(evaluate.PairingSwitch, "_capture", lambda self, gm, ex: captured.append(gm) or capture(self, gm, ex))
     torch._dynamo.reset()
-    switch = evaluate.PairingSwitch(model, inner)
+    switch = evaluate.PairingSwitch(model)
     with pytest.raises(ValueError, match="call set_pairing before scoring"):
         switch.logits(windows[:1])
     for pairs in [((1, 2), (3, 4)), (), ((2, 3),), ((1, 2), (3, 4))]:

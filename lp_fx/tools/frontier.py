@@ -336,12 +336,14 @@ class Frontier:
         plain = evaluate.PairingSwitch(self.model, self.options.inner)
         previous: dict[str, Pairing] = {}
         for key in tqdm(keys, desc="perplexity (gated graph)", disable=not self.progress):
+            began = time.monotonic()
             gated = scorer.perplexities(pairings[key], windows)
             previous[key[0]] = pairings[key]
             scorer.keep_only(list(previous.values()))
             plain.set_pairing(pairings[key])
             plain_ppl = evaluate.perplexity(plain.logits, self.calib, progress=False).ppl
-            self._gated[key] = (gated, check_gated(pairings[key].name, gated[CALIB].ppl, plain_ppl))
+            check = check_gated(pairings[key].name, gated[CALIB].ppl, plain_ppl)
+            self._gated[key] = (gated, {**check, "seconds": round(time.monotonic() - began, 1)})
         self._scorer = None  # its kept values go; the next compile resets Dynamo's caches anyway
 
     def _save_plan(self, delta: int, plan: dict) -> None:
@@ -391,7 +393,9 @@ class Frontier:
         if variant == "finetuned":  # the planned pairing's graph, so its speed: measured once
             planned = find_point(self.result, "planned", delta) or {}
             point.update({key: {**planned[key], "measured_for": "planned"} for key in ("speed", "llamacpp") if key in planned})
-        point.update(seconds=round(time.monotonic() - began, 1), loadavg_start=load, loadavg_end=os.getloadavg())
+        scored_before = point.get("ppl_check", {}).get("seconds", 0.0)  # its perplexities, on the gated graph
+        point.update(seconds=round(time.monotonic() - began + scored_before, 1), loadavg_start=load,
+                     loadavg_end=os.getloadavg())
         log.info("frontier %s Δ=%d: %s", variant, delta, {k: point[k] for k in ("ppl", "seconds")})
         return point
 
