@@ -117,6 +117,17 @@ def test_json_after_every_point_resume_measures_the_rest_and_one_gated_graph_pla
             return [{"speed": {"ratio": {"paired": 1.0, "paired + fuse": 1.0}}} for _ in pairings]
 
     monkeypatch.setattr(frontier_speed, "SpeedBench", Bench)
+    windows_kept, forgotten = [], []  # after a window's scoring: how many windows' values are kept
+    window_nll, forget = plan_scorers.GatedScorer.window_nll, plan_scorers.GatedScorer.forget
+
+    def counting(self, pairing, window):
+        nll = window_nll(self, pairing, window)
+        if forgotten:
+            windows_kept.append(len({entry[0] for graph in self.graphs for entry in graph.known}))
+        return nll
+
+    monkeypatch.setattr(plan_scorers.GatedScorer, "window_nll", counting)
+    monkeypatch.setattr(plan_scorers.GatedScorer, "forget", lambda self: forgotten.append(1) or forget(self))
     out = tmp_path / "run.json"
     args = _args(six_layers, frontier_data, out, "--budgets", "2,4", "--tasks", "none", "--finetune-steps", "0")
     measure, calls = frontier.Frontier.measure, []
@@ -134,6 +145,7 @@ def test_json_after_every_point_resume_measures_the_rest_and_one_gated_graph_pla
     assert _points(out) == calls == [("baseline", 0), ("contiguous", 2)]
     assert timed == [["0:2", "planned Δ=2"]]  # the budget's two pairings in one speed run
     assert len(scorers) == 1 and [run["graphs_compiled"] for run in result["planner"]] == [1]  # both budgets from one gated graph
+    assert windows_kept and max(windows_kept) == 1  # the perplexities keep one window's values at a time
     assert [len(result["plans"][delta]["pairs"]) for delta in ("2", "4")] == [1, 2]
     assert cli.main(args) == 2  # the file is there: neither resumed nor overwritten silently
     calls.clear()

@@ -236,6 +236,12 @@ class Perplexity:
     tokens: int
     windows: int
 
+    @classmethod
+    def of(cls, nll: float, windows: torch.Tensor) -> "Perplexity":
+        """From the NLL summed over ``windows``, each predicting its last ``T - 1`` tokens."""
+        tokens = windows.shape[0] * (windows.shape[1] - 1)
+        return cls(math.exp(nll / tokens), nll, tokens, windows.shape[0])
+
     def to_json(self) -> dict:
         return {"ppl": self.ppl, "nll": self.nll, "tokens": self.tokens, "windows": self.windows}
 
@@ -252,8 +258,7 @@ def perplexity(
         total += torch.nn.functional.cross_entropy(
             logits[0, :-1], ids[0, 1:], reduction="sum"
         ).item()
-    tokens = windows.shape[0] * (windows.shape[1] - 1)
-    return Perplexity(math.exp(total / tokens), total, tokens, windows.shape[0])
+    return Perplexity.of(total, windows)
 
 
 @dataclass

@@ -321,9 +321,10 @@ class Frontier:
         each checked against its plain compile (:func:`check_gated`; the plain compiles share one
         Dynamo trace, :class:`lp_fx.tools.evaluate.PairingSwitch`).
 
-        Run lazily (``eager`` inner only), the graph computes a pairing from the first layer where
-        it differs from the unpaired model or from the previous pairing of its variant, whose
-        values are kept: the layers before a budget's first new pair run once for all budgets.
+        Run lazily (``eager`` inner only), window by window, the graph computes a pairing from the
+        first layer where it differs from the unpaired model or from the previous pairing of its
+        variant on that window, whose values are kept until the next window: the layers before a
+        budget's first new pair run once for all budgets, and what is kept is one window's values.
         This comes before every other compile, which resets Dynamo's caches (and with them the graph)."""
         if self.options.inner != "eager":  # run whole, the gated graph computes more than a plain compile
             return
@@ -333,17 +334,26 @@ class Frontier:
             return
         scorer = self.scorer()
         windows = {**self.windows, CALIB: self.calib}
+        nll = {key: dict.fromkeys(windows, 0.0) for key in keys}
+        seconds = dict.fromkeys(keys, 0.0)
+        rows = [(name, row) for name, rows in windows.items() for row in rows]
+        for name, row in tqdm(rows, desc="perplexity windows (gated graph)", disable=not self.progress):
+            previous: dict[str, Pairing] = {}
+            for key in keys:
+                began = time.monotonic()
+                nll[key][name] += scorer.window_nll(pairings[key], row)
+                previous[key[0]] = pairings[key]
+                scorer.keep_only(list(previous.values()))
+                seconds[key] += time.monotonic() - began
+            scorer.forget()  # one window's values at a time: the memory of a window, not of every window
         plain = evaluate.PairingSwitch(self.model, self.options.inner)
-        previous: dict[str, Pairing] = {}
-        for key in tqdm(keys, desc="perplexity (gated graph)", disable=not self.progress):
+        for key in keys:
             began = time.monotonic()
-            gated = scorer.perplexities(pairings[key], windows)
-            previous[key[0]] = pairings[key]
-            scorer.keep_only(list(previous.values()))
+            gated = {name: evaluate.Perplexity.of(nll[key][name], rows) for name, rows in windows.items()}
             plain.set_pairing(pairings[key])
             plain_ppl = evaluate.perplexity(plain.logits, self.calib, progress=False).ppl
             check = check_gated(pairings[key].name, gated[CALIB].ppl, plain_ppl)
-            self._gated[key] = (gated, {**check, "seconds": round(time.monotonic() - began, 1)})
+            self._gated[key] = (gated, {**check, "seconds": round(seconds[key] + time.monotonic() - began, 1)})
         self._scorer = None  # its kept values go; the next compile resets Dynamo's caches anyway
 
     def _save_plan(self, delta: int, plan: dict) -> None:

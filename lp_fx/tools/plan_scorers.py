@@ -73,12 +73,12 @@ class GatedScorer:
         for graph in self.graphs:
             graph.retain(keep)
 
-    def perplexities(self, pairing: Pairing, windows: dict[str, torch.Tensor]) -> dict[str, evaluate.Perplexity]:
-        """The perplexity of ``pairing`` on each named set of ``windows``. Unlike :meth:`score` it
-        keeps every value computed, whatever the planner would keep: :meth:`keep_only` chooses."""
+    def window_nll(self, pairing: Pairing, window: torch.Tensor) -> float:
+        """The summed next-token NLL of ``pairing`` on one window. Unlike :meth:`score` it keeps
+        every value computed, whatever the planner would keep: :meth:`keep_only` and :meth:`forget`
+        choose."""
         self.backend.set_pairing(pairing.pairs, pairing.modes or ("lp",) * pairing.num_pairs)
-        return {name: evaluate.perplexity(self._logits, rows, f"{pairing.name}: {name}", progress=False)
-                for name, rows in windows.items()}
+        return evaluate.perplexity(self._logits, window[None], pairing.name, progress=False).nll
 
     def keep_only(self, pairings: Sequence[Pairing]) -> None:
         """Keep only the values of the unpaired model and of ``pairings`` (those a later pairing
@@ -89,6 +89,11 @@ class GatedScorer:
             keep.append(tuple(self.backend.gates.tolist()))
         for graph in self.graphs:
             graph.retain(keep)
+
+    def forget(self) -> None:
+        """Drop every value kept."""
+        for graph in self.graphs:
+            graph.retain([])
 
     def on(self, windows: torch.Tensor) -> Measure:
         """This scorer measuring on other windows of the same length, from the same graph."""
