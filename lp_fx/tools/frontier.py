@@ -18,9 +18,9 @@ device (:mod:`lp_fx.tools.frontier_speed`; a budget's contiguous and planned pai
 one interleaved run) and, for ``lp`` pairings, in llama.cpp.
 
 The perplexities of the baseline, contiguous and planned points come from the planner's gated graph,
-run lazily before anything else is compiled (:meth:`Frontier._score_on_gated_graph`): a pairing is
-computed from the first layer where it differs from the unpaired model or from the previous
-pairing of its kind, so the layers below the pairs run once for every budget. Each such point is
+run lazily, window by window, before anything else is compiled (:meth:`Frontier._score_on_gated_graph`):
+on each window a pairing is computed from the first layer where it differs from the unpaired model
+or from the previous pairing of its kind, so the layers below the pairs run once for every budget. Each such point is
 checked: its calibration perplexity through the gated graph must equal its plain compile's (within
 :data:`lp_fx.tools.planner.PLAIN_TOLERANCE`, recorded as ``ppl_check``), else the run stops. With
 another ``inner`` compiler, and for fine-tuned points, each point is scored by its plain compile.
@@ -332,20 +332,8 @@ class Frontier:
         keys = [key for key, pairing in pairings.items() if set(pairing.modes or ("lp",)) <= set(self.options.plan_modes)]
         if not keys:
             return
-        scorer = self.scorer()
         windows = {**self.windows, CALIB: self.calib}
-        nll = {key: dict.fromkeys(windows, 0.0) for key in keys}
-        seconds = dict.fromkeys(keys, 0.0)
-        rows = [(name, row) for name, rows in windows.items() for row in rows]
-        for name, row in tqdm(rows, desc="perplexity windows (gated graph)", disable=not self.progress):
-            previous: dict[str, Pairing] = {}
-            for key in keys:
-                began = time.monotonic()
-                nll[key][name] += scorer.window_nll(pairings[key], row)
-                previous[key[0]] = pairings[key]
-                scorer.keep_only(list(previous.values()))
-                seconds[key] += time.monotonic() - began
-            scorer.forget()  # one window's values at a time: the memory of a window, not of every window
+        nll, seconds = self._gated_nll(keys, pairings, windows)
         plain = evaluate.PairingSwitch(self.model, self.options.inner)
         for key in keys:
             began = time.monotonic()
@@ -354,7 +342,27 @@ class Frontier:
             plain_ppl = evaluate.perplexity(plain.logits, self.calib, progress=False).ppl
             check = check_gated(pairings[key].name, gated[CALIB].ppl, plain_ppl)
             self._gated[key] = (gated, {**check, "seconds": round(seconds[key] + time.monotonic() - began, 1)})
-        self._scorer = None  # its kept values go; the next compile resets Dynamo's caches anyway
+
+    def _gated_nll(
+        self, keys: Sequence[tuple[str, int]], pairings: dict[tuple[str, int], Pairing], windows: dict[str, torch.Tensor]
+    ) -> tuple[dict[tuple[str, int], dict[str, float]], dict[tuple[str, int], float]]:
+        """``(NLL summed over each set of windows, seconds)`` of each point, on the gated graph,
+        window by window (see :meth:`_score_on_gated_graph`)."""
+        scorer = self.scorer()
+        nll = {key: dict.fromkeys(windows, 0.0) for key in keys}
+        seconds = dict.fromkeys(keys, 0.0)
+        every_window = [(name, row) for name, rows in windows.items() for row in rows]
+        for name, row in tqdm(every_window, desc="perplexity windows (gated graph)", disable=not self.progress):
+            previous: dict[str, Pairing] = {}
+            for key in keys:
+                began = time.monotonic()
+                nll[key][name] += scorer.window_nll(pairings[key], row)
+                previous[key[0]] = pairings[key]
+                scorer.keep_only(list(previous.values()))
+                seconds[key] += time.monotonic() - began
+            scorer.forget()  # one window's values at a time: the memory of a window, not of every window
+        self._scorer = None  # the next compile resets Dynamo's caches, and the graph with them
+        return nll, seconds
 
     def _save_plan(self, delta: int, plan: dict) -> None:
         self.result["plans"][str(delta)] = plan
