@@ -43,12 +43,16 @@ class GatedScorer:
         self.graphs.append(graph)
         return graph
 
+    def _select(self, pairing: Pairing) -> None:
+        """Set the gates to ``pairing`` (pairs without a mode are ``lp``)."""
+        self.backend.set_pairing(pairing.pairs, pairing.modes or ("lp",) * pairing.num_pairs)
+
     def __call__(self, pairing: Pairing) -> float:
         return self.score(pairing, self.windows)
 
     def score(self, pairing: Pairing, windows: torch.Tensor) -> float:
         """The perplexity of ``pairing`` on ``windows`` (same shape as the compiled ones)."""
-        self.backend.set_pairing(pairing.pairs, pairing.modes or ("lp",) * pairing.num_pairs)
+        self._select(pairing)
         ppl = evaluate.perplexity(self._logits, windows, pairing.name, progress=False).ppl
         if self.graphs:
             self._keep_values(pairing.num_pairs, ppl, windows)
@@ -66,29 +70,32 @@ class GatedScorer:
         best = self._best.get((id(windows), num_pairs))
         if best is None or ppl < best[0]:
             self._best[(id(windows), num_pairs)] = (ppl, tuple(self.backend.gates.tolist()))
-        keep = [(OFF,) * len(self.backend.gates)]
+        keep = []
         for scored in {w for w, _ in self._best}:
             sizes = sorted(n for w, n in self._best if w == scored)[-2:]
             keep += [self._best[(scored, n)][1] for n in sizes]
+        self._retain_with_unpaired(keep)
+
+    def _retain_with_unpaired(self, settings: list[tuple[int, ...]]) -> None:
+        """Keep only the values of the unpaired model and of these gate settings."""
         for graph in self.graphs:
-            graph.retain(keep)
+            graph.retain([(OFF,) * len(self.backend.gates), *settings])
 
     def window_nll(self, pairing: Pairing, window: torch.Tensor) -> float:
         """The summed next-token NLL of ``pairing`` on one window. Unlike :meth:`score` it keeps
         every value computed, whatever the planner would keep: :meth:`keep_only` and :meth:`forget`
         choose."""
-        self.backend.set_pairing(pairing.pairs, pairing.modes or ("lp",) * pairing.num_pairs)
+        self._select(pairing)
         return evaluate.perplexity(self._logits, window[None], pairing.name, progress=False).nll
 
     def keep_only(self, pairings: Sequence[Pairing]) -> None:
         """Keep only the values of the unpaired model and of ``pairings`` (those a later pairing
         may start from), on every set of windows."""
-        keep = [(OFF,) * len(self.backend.gates)]
+        keep = []
         for pairing in pairings:
-            self.backend.set_pairing(pairing.pairs, pairing.modes or ("lp",) * pairing.num_pairs)
+            self._select(pairing)
             keep.append(tuple(self.backend.gates.tolist()))
-        for graph in self.graphs:
-            graph.retain(keep)
+        self._retain_with_unpaired(keep)
 
     def forget(self) -> None:
         """Drop every value kept."""
