@@ -159,6 +159,21 @@ def test_json_after_every_point_resume_measures_the_rest_and_one_gated_graph_pla
     assert timed == [["0:2", "planned Δ=2"], ["planned Δ=2"], ["0:4", "planned Δ=4"]]
 
 
+def test_pairings_the_gated_graph_does_not_gate_are_scored_by_their_plain_compile(
+    six_layers: Path, frontier_data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "block.json"  # contiguous pairs are lp; a graph gating only block cannot score them
+    assert cli.main(_args(six_layers, frontier_data, out, "--plan-modes", "block", "--budgets", "2", "--tasks", "none",
+                          "--finetune-steps", "0", "--speed-rounds", "0")) == 0
+    base, contiguous, planned = json.loads(out.read_text())["points"]
+    assert "ppl_check" in base and "ppl_check" in planned and "ppl_check" not in contiguous
+    _check_against_plain_compiles(six_layers, frontier_data, json.loads(out.read_text()), [base, planned])
+    loaded = models.load_model(str(six_layers), progress=False)
+    plain = evaluate.compile_pairing(loaded.model, frontier.contiguous_pairing(0, 2))
+    windows = evaluate.wikitext_windows(loaded.tokenizer, frontier_data, 16, "heldout", 2, "wikitext")
+    assert contiguous["ppl"]["wikitext"]["ppl"] == pytest.approx(evaluate.perplexity(plain, windows, progress=False).ppl)
+
+
 def test_a_gated_graph_that_disagrees_with_the_plain_compile_stops_the_run() -> None:
     assert frontier.check_gated("0:2", 10.0, 10.005) == {"windows": "calib", "gated_ppl": 10.0, "plain_ppl": 10.005}
     with pytest.raises(ValueError, match=r"0:2: the gated graph's calibration perplexity, 10.0000, differs from the "

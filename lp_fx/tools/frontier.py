@@ -329,7 +329,8 @@ class Frontier:
         if self.options.inner != "eager":  # run whole, the gated graph computes more than a plain compile
             return
         pairings = {key: self.pairing(*key)[0] for key in todo if key[0] in GATED_VARIANTS}
-        keys = [key for key, pairing in pairings.items() if set(pairing.modes or ("lp",)) <= set(self.options.plan_modes)]
+        keys = [key for key, pairing in pairings.items()
+                if set(pairing.modes or ("lp",) * pairing.num_pairs) <= set(self.options.plan_modes)]
         if not keys:
             return
         windows = {**self.windows, CALIB: self.calib}
