@@ -4,13 +4,22 @@
 install location; the package itself is not imported: it imports a dependency we do not install).
 Weights are dequantized to float32; :func:`quantize_weights` turns the linears into torchao int8
 weight-only linears, in place.
+
+Reading a GGUF through transformers is slow (SmolLM2: ≈ 45 s on a 2-core machine, most of it parsing
+the file's tokenizer fields three times), so the first load converts it once into a Hugging Face folder
+under :func:`cache_root` (float32 safetensors, keyed by the file's SHA-256) and every load reads that
+folder (≈ 2 s); the tensors, config and tokenizer are the GGUF's (checked in tests/test_models.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,25 +108,89 @@ def resolve_model_path(spec: str) -> tuple[Path, str | None]:
     )
 
 
-def load_model(spec: str = SMOLLM2, dtype: torch.dtype = torch.float32, progress: bool = True) -> LoadedModel:
-    """Load a causal LM and its tokenizer from local files only, in eval mode (``progress=False``:
-    without transformers' "Loading weights" bar)."""
-    directory, gguf_file = resolve_model_path(spec)
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    log.info("loading %s from %s", gguf_file or "model", directory)
+def cache_root() -> Path | None:
+    """Where converted models are kept: ``$LP_FX_CACHE``, else ``$XDG_CACHE_HOME/lp_fx``, else
+    ``~/.cache/lp_fx``; None for ``LP_FX_CACHE=none`` (a GGUF is then read itself on every load)."""
+    if os.environ.get("LP_FX_CACHE", "").lower() == "none":
+        return None
+    if os.environ.get("LP_FX_CACHE"):
+        return Path(os.environ["LP_FX_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lp_fx"
+
+
+@contextlib.contextmanager
+def _transformers_quiet(progress: bool) -> Iterator[None]:
+    """transformers' import noise dropped, and its progress bars off unless ``progress``."""
     with quiet_imports():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         bars = hf_logging.is_progress_bar_enabled()
         if not progress:
             hf_logging.disable_progress_bar()
         try:
-            tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True, **kwargs)
+            yield
         finally:
             if bars:
                 hf_logging.enable_progress_bar()
+
+
+def _from_pretrained(directory: Path, dtype: torch.dtype, progress: bool, gguf_file: str | None = None):
+    """``(tokenizer, model)`` from local files (``gguf_file``: that GGUF in ``directory``)."""
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    with _transformers_quiet(progress):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True, **kwargs)
+    return tokenizer, model
+
+
+def converted_gguf(path: Path, root: Path, progress: bool = True) -> Path:
+    """The Hugging Face folder under ``root`` holding the GGUF at ``path`` dequantized to float32, made
+    on first use.
+
+    Written to a temporary folder and renamed into place, so a reader never sees half a folder and two
+    processes converting at once both end with one complete folder."""
+    with path.open("rb") as file:
+        digest = hashlib.file_digest(file, "sha256").hexdigest()[:16]
+    folder = root / "models" / f"{path.stem}-{digest}"
+    if (folder / "config.json").is_file():
+        return folder
+    log.info("converting %s once into %s (later loads read that folder)", path.name, folder)
+    tokenizer, model = _from_pretrained(path.parent, torch.float32, progress, gguf_file=path.name)
+    # transformers dequantized every tensor: drop its GGUF quantizer record, which refuses to be saved
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        with _transformers_quiet(progress):
+            model.save_pretrained(partial)
+            tokenizer.save_pretrained(partial)
+        partial.rename(folder)
+    except OSError:
+        if not (folder / "config.json").is_file():  # another process did not finish it first
+            raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return folder
+
+
+def load_model(spec: str = SMOLLM2, dtype: torch.dtype = torch.float32, progress: bool = True) -> LoadedModel:
+    """Load a causal LM and its tokenizer from local files only, in eval mode (``progress=False``:
+    without transformers' "Loading weights" bar). A GGUF is read from its converted folder
+    (:func:`converted_gguf`); where that cannot be written, or with ``LP_FX_CACHE=none``, from the GGUF."""
+    directory, gguf_file = resolve_model_path(spec)
+    log.info("loading %s from %s", gguf_file or "model", directory)
+    root = cache_root()
+    if gguf_file and root is not None:
+        try:
+            tokenizer, model = _from_pretrained(converted_gguf(directory / gguf_file, root, progress), dtype, progress)
+        except OSError as e:
+            log.warning("cannot keep or read a converted copy of %s (%s); reading the GGUF itself (slow)", gguf_file, e)
+            tokenizer, model = _from_pretrained(directory, dtype, progress, gguf_file=gguf_file)
+    else:
+        tokenizer, model = _from_pretrained(directory, dtype, progress, gguf_file=gguf_file)
     model.eval()
     name = Path(gguf_file).stem if gguf_file else directory.name
     return LoadedModel(model, tokenizer, name)

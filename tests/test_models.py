@@ -1,0 +1,90 @@
+"""Loading a GGUF: converted once into a Hugging Face folder, read from it afterwards, the same model."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from lp_fx.tools import models
+from lp_fx.tools.export import Source, export
+
+from .test_export import bpe_model, save_bpe_tokenizer
+
+
+@pytest.fixture(scope="module")
+def gguf_path(tmp_path_factory) -> Path:
+    """A tiny Llama with a byte-level BPE tokenizer, written as a GGUF by our exporter."""
+    root = tmp_path_factory.mktemp("gguf")
+    path = root / "tiny.gguf"
+    export(bpe_model(), [], [], path, Source("tiny", save_bpe_tokenizer(root / "bpe")))
+    return path
+
+
+def direct(path: Path) -> tuple:
+    """``(tokenizer, model)`` read from the GGUF itself by transformers, the reference."""
+    tokenizer, model = models._from_pretrained(path.parent, torch.float32, False, gguf_file=path.name)
+    return tokenizer, model.eval()
+
+
+def assert_same_model(loaded: models.LoadedModel, reference: tuple) -> None:
+    tokenizer, model = reference
+    mine, theirs = loaded.model.state_dict(), model.state_dict()
+    assert mine.keys() == theirs.keys()
+    for name, tensor in mine.items():
+        assert tensor.dtype == theirs[name].dtype and torch.equal(tensor, theirs[name]), name
+    source_records = ("_name_or_path", "architectures", "quantization_config")  # where it was read from
+    assert ({k: v for k, v in loaded.model.config.to_dict().items() if k not in source_records}
+            == {k: v for k, v in model.config.to_dict().items() if k not in source_records})
+    text = "the cat sat on the mat"
+    assert loaded.tokenizer(text).input_ids == tokenizer(text).input_ids
+    assert loaded.tokenizer.eos_token == tokenizer.eos_token
+    assert loaded.model.generation_config == model.generation_config
+    assert not loaded.model.training
+
+
+def test_a_gguf_is_converted_once_then_loaded_from_its_folder_as_the_same_model(gguf_path, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("LP_FX_CACHE", str(tmp_path / "cache"))
+    caplog.set_level(logging.INFO, logger="lp_fx")
+    first = models.load_model(str(gguf_path), progress=False)
+    second = models.load_model(str(gguf_path), progress=False)
+    assert sum("converting tiny.gguf once" in r.getMessage() for r in caplog.records) == 1
+    [folder] = (tmp_path / "cache" / "models").iterdir()  # no partial folder left beside it
+    assert folder.name.startswith("tiny-") and (folder / "model.safetensors").is_file()
+    assert first.name == second.name == "tiny"
+    reference = direct(gguf_path)
+    assert_same_model(first, reference)
+    assert_same_model(second, reference)
+    assert models.load_model(str(gguf_path), dtype=torch.bfloat16, progress=False).model.dtype == torch.bfloat16
+
+
+def test_another_gguf_under_the_same_name_gets_its_own_folder(gguf_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("LP_FX_CACHE", str(tmp_path / "cache"))
+    other = tmp_path / "other" / gguf_path.name
+    model = bpe_model()
+    with torch.no_grad():
+        model.model.norm.weight.mul_(2)
+    export(model, [], [], other, Source("tiny", save_bpe_tokenizer(tmp_path / "bpe")))
+    norms = [models.load_model(str(path), progress=False).model.model.norm.weight for path in (gguf_path, other)]
+    assert torch.equal(norms[1], 2 * norms[0])
+    assert len(list((tmp_path / "cache" / "models").iterdir())) == 2
+
+
+def test_lp_fx_cache_none_reads_the_gguf_itself_and_writes_nothing(gguf_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("LP_FX_CACHE", "none")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.chdir(tmp_path)
+    assert_same_model(models.load_model(str(gguf_path), progress=False), direct(gguf_path))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_cache_that_cannot_be_written_falls_back_to_the_gguf_with_a_warning(gguf_path, tmp_path, monkeypatch, lp_warnings):
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("LP_FX_CACHE", str(blocked))
+    loaded = models.load_model(str(gguf_path), progress=False)
+    assert_same_model(loaded, direct(gguf_path))
+    [warning] = [r.getMessage() for r in lp_warnings.records if r.levelno == logging.WARNING]
+    assert "cannot keep or read a converted copy of tiny.gguf" in warning and "reading the GGUF" in warning
