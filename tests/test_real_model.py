@@ -34,3 +34,15 @@ def test_contiguous_pairing_costs_perplexity(smollm2: models.LoadedModel) -> Non
         progress=False,
     )
     assert base.ppl < paired.ppl < 3 * base.ppl
+
+
+def test_the_converted_smollm2_folder_holds_the_ggufs_model(smollm2: models.LoadedModel) -> None:
+    """What every load reads (the converted folder) against transformers reading the GGUF itself."""
+    from .test_models import assert_same_model, direct
+
+    reference = direct(models.smollm2_gguf())
+    assert_same_model(smollm2, reference)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    tokenizer = reference[0]
+    assert (smollm2.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            == tokenizer.apply_chat_template(messages, add_generation_prompt=True))
