@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -70,6 +72,28 @@ def test_another_gguf_under_the_same_name_gets_its_own_folder(gguf_path, tmp_pat
     norms = [models.load_model(str(path), progress=False).model.model.norm.weight for path in (gguf_path, other)]
     assert torch.equal(norms[1], 2 * norms[0])
     assert len(list((tmp_path / "cache" / "models").iterdir())) == 2
+
+
+def test_a_process_that_converts_second_keeps_the_first_folder_and_leaves_no_partial_one(
+    gguf_path, tmp_path, monkeypatch, lp_warnings
+):
+    """Two processes converting at once (ranks under torchrun): the one renaming second finds the folder made."""
+    monkeypatch.setenv("LP_FX_CACHE", str(tmp_path / "cache"))
+    rename = Path.rename
+
+    def other_process_first(self: Path, target: Path) -> Path:
+        shutil.copytree(self, target)  # the other process's complete folder, in place first
+        return rename(self, target)  # now refused: the folder is not empty
+
+    monkeypatch.setattr(Path, "rename", other_process_first)
+    loaded = models.load_model(str(gguf_path), progress=False)
+    assert [p.name for p in (tmp_path / "cache" / "models").iterdir()] == [f"tiny-{_digest(gguf_path)}"]
+    assert_same_model(loaded, direct(gguf_path))
+    assert not lp_warnings.records  # read from the folder, not the GGUF as a fallback
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def test_lp_fx_cache_none_reads_the_gguf_itself_and_writes_nothing(gguf_path, tmp_path, monkeypatch):
