@@ -188,6 +188,12 @@ def _cannot_stack(ta: Any, tb: Any) -> str | None:
     return None
 
 
+# AOTAutograd caches a graph only if every tensor method is called on a node with Dynamo's fake value
+# (else a fused compile bypassed its cache: "Unsupported call_method target"): the nodes fusion adds
+# call functions, and each projection's replacement carries the fake value of the projection.
+aten = torch.ops.aten
+
+
 def _fuse_group(
     gm: fx.GraphModule, example_inputs: Sequence[Any], positions: dict[fx.Node, int], group: Group, store: WeightStore,
     result: FuseResult,
@@ -211,7 +217,7 @@ def _fuse_group(
     with graph.inserting_after(anchor):
         w = _buffer_node(gm, weights, result)
         inputs = graph.call_function(torch.stack, ([_rows(graph, x_a), _rows(graph, x_b)],))
-        w_t = w if transposed else graph.call_method("transpose", (w, 1, 2))
+        w_t = w if transposed else graph.call_function(torch.transpose, (w, 1, 2))
         if biases is None:
             y = graph.call_function(torch.bmm, (inputs, w_t))
         else:
@@ -224,7 +230,9 @@ def _fuse_group(
                 width = example_inputs[positions[proj.weight]].shape[0 if not transposed else 1]
                 part = graph.call_function(operator.getitem, (y, (branch, slice(None), slice(start, start + width))))
                 shape = graph.call_function(operator.add, (leading, (width,)))
-                out = graph.call_method("view", (graph.call_method("contiguous", (part,)), shape))
+                out = graph.call_function(aten.view.default, (graph.call_function(aten.contiguous.default, (part,)), shape))
+                if "example_value" in proj.node.meta:  # the same tensor the model's next ops read
+                    out.meta["example_value"] = proj.node.meta["example_value"]
                 proj.node.replace_all_uses_with(out)
                 graph.erase_node(proj.node)
                 start += width

@@ -54,6 +54,20 @@ def test_fused_pair_matches_eager_reference_and_unfused(arch, mode):
     assert (fused - expected).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # linear; Conv1D with bias (baddbmm over a [in, out] weight)
+def test_a_fused_graph_is_one_aotautograd_can_cache(arch):
+    """It bypassed AOTAutograd's cache before ("Unsupported call_method target"): every fused compile
+    re-ran AOTAutograd, even with Inductor's caches warm."""
+    from torch._functorch._aot_autograd.autograd_cache import check_cacheable
+
+    graphs = []
+    _, backend = compiled_logits(make(arch), random_ids(5), fuse=True,
+                                 inner=lambda gm, example_inputs: graphs.append(gm) or gm.forward)
+    assert backend.reports[0].pairs_fused == [((1, 2), GROUPS)]
+    [gm] = graphs
+    check_cacheable(gm)
+
+
 def test_fused_model_holds_its_weights_once_and_still_runs_eagerly():
     model = make("llama")
     ids = random_ids(6)
