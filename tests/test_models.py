@@ -112,3 +112,14 @@ def test_a_cache_that_cannot_be_written_falls_back_to_the_gguf_with_a_warning(gg
     assert_same_model(loaded, direct(gguf_path))
     [warning] = [r.getMessage() for r in lp_warnings.records if r.levelno == logging.WARNING]
     assert "cannot keep or read a converted copy of tiny.gguf" in warning and "reading the GGUF" in warning
+
+
+def test_a_converted_folder_damaged_since_falls_back_to_the_gguf_with_a_warning(gguf_path, tmp_path, monkeypatch, lp_warnings):
+    monkeypatch.setenv("LP_FX_CACHE", str(tmp_path / "cache"))
+    models.load_model(str(gguf_path), progress=False)
+    [folder] = (tmp_path / "cache" / "models").iterdir()
+    with (folder / "model.safetensors").open("r+b") as file:
+        file.truncate(100)
+    assert_same_model(models.load_model(str(gguf_path), progress=False), direct(gguf_path))
+    [warning] = [r.getMessage() for r in lp_warnings.records if r.levelno == logging.WARNING]
+    assert "cannot keep or read a converted copy of tiny.gguf" in warning

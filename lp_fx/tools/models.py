@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,7 @@ def load_model(spec: str = SMOLLM2, dtype: torch.dtype = torch.float32, progress
     if gguf_file and root is not None:
         try:
             tokenizer, model = _from_pretrained(converted_gguf(directory / gguf_file, root, progress), dtype, progress)
-        except OSError as e:
+        except (OSError, SafetensorError) as e:  # unwritable cache, or a folder damaged since it was written
             log.warning("cannot keep or read a converted copy of %s (%s); reading the GGUF itself (slow)", gguf_file, e)
             tokenizer, model = _from_pretrained(directory, dtype, progress, gguf_file=gguf_file)
     else:
