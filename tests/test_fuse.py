@@ -1,5 +1,6 @@
 """``fuse=True``: each rewritten pair's GEMMs run as batched GEMMs over a stacked weight buffer,
-with the same result as the unfused pairing and its independent eager reference."""
+with the result of the pairing's independent eager reference (which the unfused pairing also
+equals: tests/test_pairing.py)."""
 
 import pytest
 import torch
@@ -39,18 +40,16 @@ def gemms_per_layer(arch):
 
 @pytest.mark.parametrize("mode", ["lp", "block"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_fused_pair_matches_eager_reference_and_unfused(arch, mode):
+def test_fused_pair_matches_eager_reference(arch, mode):
     model = make(arch)
     ids = random_ids(5)
     with torch.no_grad(), eager_pairing(model, PAIRS, mode) as reference:
         expected = logits(reference, ids)
-    unfused, _ = compiled_logits(model, ids, mode=mode)
     fused, backend = compiled_logits(model, ids, mode=mode, fuse=True)
     report = backend.reports[0]
     assert report.pairs_fused == [((1, 2), GROUPS)], report.summary()
     assert not report.fuse_skipped
     assert report.gemms[0] - report.gemms[1] == 2 * gemms_per_layer(arch) - GROUPS
-    assert (fused - unfused).abs().max().item() <= 1e-4
     assert (fused - expected).abs().max().item() <= 1e-4
 
 
