@@ -47,6 +47,14 @@ def test_placed_logits_equal_single_device(ranks, model, layers, mode, tp):
         assert case["param_bytes"] < case["full_bytes"]
 
 
+def test_placed_graph_through_inductor_equals_single_device(ranks):
+    """DTensor placement (TP + an LP pair) lowered by Inductor, against the single-device eager pairing."""
+    for rank, res in enumerate(ranks):
+        case = res["llama_lp_tpTrue_inductor"]
+        assert case["rank"] == rank and case["diff"] <= TOL
+        assert case["collectives"] == _expected_collectives(LLAMA_LAYERS, "lp", True)
+
+
 @pytest.mark.parametrize("model,layers", [("llama", LLAMA_LAYERS), ("gpt", GPT_LAYERS)])
 def test_tensor_parallel_only_equals_unpaired_model(ranks, model, layers):
     for res in ranks:
