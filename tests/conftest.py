@@ -1,3 +1,4 @@
+import contextlib
 import json
 import logging
 import os
@@ -6,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from .cores import CoresLock, cores_lock
 from .models import hf_model
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -13,6 +15,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # threads each spinning for the same cores; the tiny models gain nothing from intra-op threads.
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def cores() -> CoresLock | None:
+    return cores_lock()
+
+
+@pytest.fixture(autouse=True)
+def cores_in_turn_with_ranks(cores: CoresLock | None):
+    """No test runs while another worker's spawned gloo ranks do (tests/cores.py)."""
+    with cores.shared() if cores is not None else contextlib.nullcontext():
+        yield
 
 
 @pytest.fixture(autouse=True)

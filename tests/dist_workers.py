@@ -6,6 +6,7 @@ model and pairing, and returns plain numbers; the test process asserts on them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import socket
@@ -23,6 +24,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lp_fx.backend import LayerParallel
 from lp_fx.config import LayerParallelError
 from lp_fx.weights import resident_bytes
+
+from .cores import cores_lock
 
 GPT_CASES = (("lp", True), ("block", False))
 # The tiny Llama's layers and the pair the two-rank cases place: one tensor-parallel layer on each side.
@@ -195,7 +198,9 @@ def error_case(fn: Callable[[], object]) -> str:
 
 def spawn_ranks(cases: Callable[[DeviceMesh], dict], world: int, out_dir: Path) -> list[dict]:
     """Each rank's ``cases(mesh)`` results, from ``world`` spawned gloo processes (any failure raised here)."""
-    mp.spawn(run_cases, args=(world, _free_port(), str(out_dir), cases), nprocs=world)
+    lock = cores_lock()
+    with lock.alone() if lock is not None else contextlib.nullcontext():  # the ranks take every core
+        mp.spawn(run_cases, args=(world, _free_port(), str(out_dir), cases), nprocs=world)
     results = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
     for r, res in enumerate(results):
         assert "error" not in res, f"rank {r}:\n{res['error']}"
