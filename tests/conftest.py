@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .cores import CoresLock, cores_lock
+from .cores import CoresLock
 from .models import hf_model
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -18,8 +18,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 @pytest.fixture(scope="session")
-def cores() -> CoresLock | None:
-    return cores_lock()
+def cores(tmp_path_factory: pytest.TempPathFactory) -> CoresLock | None:
+    """The lock the workers of this pytest-xdist run share; None in a single-process run."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return None
+    return CoresLock(tmp_path_factory.getbasetemp().parent / "cores")  # a worker's base is <run>/popen-gwN
 
 
 @pytest.fixture(autouse=True)

@@ -1,25 +1,25 @@
 """The suite's pytest-xdist workers and the gloo ranks a test spawns take turns on the cores.
 
-Spawned ranks keep every core busy. Run beside another worker's tests, the 2-core CI machine
-time-slices three or more busy processes and the suite took twice as long (1201 s) as the gloo
-modules alone plus the rest alone (177 s + 508 s). So while ranks run no other test runs: a test
-holds the shared lock; spawning ranks takes it exclusively, after announcing itself on a second lock
-so that the workers' next tests wait instead of starving it (``fcntl.flock``, one pair of files per
-test run).
+Spawned ranks keep every core busy. Run beside another worker's tests, three or more busy processes
+time-sliced the 2 cores and the suite took 1201 s, against 177 s for the gloo modules alone plus 508 s
+for the rest alone. So while ranks run no other test runs: a test holds the shared lock; spawning
+ranks takes it exclusively, after announcing itself on a second lock so that the workers' next tests
+wait instead of starving it (``fcntl.flock``; one pair of files per test run, in pytest's base
+temporary folder that the workers share).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import os
-import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
 
 class CoresLock:
-    """Shared for a test, exclusive while ranks run; across the worker processes of one test run."""
+    """Shared for a test, exclusive while ranks run; across the worker processes of one test run.
+    One object per process: a process that holds it shared and asks for it alone converts its own
+    lock (``flock`` on the same file) instead of waiting for itself."""
 
     def __init__(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -49,9 +49,3 @@ class CoresLock:
                 fcntl.flock(self._running, fcntl.LOCK_UN)
         finally:
             fcntl.flock(self._wanted, fcntl.LOCK_UN)
-
-
-def cores_lock() -> CoresLock | None:
-    """The lock of this pytest-xdist run; None in a single-process run (nothing to share)."""
-    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    return CoresLock(Path(tempfile.gettempdir()) / f"lp_fx_tests_{run}") if run else None

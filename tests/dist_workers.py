@@ -25,7 +25,7 @@ from lp_fx.backend import LayerParallel
 from lp_fx.config import LayerParallelError
 from lp_fx.weights import resident_bytes
 
-from .cores import cores_lock
+from .cores import CoresLock
 
 GPT_CASES = (("lp", True), ("block", False))
 # The tiny Llama's layers and the pair the two-rank cases place: one tensor-parallel layer on each side.
@@ -196,10 +196,10 @@ def error_case(fn: Callable[[], object]) -> str:
     return "no error"
 
 
-def spawn_ranks(cases: Callable[[DeviceMesh], dict], world: int, out_dir: Path) -> list[dict]:
-    """Each rank's ``cases(mesh)`` results, from ``world`` spawned gloo processes (any failure raised here)."""
-    lock = cores_lock()
-    with lock.alone() if lock is not None else contextlib.nullcontext():  # the ranks take every core
+def spawn_ranks(cases: Callable[[DeviceMesh], dict], world: int, out_dir: Path, cores: CoresLock | None) -> list[dict]:
+    """Each rank's ``cases(mesh)`` results, from ``world`` spawned gloo processes (any failure raised
+    here); no other test runs meanwhile (``cores``, the session's lock: tests/cores.py)."""
+    with cores.alone() if cores is not None else contextlib.nullcontext():
         mp.spawn(run_cases, args=(world, _free_port(), str(out_dir), cases), nprocs=world)
     results = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
     for r, res in enumerate(results):

@@ -24,8 +24,8 @@ LLAMA_LAYERS, GPT_LAYERS = dist_workers.LLAMA_LAYERS, 4
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> list[dict]:
-    return dist_workers.spawn_ranks(dist_workers.two_rank_cases, WORLD, tmp_path_factory.mktemp("ranks"))
+def ranks(tmp_path_factory, cores) -> list[dict]:
+    return dist_workers.spawn_ranks(dist_workers.two_rank_cases, WORLD, tmp_path_factory.mktemp("ranks"), cores)
 
 
 def _expected_collectives(layers: int, mode: str, tp: bool, pairs: int = 1) -> int:

@@ -42,8 +42,8 @@ def four_rank_cases(mesh: DeviceMesh) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> list[dict]:
-    return dist_workers.spawn_ranks(four_rank_cases, WORLD, tmp_path_factory.mktemp("ranks_w4"))
+def ranks(tmp_path_factory, cores) -> list[dict]:
+    return dist_workers.spawn_ranks(four_rank_cases, WORLD, tmp_path_factory.mktemp("ranks_w4"), cores)
 
 
 @pytest.fixture(scope="module")

@@ -19,11 +19,11 @@ pytestmark = pytest.mark.xdist_group("gloo_ranks")
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> tuple[list[dict], object]:
+def ranks(tmp_path_factory, cores) -> tuple[list[dict], object]:
     ckpt = tmp_path_factory.mktemp("ckpt")
     os.environ["LP_FX_CKPT"] = str(ckpt)
     try:
-        results = dist_workers.spawn_ranks(dist_workers.finetune_cases, 2, tmp_path_factory.mktemp("ranks"))
+        results = dist_workers.spawn_ranks(dist_workers.finetune_cases, 2, tmp_path_factory.mktemp("ranks"), cores)
     finally:
         del os.environ["LP_FX_CKPT"]
     return results, ckpt
