@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -123,3 +124,20 @@ def test_a_converted_folder_damaged_since_falls_back_to_the_gguf_with_a_warning(
     assert_same_model(models.load_model(str(gguf_path), progress=False), direct(gguf_path))
     [warning] = [r.getMessage() for r in lp_warnings.records if r.levelno == logging.WARNING]
     assert "cannot keep or read a converted copy of tiny.gguf" in warning
+
+
+def test_a_conversion_killed_before_it_cleaned_up_is_removed_by_the_next_one(gguf_path, tmp_path, monkeypatch):
+    """A SIGKILLed conversion leaves its temporary folder; the next conversion of that GGUF removes
+    one older than an hour and keeps a recent one (another process may be writing it)."""
+    monkeypatch.setenv("LP_FX_CACHE", str(tmp_path / "cache"))
+    with gguf_path.open("rb") as file:
+        name = f"tiny-{hashlib.file_digest(file, 'sha256').hexdigest()[:16]}"
+    parent = tmp_path / "cache" / "models"
+    killed, writing = parent / f".{name}-killed", parent / f".{name}-writing"
+    for partial in (killed, writing):
+        partial.mkdir(parents=True)
+        (partial / "config.json").write_text("{}")
+    hours_ago = killed.stat().st_mtime - 2 * 3600
+    os.utime(killed, (hours_ago, hours_ago))
+    models.load_model(str(gguf_path), progress=False)
+    assert sorted(p.name for p in parent.iterdir()) == sorted([name, writing.name])

@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +147,19 @@ def _from_pretrained(directory: Path, dtype: torch.dtype, progress: bool, gguf_f
     return tokenizer, model
 
 
+# A conversion takes about a minute; a temporary folder older than this one's was left by a killed one.
+STALE_PARTIAL_S = 3600.0
+
+
+def _remove_killed_conversions(folder: Path) -> None:
+    """Temporary folders of ``folder`` left by conversions killed before they could clean up
+    (SIGKILL, power loss); recent ones may still be written by another process and stay."""
+    for partial in folder.parent.glob(f".{folder.name}-*"):
+        if time.time() - partial.stat().st_mtime > STALE_PARTIAL_S:
+            log.info("removing %s, left by a conversion that did not finish", partial)
+            shutil.rmtree(partial, ignore_errors=True)
+
+
 def converted_gguf(path: Path, root: Path, progress: bool = True) -> Path:
     """The Hugging Face folder under ``root`` holding the GGUF at ``path`` dequantized to float32, made
     on first use.
@@ -163,6 +177,7 @@ def converted_gguf(path: Path, root: Path, progress: bool = True) -> Path:
     model.hf_quantizer = None
     del model.config.quantization_config
     folder.parent.mkdir(parents=True, exist_ok=True)
+    _remove_killed_conversions(folder)
     partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
         with _transformers_quiet(progress):
