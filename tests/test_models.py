@@ -141,3 +141,10 @@ def test_a_conversion_killed_before_it_cleaned_up_is_removed_by_the_next_one(ggu
     os.utime(killed, (hours_ago, hours_ago))
     models.load_model(str(gguf_path), progress=False)
     assert sorted(p.name for p in parent.iterdir()) == sorted([name, writing.name])
+
+
+def test_a_conversion_without_progress_shows_no_bar(gguf_path, tmp_path, monkeypatch, capfd):
+    """transformers' GGUF reader draws its own tqdm bar, which its progress-bar switch does not reach."""
+    monkeypatch.setenv("LP_FX_CACHE", str(tmp_path / "cache"))
+    models.load_model(str(gguf_path), progress=False)
+    assert "de-quantizing" not in capfd.readouterr().err

@@ -14,6 +14,7 @@ folder (≈ 2 s); the tensors, config and tokenizer are the GGUF's (checked in t
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -21,6 +22,7 @@ import os
 import shutil
 import tempfile
 import time
+import unittest.mock
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,13 +124,16 @@ def cache_root() -> Path | None:
 
 @contextlib.contextmanager
 def _transformers_quiet(progress: bool) -> Iterator[None]:
-    """transformers' import noise dropped, and its progress bars off unless ``progress``."""
-    with quiet_imports():
+    """transformers' import noise dropped, and its progress bars off unless ``progress`` (its GGUF
+    reader's bar too: it calls tqdm itself, past transformers' own switch)."""
+    with quiet_imports(), contextlib.ExitStack() as stack:
+        from transformers import modeling_gguf_pytorch_utils as gguf_reader
         from transformers.utils import logging as hf_logging
 
         bars = hf_logging.is_progress_bar_enabled()
         if not progress:
             hf_logging.disable_progress_bar()
+            stack.enter_context(unittest.mock.patch.object(gguf_reader, "tqdm", functools.partial(gguf_reader.tqdm, disable=True)))
         try:
             yield
         finally:
