@@ -148,3 +148,17 @@ def test_a_conversion_without_progress_shows_no_bar(gguf_path, tmp_path, monkeyp
     monkeypatch.setenv("LP_FX_CACHE", str(tmp_path / "cache"))
     models.load_model(str(gguf_path), progress=False)
     assert "de-quantizing" not in capfd.readouterr().err
+
+
+def test_a_temporary_folder_gone_before_it_is_looked_at_does_not_stop_the_conversion(gguf_path, tmp_path, monkeypatch, lp_warnings):
+    """Another process renames its finished folder into place (or removes its own) between our listing
+    and our look at its age: a dangling link stands for it. The conversion goes on, no warning."""
+    monkeypatch.setenv("LP_FX_CACHE", str(tmp_path / "cache"))
+    with gguf_path.open("rb") as file:
+        name = f"tiny-{hashlib.file_digest(file, 'sha256').hexdigest()[:16]}"
+    parent = tmp_path / "cache" / "models"
+    parent.mkdir(parents=True)
+    (parent / f".{name}-renamed").symlink_to(tmp_path / "gone")
+    models.load_model(str(gguf_path), progress=False)
+    assert (parent / name / "config.json").is_file()
+    assert not lp_warnings.records

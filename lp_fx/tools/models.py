@@ -127,11 +127,12 @@ def _transformers_quiet(progress: bool) -> Iterator[None]:
     """transformers' import noise dropped, and its progress bars off unless ``progress`` (its GGUF
     reader's bar too: it calls tqdm itself, past transformers' own switch)."""
     with quiet_imports(), contextlib.ExitStack() as stack:
-        from transformers import modeling_gguf_pytorch_utils as gguf_reader
         from transformers.utils import logging as hf_logging
 
         bars = hf_logging.is_progress_bar_enabled()
         if not progress:
+            from transformers import modeling_gguf_pytorch_utils as gguf_reader
+
             hf_logging.disable_progress_bar()
             stack.enter_context(unittest.mock.patch.object(gguf_reader, "tqdm", functools.partial(gguf_reader.tqdm, disable=True)))
         try:
@@ -160,7 +161,11 @@ def _remove_killed_conversions(folder: Path) -> None:
     """Temporary folders of ``folder`` left by conversions killed before they could clean up
     (SIGKILL, power loss); recent ones may still be written by another process and stay."""
     for partial in folder.parent.glob(f".{folder.name}-*"):
-        if time.time() - partial.stat().st_mtime > STALE_PARTIAL_S:
+        try:
+            age = time.time() - partial.stat().st_mtime
+        except FileNotFoundError:  # renamed into place or removed by its process since the listing
+            continue
+        if age > STALE_PARTIAL_S:
             log.info("removing %s, left by a conversion that did not finish", partial)
             shutil.rmtree(partial, ignore_errors=True)
 
