@@ -188,9 +188,6 @@ def _cannot_stack(ta: Any, tb: Any) -> str | None:
     return None
 
 
-# AOTAutograd caches a graph only if every tensor method is called on a node with Dynamo's fake value
-# (else a fused compile bypassed its cache: "Unsupported call_method target"): the nodes fusion adds
-# call functions, and each projection's replacement carries the fake value of the projection.
 aten = torch.ops.aten
 
 
@@ -214,6 +211,9 @@ def _fuse_group(
         checks += [(positions[p.bias], v) for p, v in zip([*members[0], *members[1]], bias_views)]
     x_a, x_b = group[0][0].input, group[0][1].input
     anchor = max((x_a, x_b), key=_order(graph).__getitem__)
+    # AOTAutograd caches a graph only if every tensor method is called on a node with Dynamo's fake value
+    # (else a fused compile bypassed its cache: "Unsupported call_method target"): the nodes added here
+    # call functions, and each projection's replacement carries the fake value of the projection.
     with graph.inserting_after(anchor):
         w = _buffer_node(gm, weights, result)
         inputs = graph.call_function(torch.stack, ([_rows(graph, x_a), _rows(graph, x_b)],))

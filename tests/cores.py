@@ -19,7 +19,7 @@ from typing import IO, Iterator
 class CoresLock:
     """Shared for a test, exclusive while ranks run; across the worker processes of one test run.
     One object per process: a process that holds it shared and asks for it alone converts its own
-    lock (``flock`` on the same file) instead of waiting for itself."""
+    lock (``flock`` on the same file) instead of waiting for itself, and holds nothing once alone ends."""
 
     def __init__(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
