@@ -126,7 +126,7 @@ def test_a_converted_folder_damaged_since_falls_back_to_the_gguf_with_a_warning(
     assert "cannot keep or read a converted copy of tiny.gguf" in warning
 
 
-def test_a_conversion_killed_before_it_cleaned_up_is_removed_by_the_next_one(gguf_path, tmp_path, monkeypatch):
+def test_a_conversion_killed_before_it_cleaned_up_is_removed_by_the_next_one(gguf_path, tmp_path, monkeypatch, caplog):
     """A SIGKILLed conversion leaves its temporary folder; the next conversion of that GGUF removes
     one older than an hour and keeps a recent one (another process may be writing it)."""
     monkeypatch.setenv("LP_FX_CACHE", str(tmp_path / "cache"))
@@ -134,13 +134,19 @@ def test_a_conversion_killed_before_it_cleaned_up_is_removed_by_the_next_one(ggu
         name = f"tiny-{hashlib.file_digest(file, 'sha256').hexdigest()[:16]}"
     parent = tmp_path / "cache" / "models"
     killed, writing = parent / f".{name}-killed", parent / f".{name}-writing"
+    not_ours = parent / f".{name}-a_file"  # a conversion writes folders; a file is left alone
     for partial in (killed, writing):
         partial.mkdir(parents=True)
         (partial / "config.json").write_text("{}")
+    not_ours.write_text("{}")
     hours_ago = killed.stat().st_mtime - 2 * 3600
-    os.utime(killed, (hours_ago, hours_ago))
+    for old in (killed, not_ours):
+        os.utime(old, (hours_ago, hours_ago))
+    caplog.set_level(logging.INFO, logger="lp_fx")
     models.load_model(str(gguf_path), progress=False)
-    assert sorted(p.name for p in parent.iterdir()) == sorted([name, writing.name])
+    assert sorted(p.name for p in parent.iterdir()) == sorted([name, writing.name, not_ours.name])
+    removed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("removing")]
+    assert len(removed) == 1 and killed.name in removed[0]
 
 
 def test_a_conversion_without_progress_shows_no_bar(gguf_path, tmp_path, monkeypatch, capfd):

@@ -20,6 +20,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import time
 import unittest.mock
@@ -162,10 +163,10 @@ def _remove_killed_conversions(folder: Path) -> None:
     (SIGKILL, power loss); recent ones may still be written by another process and stay."""
     for partial in folder.parent.glob(f".{folder.name}-*"):
         try:
-            age = time.time() - partial.stat().st_mtime
+            info = partial.stat()
         except FileNotFoundError:  # renamed into place or removed by its process since the listing
             continue
-        if age > STALE_PARTIAL_S:
+        if stat.S_ISDIR(info.st_mode) and time.time() - info.st_mtime > STALE_PARTIAL_S:  # conversions make folders
             log.info("removing %s, left by a conversion that did not finish", partial)
             shutil.rmtree(partial, ignore_errors=True)
 
