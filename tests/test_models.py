@@ -130,8 +130,7 @@ def test_a_conversion_killed_before_it_cleaned_up_is_removed_by_the_next_one(ggu
     """A SIGKILLed conversion leaves its temporary folder; the next conversion of that GGUF removes
     one older than an hour and keeps a recent one (another process may be writing it)."""
     monkeypatch.setenv("LP_FX_CACHE", str(tmp_path / "cache"))
-    with gguf_path.open("rb") as file:
-        name = f"tiny-{hashlib.file_digest(file, 'sha256').hexdigest()[:16]}"
+    name = f"tiny-{_digest(gguf_path)}"
     parent = tmp_path / "cache" / "models"
     killed, writing = parent / f".{name}-killed", parent / f".{name}-writing"
     not_ours = parent / f".{name}-a_file"  # a conversion writes folders; a file is left alone
@@ -160,8 +159,7 @@ def test_a_temporary_folder_gone_before_it_is_looked_at_does_not_stop_the_conver
     """Another process renames its finished folder into place (or removes its own) between our listing
     and our look at its age: a dangling link stands for it. The conversion goes on, no warning."""
     monkeypatch.setenv("LP_FX_CACHE", str(tmp_path / "cache"))
-    with gguf_path.open("rb") as file:
-        name = f"tiny-{hashlib.file_digest(file, 'sha256').hexdigest()[:16]}"
+    name = f"tiny-{_digest(gguf_path)}"
     parent = tmp_path / "cache" / "models"
     parent.mkdir(parents=True)
     (parent / f".{name}-renamed").symlink_to(tmp_path / "gone")
