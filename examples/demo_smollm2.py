@@ -22,11 +22,11 @@ import torch
 import lp_fx
 from lp_fx import LayerParallel
 from lp_fx.config import INNER_COMPILERS, PAIRING_MODES, check_range
-from lp_fx.tools.arguments import OneLineParser, int_at_least, non_negative_int, positive_int
+from lp_fx.tools.options import OneLineParser, int_at_least, non_negative_int, positive_int
 from lp_fx.tools.data import DataError, load_wikitext, resolve_data_dir
-from lp_fx.tools.evaluate import make_windows, perplexity
+from lp_fx.tools.evaluation.scoring import make_windows, perplexity
 from lp_fx.tools.models import load_model
-from lp_fx.tools.timing import generate
+from lp_fx.tools.speed.timing import generate
 
 PROMPT = "What is the capital of France?"
 

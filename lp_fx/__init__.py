@@ -13,9 +13,8 @@ A fine-tuned pairing (``lp-fx finetune``) is served with::
     torch.compile(model, backend="layer_parallel", options=lp_fx.load_finetuned(model, "ckpt/"))
 """
 
-from typing import Any
-
 from .backend import GatedLayerParallel, LayerParallel, layer_parallel
+from .checkpoint import load_finetuned
 from .config import LayerParallelError, LPConfig
 from .report import GraphReport, LayerInfo
 
@@ -24,11 +23,3 @@ __all__ = [
     "LayerInfo", "load_finetuned",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    # Imported on first use: the checkpoint reader needs safetensors, which compiling does not.
-    if name == "load_finetuned":
-        from .tools.checkpoint import load_finetuned
-
-        return load_finetuned
-    raise AttributeError(f"module 'lp_fx' has no attribute {name!r}")

@@ -135,7 +135,7 @@ def compile_inner(
         return gm.forward
     if inner == "aot_eager":
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
-    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.compile_fx import compile_fx  # lazy: Inductor takes seconds to import; eager never needs it
 
     return compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": True} if cudagraphs else None)
 

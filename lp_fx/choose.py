@@ -7,7 +7,8 @@ a pair split by a graph break, a post-norm layer in ``lp`` mode.
 
 from __future__ import annotations
 
-from .config import LayerParallelError, Pair, check_plan
+from .config import LayerParallelError, Pair
+from .pairing import check_plan
 from .find_layers import LayerStack, available_stacks
 from .graph_breaks import last_graph_break
 from .merge import merge_problem

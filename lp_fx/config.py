@@ -1,5 +1,5 @@
 """Backend options -> a validated :class:`LPConfig`, the one place the options are declared,
-documented and given their defaults; and plan files.
+documented and given their defaults. Pairs, ranges and plan files are :mod:`lp_fx.pairing`'s.
 
 Every check here is about the options alone; what depends on the model (a pair past the last
 layer, a plan made for another layer count, a post-norm layer) is checked when a graph arrives
@@ -8,38 +8,18 @@ layer, a plan made for another layer count, a post-norm layer) is checked when a
 
 from __future__ import annotations
 
-import json
-import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, Field, dataclass, field, fields
-from pathlib import Path
 from typing import Any
+
+from lp_fx.errors import LayerParallelError
+from lp_fx.pairing import Pair, Shuffle, check_range, is_int, load_plan, validate_pairs
 
 PAIRING_MODES = ("lp", "block")  # both layers run, their updates summed: what placement and fine-tuning handle
 SKIP_MODES = ("prune", "merge")  # the second layer of the pair is removed
 MODES = PAIRING_MODES + SKIP_MODES
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 SHUFFLE_KEYS = ("start", "end", "seed")
-
-Pair = tuple[int, int]
-
-
-class LayerParallelError(ValueError):
-    """Bad options, or (with ``strict=True``) a pairing that cannot be applied to a graph."""
-
-
-@dataclass(frozen=True)
-class Shuffle:
-    """Layers ``start .. end - 1`` run in a seeded random order, each keeping its own cache slot."""
-
-    start: int
-    end: int
-    seed: int = 0
-
-    @property
-    def order(self) -> tuple[int, ...]:
-        """The layer indices in the order they run (the same for every graph and every run)."""
-        return tuple(random.Random(self.seed).sample(range(self.start, self.end), self.end - self.start))
 
 
 def _made_from(*options: str) -> dict[str, tuple[str, ...]]:
@@ -197,101 +177,6 @@ def _modes_of(pairs: Sequence[Sequence[int]], modes: Any, source: str) -> dict[P
     return {(int(p[0]), int(p[1])): choice(m, MODES, f"mode of pair {tuple(p)}") for p, m in zip(pairs, modes)}
 
 
-def check_range(start: Any, end: Any) -> tuple[int, int]:
-    """``(start, end)`` of the paper's contiguous range, checked without making its pairs."""
-    if not _is_int(start) or not _is_int(end):
-        raise LayerParallelError(f"'start' and 'end' must both be integers (got start={start!r}, end={end!r})")
-    if start < 0 or end <= start:
-        raise LayerParallelError(f"need 0 <= start < end (got start={start}, end={end})")
-    delta = end - start
-    if delta % 2:
-        raise LayerParallelError(
-            f"end - start = {delta} is odd: Δ must be even so that layers pair up "
-            f"(e.g. end={end - 1} or end={end + 1})"
-        )
-    return start, end
-
-
-def pairs_from_range(start: Any, end: Any) -> tuple[Pair, ...]:
-    """The paper's contiguous range: (start, start+1), (start+2, start+3), ... below ``end``."""
-    start, end = check_range(start, end)
-    return tuple((i, i + 1) for i in range(start, end, 2))
-
-
-def validate_pairs(pairs: Any) -> tuple[Pair, ...]:
-    """Check a list of ``(i, i + 1)`` pairs: consecutive, non-negative, no layer used twice."""
-    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
-        raise LayerParallelError(f"'pairs' must be a list of (i, i + 1) layer indices, got {pairs!r}")
-    checked: list[Pair] = []
-    for p in pairs:
-        if isinstance(p, (str, bytes)) or not isinstance(p, Sequence) or len(p) != 2 or not all(map(_is_int, p)):
-            raise LayerParallelError(f"each pair must be two layer indices (i, i + 1), got {p!r}")
-        a, b = int(p[0]), int(p[1])
-        if a < 0:
-            raise LayerParallelError(f"pair {(a, b)}: layer indices must be >= 0")
-        if b != a + 1:
-            raise LayerParallelError(
-                f"pair {(a, b)} is not two consecutive layers: valid pairs look like (i, i + 1), e.g. {(a, a + 1)}"
-            )
-        checked.append((a, b))
-    checked.sort()
-    for (a0, b0), (a1, b1) in zip(checked, checked[1:]):
-        if a1 <= b0:
-            raise LayerParallelError(f"pairs {(a0, b0)} and {(a1, b1)} overlap: each layer can be in one pair only")
-    return tuple(checked)
-
-
-# ------------------------------------------------------------------------------------ plan files
-
-
-class PlanError(LayerParallelError):
-    """A plan file that cannot be used (unreadable, malformed, or for another model)."""
-
-
-def read_bytes(path: Path, error: type[Exception], missing: str, folder: str, unreadable: str) -> bytes:
-    """The bytes of ``path``, or one ``error``: ``missing`` when there is no such file, ``folder``
-    when it is a directory, ``unreadable: <the system's reason>`` otherwise (plans and checkpoints
-    read their files through this)."""
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise error(missing) from None
-    except IsADirectoryError:
-        raise error(folder) from None
-    except OSError as reason:
-        raise error(f"{unreadable}: {reason.strerror or reason}") from None
-
-
-def load_plan(path: str | Path) -> dict:
-    """Read a plan file: ``{"pairs": [[i, i+1], …], "num_layers": N, "modes"?: [...], …}``."""
-    path = Path(path)
-    text = read_bytes(path, PlanError, missing=f"plan file {path} not found; make one with `lp-fx plan`",
-                      folder=f"plan file {path} is a directory; give the JSON file `lp-fx plan` wrote",
-                      unreadable=f"cannot read plan file {path}")
-    try:
-        plan = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise PlanError(f"plan file {path} is not valid JSON: {error}") from None
-    if not isinstance(plan, dict) or not isinstance(plan.get("pairs"), list):
-        raise PlanError(f"plan file {path}: expected an object with a 'pairs' list")
-    if not isinstance(plan.get("num_layers"), int):
-        raise PlanError(f"plan file {path}: missing 'num_layers' (the layer count it was made for)")
-    modes = plan.get("modes")
-    if modes is not None and len(modes) != len(plan["pairs"]):
-        raise PlanError(f"plan file {path}: 'modes' needs one entry per pair")
-    return plan
-
-
-def check_plan(plan: Mapping[str, Any], num_layers: int, source: str | Path = "plan", this: str = "this model") -> None:
-    """Refuse a plan made for a model with another number of layers (``this`` has ``num_layers``)."""
-    if plan["num_layers"] != num_layers:
-        made_for = f" ({plan['model']})" if plan.get("model") else ""
-        raise PlanError(
-            f"{source} was made for a model with {plan['num_layers']} layers{made_for}, but {this} has "
-            f"{num_layers}: make a plan for this model with `lp-fx plan`"
-        )
-
-
 def _shuffle(value: Any, pairs: Sequence[Pair], span: tuple[int, int] | None) -> Shuffle | None:
     """``{"start": s, "end": e, "seed": k}`` (seed optional, 0) -> :class:`Shuffle`, or None."""
     if value is None:
@@ -304,7 +189,7 @@ def _shuffle(value: Any, pairs: Sequence[Pair], span: tuple[int, int] | None) ->
             f"shuffle takes the keys {', '.join(SHUFFLE_KEYS)} ('seed' optional), got {sorted(value)}"
         )
     start, end, seed = value["start"], value["end"], value.get("seed", 0)
-    if not all(map(_is_int, (start, end, seed))):
+    if not all(map(is_int, (start, end, seed))):
         raise LayerParallelError(f"shuffle start, end and seed must be integers (got {start!r}, {end!r}, {seed!r})")
     if start < 0 or end - start < 2:
         raise LayerParallelError(
@@ -349,7 +234,3 @@ def _optional_str(value: Any, name: str) -> str | None:
     if value is not None and not isinstance(value, str):
         raise LayerParallelError(f"{name} must be a module path string such as 'model.layers', got {value!r}")
     return value
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)

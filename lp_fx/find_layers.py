@@ -149,7 +149,7 @@ def _candidate_stacks(graph: fx.Graph) -> dict[str, dict[str, tuple[str, str]]]:
 def layer_lists(children: Mapping[str, Mapping[str, tuple[str, str]]]) -> dict[str, dict[str, tuple[str, str]]]:
     """The containers that can be the layer stack, the stack first; the one rule for what the
     layer stack is, used on a graph (:func:`find_layers`) and on a model's modules
-    (``lp_fx.tools.checkpoint.layer_stack_of``).
+    (``lp_fx.checkpoint.layer_stack_of``).
 
     ``children``: container path -> {child key: (child path, class name)}. A candidate has
     numbered children all of one class (``layers.0``, ``h.3``, torchtitan's ``layers['0']``;

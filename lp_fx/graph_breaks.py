@@ -13,7 +13,7 @@ from pathlib import Path
 def last_graph_break() -> str | None:
     """``"model.py:313 in forward (Call to `torch._dynamo.graph_break()`)"`` for the newest graph
     break Dynamo recorded, or None when it recorded none."""
-    from torch._dynamo.utils import graph_break_reasons
+    from torch._dynamo.utils import graph_break_reasons  # lazy: read at call time, the list Dynamo appends to
 
     if not graph_break_reasons:
         return None

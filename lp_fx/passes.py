@@ -94,7 +94,7 @@ def place(state: GraphState) -> None:
     """With a mesh: this rank's part of the SPMD program (:mod:`lp_fx.placement`)."""
     if state.config.mesh is None:
         return
-    from .placement import place as place_graph
+    from .placement import place as place_graph  # lazy: DTensor's import costs a compile without a mesh
 
     place_graph(state.gm, state.example_inputs, state.stack, state.rewrites, state.config, state.report, state.say)
 

@@ -251,7 +251,7 @@ def two_rank_cases(mesh: DeviceMesh) -> dict:
 
 def finetune_cases(mesh: DeviceMesh) -> dict:
     """The trained tensors after 3 fine-tuning steps on this rank's part of a TP + LP mesh."""
-    from lp_fx.tools.finetune import finetune
+    from lp_fx.tools.training.finetune import finetune
 
     results = {}
     for train in ("paired", "all"):
@@ -265,8 +265,8 @@ def finetune_cases(mesh: DeviceMesh) -> dict:
 
 def finetune_gradients(train: str, mesh: DeviceMesh | None = None) -> dict[str, torch.Tensor]:
     """The gradients the optimizer sees in the first fine-tuning step (after the cross-rank sum)."""
-    from lp_fx.tools import finetune as ft
-    from lp_fx.tools.distributed import Ranks
+    from lp_fx.tools.training import finetune as ft
+    from lp_fx.tools.training.distributed import Ranks
 
     torch._dynamo.reset()
     model, config = tiny_llama(), finetune_config(train)
@@ -285,6 +285,6 @@ def finetune_tokens() -> torch.Tensor:
 
 
 def finetune_config(train: str):
-    from lp_fx.tools.finetune import FinetuneConfig
+    from lp_fx.tools.training.finetune import FinetuneConfig
 
     return FinetuneConfig(pairs=(LLAMA_PAIR,), train=train, steps=3, lr=1e-4, batch=2, seq_len=16, warmup=1)

@@ -4,9 +4,10 @@ import argparse
 
 import pytest
 
-from lp_fx.tools.bench import Variant, _argv, add_arguments, table, variants
-from lp_fx.tools.bench_single import gemm_launches_per_token, single_table, single_variants
-from lp_fx.tools.timing import compile_variant, generate, ratio_to_first
+from lp_fx.tools.cli.bench import _argv, add_arguments
+from lp_fx.tools.speed.ranks import Variant, table, variants
+from lp_fx.tools.speed.single import gemm_launches_per_token, single_table, single_variants
+from lp_fx.tools.speed.timing import compile_variant, generate, ratio_to_first
 
 
 def _parse(argv):
@@ -83,7 +84,7 @@ def test_variants_are_warmed_up_then_timed_interleaved_and_generate_what_eager_d
     eager model's tokens (a variant this rank does not run is neither compiled nor timed)."""
     import torch
 
-    from lp_fx.tools.timing import compile_and_warm_up, time_interleaved
+    from lp_fx.tools.speed.timing import compile_and_warm_up, time_interleaved
 
     from .models import hf_model
 

@@ -21,9 +21,9 @@ from torch import nn
 
 from lp_fx.find_layers import find_layers
 from lp_fx.tools import cli
-from lp_fx.tools import finetune as ft
-from lp_fx.tools.checkpoint import layer_parameter_names, layer_stack_of, load_finetuned, pairing_record, unique_tensors
-from lp_fx.tools.checkpoint_files import (
+from lp_fx.tools.training import finetune as ft
+from lp_fx.checkpoint import layer_parameter_names, layer_stack_of, load_finetuned, pairing_record, unique_tensors
+from lp_fx.checkpoint_files import (
     CURRENT, LEGACY_FORMAT, PAIRING, RECORD, TENSORS, CheckpointError, checkpoint_folder, save_checkpoint,
 )
 

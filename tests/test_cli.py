@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from lp_fx.tools import cli, planner
-from lp_fx.tools.commands import options
+from lp_fx.tools import cli
+from lp_fx.tools.planning import search as planner
+from lp_fx.tools.cli import common as options
 
 from .conftest import WORDS
 

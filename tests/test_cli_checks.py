@@ -14,8 +14,10 @@ import pytest
 import torch
 
 import lp_fx
-from lp_fx.tools import checkpoint, cli, data, evaluate
-from lp_fx.tools.commands import options
+from lp_fx.tools import cli, data
+from lp_fx import checkpoint
+from lp_fx.tools.evaluation import scoring as evaluate
+from lp_fx.tools.cli import common as options
 
 from .models import hf_model
 
@@ -135,7 +137,7 @@ def test_a_race_margin_with_no_race_is_refused_while_parsing(
 def test_bench_refuses_bad_numbers_before_starting(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, option: str, value: str, valid: str
 ) -> None:
-    from lp_fx.tools import bench
+    from lp_fx.tools.cli import bench
 
     monkeypatch.setattr(bench, "bench", lambda args: pytest.fail("the benchmark started with a bad option"))
     err = _refused(["bench", option, value, "--json", str(tmp_path / "b.json")], capsys)
@@ -144,7 +146,7 @@ def test_bench_refuses_bad_numbers_before_starting(
 
 @pytest.mark.parametrize(
     ("command", "option", "work"),
-    [(["bench"], "--json", "subprocess.call"), (["export", "--pairs", "baseline"], "--out", "lp_fx.tools.models.load_model")],
+    [(["bench"], "--json", "subprocess.call"), (["export", "--pairs", "baseline"], "--out", "lp_fx.tools.cli.export.load_model")],
     ids=["bench", "export"],
 )
 def test_bench_and_export_refuse_an_unwritable_destination_before_the_work(

@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lp_fx.tools import data, evaluate
-from lp_fx.config import Shuffle
+from lp_fx.tools import data
+from lp_fx.tools.evaluation import compiled as serving
+from lp_fx.tools.evaluation import retention
+from lp_fx.tools.evaluation import scoring as evaluate
 from lp_fx.report import GraphReport
-from lp_fx.tools.evaluate import Pairing
+from lp_fx.pairing import BASELINE, Pairing, Shuffle
 
 from .models import VOCAB, hf_model
 from .reference import eager_order, eager_pairing
@@ -47,7 +49,7 @@ def test_perplexity_matches_plain_loop(model: torch.nn.Module) -> None:
     torch.manual_seed(1)
     windows = evaluate.make_windows(torch.randint(0, VOCAB, (5 * 64 + 17,)), 64)
     assert windows.shape == (5, 64)
-    result = evaluate.perplexity(evaluate.eager_logits(model), windows, progress=False)
+    result = evaluate.perplexity(serving.eager_logits(model), windows, progress=False)
     assert result.tokens == 5 * 63 and result.windows == 5
     assert result.ppl == pytest.approx(_reference_perplexity(model, windows), rel=1e-5)
 
@@ -66,7 +68,7 @@ def test_split_windows_halves_and_even_spacing() -> None:
 def test_retention_ratios_and_means() -> None:
     base = {"wikitext": {"ppl": 10.0}, "piqa": {"acc": 0.5, "acc_norm": 0.6, "n": 9}}
     ours = {"wikitext": {"ppl": 12.0}, "piqa": {"acc": 0.4, "acc_norm": 0.6, "n": 9}}
-    summary = evaluate.retention(ours, base)
+    summary = retention.retention(ours, base)
     assert summary["per_metric"] == pytest.approx(
         {"wikitext/ppl": 1.2, "piqa/acc": 0.8, "piqa/acc_norm": 1.0}
     )
@@ -83,23 +85,23 @@ def test_acc_retention_error_is_paired_over_shared_items_else_propagated_as_inde
     same = [1, 0, 1, 0]
     base = {"piqa": _task(base_items, 0.19), "arc_easy": _task(same, 0.29), "wikitext": {"ppl": 10.0}}
     ours = {"piqa": _task(ours_items, 0.18), "arc_easy": _task(same, 0.29), "wikitext": {"ppl": 12.0}}
-    summary = evaluate.retention(ours, base)
+    summary = retention.retention(ours, base)
     assert summary["mean_acc"] == pytest.approx((0.75 + 1) / 2)
     # per task, the error of (ours - ratio * base) per item over the baseline's accuracy; averaged over 2 tasks
     differences = [p - 0.75 * b for p, b in zip(ours_items, base_items)]
     piqa = statistics.stdev(differences) / math.sqrt(8) / 0.5
     assert summary["mean_acc_stderr"] == pytest.approx(piqa / 2) and summary["mean_acc_stderr_paired"] is True
     ours["piqa"]["items"]["acc"].pop()  # a score missing: never a pairing of the first 7 items
-    assert evaluate.retention(ours, base)["mean_acc_stderr_paired"] is False
+    assert retention.retention(ours, base)["mean_acc_stderr_paired"] is False
     ours["piqa"]["items"]["doc_id"] = list(range(1, 9))  # other items: the errors as if independent
-    independent = evaluate.retention(ours, base)
+    independent = retention.retention(ours, base)
     piqa = math.sqrt(0.18**2 + (0.75 * 0.19) ** 2) / 0.5
     arc = math.sqrt(0.29**2 + 0.29**2) / 0.5
     assert independent["mean_acc_stderr"] == pytest.approx(math.hypot(piqa, arc) / 2)
     assert independent["mean_acc_stderr_paired"] is False and summary["mean_acc_stderr"] < independent["mean_acc_stderr"]
     del ours["piqa"]["items"]
     ours["piqa"]["acc_stderr"] = None
-    assert "mean_acc_stderr" not in evaluate.retention(ours, base) and "mean_acc" in evaluate.retention(ours, base)
+    assert "mean_acc_stderr" not in retention.retention(ours, base) and "mean_acc" in retention.retention(ours, base)
 
 
 def test_subset_is_fixed_by_seed() -> None:
@@ -134,8 +136,8 @@ def test_prepare_and_run_eval_end_to_end(tmp_path: Path, model: torch.nn.Module)
     prepared = evaluate.prepare(CharTokenizer(), spec)
     assert prepared.sizes() == {"winogrande": 3, "wikitext": 12}
     assert list(prepared.tasks.tasks) == ["winogrande"]  # scored by lm-eval (tests/test_lm_eval.py)
-    results = evaluate.run_eval(evaluate.eager_logits(model), prepared, progress=False)
-    again = evaluate.run_eval(evaluate.eager_logits(model), prepared, progress=False)
+    results = evaluate.run_eval(serving.eager_logits(model), prepared, progress=False)
+    again = evaluate.run_eval(serving.eager_logits(model), prepared, progress=False)
     assert results == again
     assert list(results) == ["wikitext"] and results["wikitext"]["ppl"] > 1
 
@@ -169,7 +171,7 @@ def test_perplexity_through_backend_matches_eager_reference(
     windows = evaluate.make_windows(torch.randint(0, VOCAB, (3 * 32,)), 32)
     pairing = Pairing("p", pairs)
     compiled = evaluate.perplexity(
-        evaluate.compile_pairing(model, pairing, mode=mode), windows, progress=False
+        serving.compile_pairing(model, pairing, mode=mode), windows, progress=False
     )
     with eager_pairing(model, pairing.pairs, mode):
         expected = _reference_perplexity(model, windows)
@@ -184,10 +186,10 @@ def test_a_pairing_switch_traces_once_and_each_pairing_matches_its_eager_referen
     torch.manual_seed(5)
     windows = evaluate.make_windows(torch.randint(0, VOCAB, (2 * 32,)), 32)
     captured = []
-    capture = evaluate.PairingSwitch._capture
-    monkeypatch.setattr(evaluate.PairingSwitch, "_capture", lambda self, gm, ex: captured.append(gm) or capture(self, gm, ex))
+    capture = serving.PairingSwitch._capture
+    monkeypatch.setattr(serving.PairingSwitch, "_capture", lambda self, gm, ex: captured.append(gm) or capture(self, gm, ex))
     torch._dynamo.reset()
-    switch = evaluate.PairingSwitch(model)
+    switch = serving.PairingSwitch(model)
     with pytest.raises(ValueError, match="call set_pairing before scoring"):
         switch.logits(windows[:1])
     for pairs in [((1, 2), (3, 4)), (), ((2, 3),), ((1, 2), (3, 4))]:
@@ -202,10 +204,10 @@ def test_a_pairing_switch_refuses_a_pairing_the_backend_did_not_apply(
     model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     torch._dynamo.reset()
-    switch = evaluate.PairingSwitch(model)
+    switch = serving.PairingSwitch(model)
     switch.set_pairing(Pairing("p", ((1, 2),)))
     switch.logits(torch.zeros(1, 32, dtype=torch.long))
-    make_backend = evaluate.make_backend
+    make_backend = serving.make_backend
 
     class Forgetful:  # a backend that leaves the pairs out of its graphs and says so in its reports
         def __init__(self, *args, **kwargs) -> None:
@@ -217,7 +219,7 @@ def test_a_pairing_switch_refuses_a_pairing_the_backend_did_not_apply(
             self.reports[-1].pairs_rewritten.clear()
             return compiled
 
-    monkeypatch.setattr(evaluate, "make_backend", Forgetful)
+    monkeypatch.setattr(serving, "make_backend", Forgetful)
     with pytest.raises(RuntimeError, match=r"pairing 'q': not rewritten as asked: \[\(\(3, 4\), 'lp'\)\]"):
         switch.set_pairing(Pairing("q", ((3, 4),)))
 
@@ -226,7 +228,7 @@ def test_baseline_through_backend_matches_plain(model: torch.nn.Module) -> None:
     torch.manual_seed(3)
     windows = evaluate.make_windows(torch.randint(0, VOCAB, (2 * 32,)), 32)
     compiled = evaluate.perplexity(
-        evaluate.compile_pairing(model, evaluate.BASELINE), windows, progress=False
+        serving.compile_pairing(model, BASELINE), windows, progress=False
     )
     assert compiled.ppl == pytest.approx(_reference_perplexity(model, windows), rel=1e-5)
 
@@ -236,7 +238,7 @@ def test_perplexity_of_a_shuffle_is_that_of_the_reordered_model(model: torch.nn.
     windows = evaluate.make_windows(torch.randint(0, VOCAB, (2 * 32,)), 32)
     shuffle = Shuffle(1, 5, seed=1)
     compiled = evaluate.perplexity(
-        evaluate.compile_pairing(model, Pairing("s", shuffle=shuffle)), windows, progress=False
+        serving.compile_pairing(model, Pairing("s", shuffle=shuffle)), windows, progress=False
     )
     with eager_order(model, [0, *shuffle.order, 5]):
         expected = _reference_perplexity(model, windows)
@@ -248,5 +250,5 @@ def test_perplexity_of_a_shuffle_is_that_of_the_reordered_model(model: torch.nn.
 def test_a_shuffle_the_graph_did_not_apply_is_refused() -> None:
     pairing = Pairing("s", shuffle=Shuffle(0, 4, 1))
     with pytest.raises(RuntimeError, match=r"not rewritten as asked: \[\('shuffle'"):
-        evaluate.check_rewritten([GraphReport(index=0)], pairing, "lp")
-    evaluate.check_rewritten([GraphReport(index=0, shuffled=Shuffle(0, 4, 1).order)], pairing, "lp")
+        serving.check_rewritten([GraphReport(index=0)], pairing, "lp")
+    serving.check_rewritten([GraphReport(index=0, shuffled=Shuffle(0, 4, 1).order)], pairing, "lp")

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from lp_fx import LayerParallel, LayerParallelError
-from lp_fx.tools import export as ex
-from lp_fx.tools import gguf_writer
-from lp_fx.tools.export import ExportError, Source, build_model, fold
+from lp_fx.tools.export import write as ex
+from lp_fx.tools.export import gguf_writer
+from lp_fx.tools.export.fold import ExportError, Source, build_model, fold
 
 from .models import VOCAB, hf_model, init_scale
 
@@ -136,7 +136,7 @@ def test_equal_per_head_norms_fold_and_different_ones_are_refused():
 
 
 def test_a_fine_tuned_checkpoint_is_folded_in_first(tmp_path, bpe_dir):
-    from lp_fx.tools.checkpoint import layer_parameter_names, pairing_record, save_checkpoint, unique_tensors
+    from lp_fx.checkpoint import layer_parameter_names, pairing_record, save_checkpoint, unique_tensors
 
     model = bpe_model()
     trained = unique_tensors(model, layer_parameter_names(model, "model.layers", [1, 2]))
@@ -418,7 +418,7 @@ def test_cli_refusals_are_one_line_and_write_nothing(tmp_path, bpe_model_dir, ca
 
 def test_cli_takes_the_pairing_of_a_checkpoint_and_refuses_another(tmp_path, bpe_model_dir, capsys):
     from lp_fx.tools import cli
-    from lp_fx.tools.checkpoint import layer_parameter_names, pairing_record, save_checkpoint, unique_tensors
+    from lp_fx.checkpoint import layer_parameter_names, pairing_record, save_checkpoint, unique_tensors
 
     model = bpe_model()
     trained = unique_tensors(model, layer_parameter_names(model, "model.layers", [3, 4]))
@@ -445,7 +445,7 @@ def test_bench_llamacpp_refuses_a_dtype_without_its_unpaired_export(tmp_path, bp
 
 
 def test_divergence_margin_is_the_pass_logit_gap_where_two_greedy_runs_first_differ():
-    from lp_fx.tools.llamacpp import divergence_margin
+    from lp_fx.tools.export.llamacpp_check import divergence_margin
 
     def logits_fn(ids):  # the next token's logits depend on the sequence length only
         out = torch.zeros(1, ids.shape[1], 8)
@@ -458,8 +458,8 @@ def test_divergence_margin_is_the_pass_logit_gap_where_two_greedy_runs_first_dif
 
 
 def test_pass_greedy_takes_the_argmax_even_when_it_is_the_end_of_sequence_token():
-    from lp_fx.tools.evaluate import BASELINE
-    from lp_fx.tools.llamacpp import pass_greedy
+    from lp_fx.pairing import BASELINE
+    from lp_fx.tools.export.llamacpp_check import pass_greedy
 
     model = bpe_model()
     tokens = ids(seed=2, batch=1, length=5)

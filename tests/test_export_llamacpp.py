@@ -9,9 +9,12 @@ import json
 import pytest
 import torch
 
-from lp_fx.tools import llamacpp
-from lp_fx.tools.evaluate import Pairing, make_backend
-from lp_fx.tools.export import Source, export
+from lp_fx.tools.speed import llamacpp
+from lp_fx.pairing import Pairing
+from lp_fx.tools.evaluation.compiled import make_backend
+from lp_fx.tools.export import llamacpp_check
+from lp_fx.tools.export.fold import Source
+from lp_fx.tools.export.write import export
 
 from .test_export import BPE_VOCAB, PAIRS, bpe_dir, bpe_model, bpe_model_dir  # noqa: F401 (fixtures)
 
@@ -36,16 +39,16 @@ def test_llamacpp_computes_what_the_pass_computes(tmp_path, bpe_dir, arch, modes
     got = torch.from_numpy(llamacpp.logits(llm, tokens.tolist()))
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
     torch._dynamo.reset()
-    assert llamacpp.greedy(llm, tokens[:6].tolist(), NEW_TOKENS) == llamacpp.pass_greedy(model, pairing, tokens[None, :6], NEW_TOKENS)
+    assert llamacpp.greedy(llm, tokens[:6].tolist(), NEW_TOKENS) == llamacpp_check.pass_greedy(model, pairing, tokens[None, :6], NEW_TOKENS)
 
 
 def test_check_measures_the_pass_and_llamacpp_on_the_same_windows(tmp_path, bpe_model_dir):  # noqa: F811
-    """``python -m lp_fx.tools.llamacpp``'s check, end to end on the tiny model: the unpaired model
+    """``python -m lp_fx.tools.speed.llamacpp``'s check, end to end on the tiny model: the unpaired model
     and a pairing, exported in f32, give llama.cpp the pass's perplexity and greedy tokens."""
     text = tmp_path / "data" / "wikitext-2-raw" / "wiki.test.raw"
     text.parent.mkdir(parents=True)
     text.write_text("the cat sat on the mat and the dog ran far away\n" * 40)
-    result = llamacpp.check(str(bpe_model_dir), ["1:3"], ["f32"], windows=2, tokens=6, threads=2,
+    result = llamacpp_check.check(str(bpe_model_dir), ["1:3"], ["f32"], windows=2, tokens=6, threads=2,
                             data_dir=str(tmp_path / "data"), window=32)
     assert [row["pairing"] for row in result["pairings"]] == ["baseline", "1:3"] and result["window"] == 32
     for row in result["pairings"]:
@@ -56,7 +59,7 @@ def test_check_measures_the_pass_and_llamacpp_on_the_same_windows(tmp_path, bpe_
 
 @pytest.mark.slow
 def test_smollm2_in_llamacpp_equals_the_pass(capsys):
-    result = llamacpp.check("smollm2", ["14:28", "docs/results/plan_smollm2_7pairs_v1.json"], ["f32", "q8_0"],
+    result = llamacpp_check.check("smollm2", ["14:28", "docs/results/plan_smollm2_7pairs_v1.json"], ["f32", "q8_0"],
                             windows=8, tokens=32, threads=2, data_dir=None)
     for row in result["pairings"]:
         f32, q8 = row["llamacpp"]["f32"], row["llamacpp"]["q8_0"]

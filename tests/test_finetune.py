@@ -13,8 +13,8 @@ import lp_fx
 from lp_fx import LayerParallel
 from lp_fx.tools import cli, data
 from lp_fx.tools.data import TrainingTextError
-from lp_fx.tools import finetune as ft
-from lp_fx.tools.checkpoint import CURRENT, PAIRING, RECORD, TENSORS, CheckpointError, load_finetuned
+from lp_fx.tools.training import finetune as ft
+from lp_fx.checkpoint import CURRENT, PAIRING, RECORD, TENSORS, CheckpointError, load_finetuned
 
 from .models import VOCAB, hf_model
 

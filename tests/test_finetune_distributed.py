@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from lp_fx.tools.checkpoint import load_finetuned
-from lp_fx.tools.finetune import finetune
+from lp_fx.checkpoint import load_finetuned
+from lp_fx.tools.training.finetune import finetune
 
 from . import dist_workers
 

@@ -8,8 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from lp_fx.tools import cli, evaluate, frontier, frontier_report, frontier_speed, models, plan_scorers
-from lp_fx.tools.frontier import FrontierOptions
+from lp_fx.tools import cli, models
+from lp_fx.tools.evaluation.compiled import compile_pairing
+from lp_fx.tools.frontier import run as frontier
+from lp_fx.tools.frontier import report as frontier_report
+from lp_fx.tools.cli import frontier as frontier_command
+from lp_fx.tools.frontier import speed as frontier_speed
+from lp_fx.tools.planning import scorers as plan_scorers
+from lp_fx.tools.frontier import gated, points, results
+from lp_fx.tools.frontier.options import FrontierOptions
+from lp_fx.pairing import Pairing
 
 from .conftest import WORDS
 from .models import hf_model
@@ -89,9 +97,9 @@ def _check_against_plain_compiles(model_dir: Path, data: Path, result: dict, poi
     runner = frontier.Frontier(loaded.model, loaded.tokenizer, loaded.name, data, FrontierOptions(**result["options"]),
                                Path("unused.json"), result, progress=False)
     for point in points:
-        pairing = evaluate.Pairing("plain", tuple(map(tuple, point["pairing"]["pairs"])),
+        pairing = Pairing("plain", tuple(map(tuple, point["pairing"]["pairs"])),
                                    tuple(point["pairing"].get("modes", ())))
-        plain = evaluate.compile_pairing(loaded.model, pairing)
+        plain = compile_pairing(loaded.model, pairing)
         for text, windows in runner.windows.items():
             expected = evaluate.perplexity(plain, windows, progress=False).ppl
             assert point["ppl"][text]["ppl"] == pytest.approx(expected, rel=1e-5), (point["variant"], text)
@@ -116,7 +124,7 @@ def test_json_after_every_point_resume_measures_the_rest_and_one_gated_graph_pla
             timed.append([pairing.name for pairing, _ in pairings])
             return [{"speed": {"ratio": {"paired": 1.0, "paired + fuse": 1.0}}} for _ in pairings]
 
-    monkeypatch.setattr(frontier_speed, "SpeedBench", Bench)
+    monkeypatch.setattr(frontier_command, "SpeedBench", Bench)
     windows_kept, forgotten = [], []  # after a window's scoring: how many windows' values are kept
     window_nll, forget = plan_scorers.GatedScorer.window_nll, plan_scorers.GatedScorer.forget
 
@@ -169,16 +177,16 @@ def test_pairings_the_gated_graph_does_not_gate_are_scored_by_their_plain_compil
     assert "ppl_check" in base and "ppl_check" in planned and "ppl_check" not in contiguous
     _check_against_plain_compiles(six_layers, frontier_data, json.loads(out.read_text()), [base, planned])
     loaded = models.load_model(str(six_layers), progress=False)
-    plain = evaluate.compile_pairing(loaded.model, frontier.contiguous_pairing(0, 2))
+    plain = compile_pairing(loaded.model, Pairing.contiguous(0, 0 + 2, "lp"))
     windows = evaluate.wikitext_windows(loaded.tokenizer, frontier_data, 16, "heldout", 2, "wikitext")
     assert contiguous["ppl"]["wikitext"]["ppl"] == pytest.approx(evaluate.perplexity(plain, windows, progress=False).ppl)
 
 
 def test_a_gated_graph_that_disagrees_with_the_plain_compile_stops_the_run() -> None:
-    assert frontier.check_gated("0:2", 10.0, 10.005) == {"windows": "calib", "gated_ppl": 10.0, "plain_ppl": 10.005}
+    assert gated.check_gated("0:2", 10.0, 10.005) == {"windows": "calib", "gated_ppl": 10.0, "plain_ppl": 10.005}
     with pytest.raises(ValueError, match=r"0:2: the gated graph's calibration perplexity, 10.0000, differs from the "
                                          r"plain compile's, 10.1000, by more than 0.1%"):
-        frontier.check_gated("0:2", 10.0, 10.1)
+        gated.check_gated("0:2", 10.0, 10.1)
 
 
 def test_resume_refuses_a_json_made_with_other_options(
@@ -186,7 +194,7 @@ def test_resume_refuses_a_json_made_with_other_options(
 ) -> None:
     out = tmp_path / "run.json"
     options = FrontierOptions(model=six_layers.name, num_layers=6, contiguous_start=0, window=16, ppl_windows=3)
-    out.write_text(json.dumps(frontier.new_result(options)))
+    out.write_text(json.dumps(results.new_result(options)))
     args = _args(six_layers, frontier_data, out, "--budgets", "2", "--tasks", "none", "--resume")
     assert cli.main(args) == 2
     error = capsys.readouterr().err
@@ -204,13 +212,13 @@ def test_resume_refuses_a_json_made_with_other_options(
 ])
 def test_budgets_are_checked_with_clear_errors(budgets: list[int], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        frontier.check_budgets(budgets, 30, 14)
+        points.check_budgets(budgets, 30, 14)
 
 
 def test_budgets_sorted_and_the_ideal_speedup_is_depth_over_effective_depth() -> None:
-    assert frontier.check_budgets([14, 2, 8], 30, 14) == (2, 8, 14)
+    assert points.check_budgets([14, 2, 8], 30, 14) == (2, 8, 14)
     assert frontier.ideal_speedup(30, 14) == pytest.approx(30 / 23)
-    assert frontier.contiguous_pairing(14, 4).pairs == ((14, 15), (16, 17))
+    assert Pairing.contiguous(14, 14 + 4, "lp").pairs == ((14, 15), (16, 17))
     assert frontier.point_keys([2], frontier.check_variants(None, 0)) == [("baseline", 0), ("contiguous", 2), ("planned", 2)]
 
 
@@ -241,12 +249,12 @@ def test_cli_refuses_bad_budgets_and_tasks_before_any_work(
 def test_a_record_made_before_an_option_existed_resumes_with_its_default(tmp_path: Path) -> None:
     out = tmp_path / "run.json"
     options = FrontierOptions(model="tiny", num_layers=6, contiguous_start=0, finetune_steps=100)
-    old = frontier.new_result(options)
+    old = results.new_result(options)
     del old["options"]["finetune_train"]  # written before --finetune-train existed: it trained the paired layers
     out.write_text(json.dumps(old))
-    assert frontier.resume_result(out, options)["options"] == old["options"]
+    assert results.resume_result(out, options)["options"] == old["options"]
     with pytest.raises(ValueError, match="finetune_train: 'paired' -> 'all'"):
-        frontier.resume_result(out, FrontierOptions(model="tiny", num_layers=6, contiguous_start=0, finetune_steps=100,
+        results.resume_result(out, FrontierOptions(model="tiny", num_layers=6, contiguous_start=0, finetune_steps=100,
                                                     finetune_train="all"))
 
 
@@ -285,9 +293,8 @@ def test_table_gives_ratios_retention_with_its_error_and_the_ideal(tmp_path: Pat
 @pytest.mark.llamacpp
 def test_llamacpp_ratio_of_an_exported_pairing_against_the_unpaired_export(tmp_path: Path, bpe_dir: Path) -> None:
     pytest.importorskip("llama_cpp")
-    from lp_fx.tools.evaluate import Pairing
-    from lp_fx.tools.export import Source
-    from lp_fx.tools.frontier_speed import LlamaCppBench
+    from lp_fx.tools.export.fold import Source
+    from lp_fx.tools.frontier.speed import LlamaCppBench
 
     bench = LlamaCppBench(tmp_path, Source("tiny", bpe_dir), threads=2, tokens=4, rounds=2)
     record = bench.ratio(bpe_model(), Pairing("p", tuple(PAIRS), ("lp", "lp")))
@@ -298,7 +305,6 @@ def test_llamacpp_ratio_of_an_exported_pairing_against_the_unpaired_export(tmp_p
 
 def test_pairings_timed_together_need_distinct_names() -> None:
     """Each pairing's variants are named after it: two of one name would overwrite each other's copies."""
-    from lp_fx.tools.evaluate import Pairing
 
     pairing = Pairing("14:16", [(14, 15)], ("lp",))
     with pytest.raises(ValueError, match="distinct names"):

@@ -1,12 +1,19 @@
-"""The package has two parts: the compiler pass (``lp_fx``) and the tools around it
-(``lp_fx.tools``). Imports go one way: a user who only compiles loads no tool, transformers or torchao."""
+"""The package's shape: the compiler pass (``lp_fx``) and the tools around it (``lp_fx.tools``, a
+folder per capability). Imports go one way, with no circle: a user who only compiles loads no tool,
+transformers or torchao. Modules and functions stay small enough to read."""
+
+from __future__ import annotations
 
 import ast
 import subprocess
 import sys
 from pathlib import Path
 
-PASS_DIR = Path(__file__).resolve().parent.parent / "lp_fx"
+from .helpers.imports import import_cycles, lazy_imports, module_imports, modules_of
+
+PACKAGE = Path(__file__).resolve().parent.parent / "lp_fx"
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 60
 
 
 def test_importing_lp_fx_loads_no_tool_transformers_or_torchao():
@@ -16,39 +23,65 @@ def test_importing_lp_fx_loads_no_tool_transformers_or_torchao():
         "or m.startswith('lp_fx.tools')))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          cwd=PASS_DIR.parent)
+                          cwd=PACKAGE.parent)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
 
 
-def _imported_modules(path: Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            base = ("lp_fx." if node.level else "") + (node.module or "")
-            names.add(base)
-            names.update(f"{base}.{alias.name}" for alias in node.names)
-        elif isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-    return names
+def test_the_pass_never_imports_a_tool_init_included():
+    modules = modules_of(PACKAGE)
+    core = [name for name, path in modules.items() if path.parent == PACKAGE]
+    assert "lp_fx" in core and "lp_fx.backend" in core
+    found = {
+        name: sorted(m for m in module_imports(modules[name], name, modules)
+                     if m.startswith("lp_fx.tools") or m.split(".")[0] in ("transformers", "torchao"))
+        for name in core
+    }
+    assert {name: tools for name, tools in found.items() if tools} == {}
 
 
-def test_the_pass_never_imports_a_tool():
-    pass_modules = [p for p in PASS_DIR.glob("*.py") if p.name != "__init__.py"]
-    assert pass_modules
-    for path in pass_modules:
-        tools = {m for m in _imported_modules(path) if ".tools" in m or m.startswith(("transformers", "torchao"))}
-        assert not tools, f"{path.name} imports {sorted(tools)}"
+def test_no_import_cycle_lazy_imports_included():
+    assert import_cycles(modules_of(PACKAGE)) == []
+
+
+def test_the_cli_is_imported_by_nothing_else_in_the_package():
+    modules = modules_of(PACKAGE)
+    importers = sorted(
+        name for name, path in modules.items() if not name.startswith("lp_fx.tools.cli")
+        for imported in module_imports(path, name, modules) if imported.startswith("lp_fx.tools.cli")
+    )
+    assert importers == []
+
+
+def test_every_import_inside_a_function_says_why_on_its_line():
+    silent = [f"{where}: {line}" for where, line in lazy_imports(PACKAGE) if "#" not in line]
+    assert silent == []
 
 
 def test_no_module_of_the_package_prints_output_goes_through_the_console_or_logging() -> None:
     """Library code logs; a command's results go through ``lp_fx.tools.console.say``; only the
-    command line's own error line (``lp_fx/tools/cli.py``) prints."""
-    package = Path(__file__).resolve().parent.parent / "lp_fx"
+    command line's own error line (``lp_fx/tools/cli/__init__.py``) prints."""
+    cli = PACKAGE / "tools" / "cli" / "__init__.py"
     printing = sorted(
-        f"{path.relative_to(package)}:{node.lineno}"
-        for path in package.rglob("*.py") if path.name != "cli.py"
+        f"{path.relative_to(PACKAGE)}:{node.lineno}"
+        for path in PACKAGE.rglob("*.py") if path != cli
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print"
     )
     assert printing == []
+
+
+def test_no_module_over_400_lines_and_no_function_over_60():
+    too_long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        where = path.relative_to(PACKAGE.parent)
+        if len(text.splitlines()) > MAX_MODULE_LINES:
+            too_long.append(f"{where}: {len(text.splitlines())} lines")
+        too_long += [
+            f"{where}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines"
+            for node in ast.walk(ast.parse(text))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+        ]
+    assert too_long == []

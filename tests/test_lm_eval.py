@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lp_fx.tools import cli, data, lm_eval_tasks
-from lp_fx.tools.evaluate import Pairing
-from lp_fx.tools.lm_eval_tasks import LOCAL_TASKS, TASKS_DIR, harness_name
+from lp_fx.tools import cli, data
+from lp_fx.tools.evaluation import lm_eval_tasks
+from lp_fx.pairing import Pairing
+from lp_fx.tools.evaluation.lm_eval_tasks import LOCAL_TASKS, TASKS_DIR, harness_name
 
 from .models import VOCAB, hf_model
 from .reference import eager_pairing
@@ -193,7 +194,7 @@ PAIRS = [("the cat sat", " on the mat"), ("the dog", " ran"), ("the dog", " sat"
 def test_loglikelihoods_are_those_of_the_eager_reference_pairing(tiny) -> None:
     from lm_eval.api.instance import Instance
 
-    from lp_fx.tools.lm_eval_model import LayerParallelLM
+    from lp_fx.tools.evaluation.lm_eval_model import LayerParallelLM
 
     lm = LayerParallelLM(tiny.model, tokenizer=tiny.tokenizer, pairs=PAIRING, mode="block", batch_size=2)
     got = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(PAIRS)], disable_tqdm=True)
@@ -218,7 +219,7 @@ def _full_vocabulary_tokenizer() -> object:
 def test_generation_is_that_of_the_eager_reference_pairing() -> None:
     from lm_eval.api.instance import Instance
 
-    from lp_fx.tools.lm_eval_model import LayerParallelLM
+    from lp_fx.tools.evaluation.lm_eval_model import LayerParallelLM
 
     model, tokenizer = hf_model("llama"), _full_vocabulary_tokenizer()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -249,7 +250,7 @@ def _greedy(model: torch.nn.Module, tokenizer: object, prompt: str) -> str:
     ],
 )
 def test_bad_model_args_are_refused_naming_what_is_valid(tiny, args: dict, message: str) -> None:
-    from lp_fx.tools.lm_eval_model import LayerParallelLM
+    from lp_fx.tools.evaluation.lm_eval_model import LayerParallelLM
 
     with pytest.raises(ValueError, match=message.replace("[", "\\[").replace("]", "\\]")):
         LayerParallelLM(tiny.model, tokenizer=tiny.tokenizer, **args)
@@ -259,7 +260,7 @@ def test_bad_model_args_are_refused_naming_what_is_valid(tiny, args: dict, messa
 
 
 def test_the_table_shows_standard_errors_and_survives_a_zero_baseline() -> None:
-    from lp_fx.tools.commands.options import format_table
+    from lp_fx.tools.cli.common import format_table
 
     results = {
         "baseline": {"piqa": {"acc": 0.0, "acc_stderr": 0.0, "n": 3}, "wikitext": {"ppl": 10.0, "windows": 2}},
@@ -277,8 +278,8 @@ def test_eval_command_python_api_and_lm_eval_command_line_agree(
     and ``lp-fx-lm-eval --model lp_fx`` give the same accuracy for the same pairing and items."""
     import lm_eval
 
-    import lp_fx.tools.lm_eval_model  # noqa: F401  (registers "lp_fx" in lm-eval's model registry)
-    from lp_fx.tools import lm_eval_cli
+    import lp_fx.tools.evaluation.lm_eval_model  # noqa: F401  (registers "lp_fx" in lm-eval's model registry)
+    from lp_fx.tools.cli import lm_eval as lm_eval_cli
 
     out = tmp_path / "eval.json"
     assert cli.main(["eval", "--model", str(model_dir), "--data-dir", str(task_dir), "--no-progress", "--window", "16",

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from lp_fx.tools import models
-from lp_fx.tools.export import Source, export
+from lp_fx.tools.export.fold import Source
+from lp_fx.tools.export.write import export
 
 from .test_export import bpe_model, save_bpe_tokenizer
 

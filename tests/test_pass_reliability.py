@@ -12,7 +12,7 @@ from torch import nn
 
 import lp_fx.backend
 from lp_fx import LayerParallel, LayerParallelError
-from lp_fx.config import PlanError, load_plan
+from lp_fx.pairing import PlanError, load_plan
 
 from .models import GPT, GPTConfig, hf_model, tiny_hand_written
 from .reference import eager_pairing, layer_list, merged_copy

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lp_fx import LayerParallel, LayerParallelError
-from lp_fx.tools.checkpoint import finetuned_options
+from lp_fx.checkpoint import finetuned_options
 
 from .models import VOCAB, hf_model
 from .reference import eager_pairing

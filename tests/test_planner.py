@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from lp_fx import GatedLayerParallel
-from lp_fx.config import PlanError, check_plan, load_plan
+from lp_fx.pairing import Pairing, PlanError, check_plan, load_plan, save_plan
 from lp_fx.gates import OFF
-from lp_fx.tools import evaluate, plan_scorers, planner
-from lp_fx.tools.evaluate import Pairing
-from lp_fx.tools.lazy_gates import LazyGatedGraph
+from lp_fx.tools.evaluation import scoring as evaluate
+from lp_fx.tools.evaluation.compiled import eager_logits
+from lp_fx.tools.planning import scorers as plan_scorers
+from lp_fx.tools.planning import search as planner
+from lp_fx.tools.planning.lazy_gates import LazyGatedGraph
 from .models import VOCAB, hf_model, tiny_hand_written
 
 BASE_PPL = 10.0
@@ -153,13 +155,13 @@ def test_raced_measure_refuses_a_bad_share_or_margin() -> None:
 def test_plan_round_trip_and_foreign_plan_refused(tmp_path: Path) -> None:
     plan = planner.make_plan(fake_measure, 10, "fake", num_pairs=3, progress=False)
     path = tmp_path / "plan.json"
-    planner.save_plan(plan, path)
+    save_plan(plan, path)
     loaded = load_plan(path)
     assert loaded["num_layers"] == 10 and len(loaded["pairs"]) == 3
     check_plan(loaded, 10, path)
     with pytest.raises(PlanError, match="10 layers.*this model has 30"):
         check_plan(loaded, 30, path)
-    pairing = planner.plan_pairing(loaded, "p")
+    pairing = Pairing.from_plan(loaded, "p")
     assert [list(p) for p in pairing.pairs] == loaded["pairs"]
 
 
@@ -242,7 +244,7 @@ def test_plan_on_tiny_model_scores_every_pairing_with_one_compile():
     calib = plan["calibration"]
     assert calib["plan_ppl"] == pytest.approx(calib["plan_ppl_plain"], rel=1e-5)
     assert planner.plain_disagreement(plan) is None
-    base = evaluate.perplexity(evaluate.eager_logits(model), windows, progress=False).ppl
+    base = evaluate.perplexity(eager_logits(model), windows, progress=False).ppl
     assert calib["baseline_ppl"] == pytest.approx(base, rel=1e-6)
     for single in sorted(plan["candidates"], key=lambda c: c["ppl"])[::9]:  # the cheapest and the dearest
         pairing = Pairing("single", (tuple(single["pair"]),), (single["mode"],))

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lp_fx.tools import cli, llamacpp
+from lp_fx.tools import cli
+from lp_fx.tools.cli import llamacpp_check
 
 REPO = Path(__file__).resolve().parent.parent
 DOCUMENTS = [REPO / "README.md", REPO / "docs" / "results" / "README.md"]
@@ -17,8 +18,8 @@ LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 PARSERS = {  # how a command starts -> (the parser that reads it, words that precede its arguments)
     "lp-fx": (cli.build_parser, 1),
     "python -m lp_fx.tools.cli": (cli.build_parser, 3),
-    "python -m lp_fx.tools.bench": (cli.build_parser, 3),
-    "python -m lp_fx.tools.llamacpp": (llamacpp.build_parser, 3),
+    "python -m lp_fx.tools.cli.bench": (cli.build_parser, 3),
+    "python -m lp_fx.tools.cli.llamacpp_check": (llamacpp_check.build_parser, 3),
 }
 
 
@@ -43,7 +44,7 @@ def test_the_documents_quote_commands_of_every_tool():
     quoted = " ".join(command for document in DOCUMENTS for command in _commands(document))
     for tool in ("eval", "sweep", "plan", "finetune", "bench", "export", "frontier", "bench --single", "bench --llamacpp"):
         assert f"lp-fx {tool} " in quoted, tool
-    assert "python -m lp_fx.tools.llamacpp " in quoted
+    assert "python -m lp_fx.tools.cli.llamacpp_check " in quoted
 
 
 @pytest.mark.parametrize(("document", "command"), _cases())
@@ -51,7 +52,7 @@ def test_every_quoted_command_parses(document: Path, command: str):
     start = next(prefix for prefix in sorted(PARSERS, key=len, reverse=True) if command.startswith(f"{prefix} "))
     build, skip = PARSERS[start]
     words = shlex.split(command)[skip:]
-    if start == "python -m lp_fx.tools.bench":
+    if start == "python -m lp_fx.tools.cli.bench":
         words = ["bench", *words]
     try:
         build().parse_args(words)

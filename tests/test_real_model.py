@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from lp_fx.tools import data, evaluate, models
+from lp_fx.tools import data, models
+from lp_fx.pairing import BASELINE, Pairing
+from lp_fx.tools.evaluation import scoring as evaluate
+from lp_fx.tools.evaluation.compiled import compile_pairing, eager_logits
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +20,7 @@ def smollm2() -> models.LoadedModel:
 def test_baseline_perplexity_is_plausible_and_reproducible(smollm2: models.LoadedModel) -> None:
     data_dir = data.resolve_data_dir(None)
     windows = evaluate.wikitext_windows(smollm2.tokenizer, data_dir, 512, "heldout", 2)
-    logits_fn = evaluate.compile_pairing(smollm2.model, evaluate.BASELINE)
+    logits_fn = compile_pairing(smollm2.model, BASELINE)
     first = evaluate.perplexity(logits_fn, windows, progress=False)
     second = evaluate.perplexity(logits_fn, windows, progress=False)
     assert first == second
@@ -27,9 +30,9 @@ def test_baseline_perplexity_is_plausible_and_reproducible(smollm2: models.Loade
 def test_contiguous_pairing_costs_perplexity(smollm2: models.LoadedModel) -> None:
     data_dir = data.resolve_data_dir(None)
     windows = evaluate.wikitext_windows(smollm2.tokenizer, data_dir, 512, "heldout", 1)
-    base = evaluate.perplexity(evaluate.eager_logits(smollm2.model), windows, progress=False)
+    base = evaluate.perplexity(eager_logits(smollm2.model), windows, progress=False)
     paired = evaluate.perplexity(
-        evaluate.compile_pairing(smollm2.model, evaluate.Pairing("14:28", ((14, 15), (16, 17)))),
+        compile_pairing(smollm2.model, Pairing("14:28", ((14, 15), (16, 17)))),
         windows,
         progress=False,
     )

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from lp_fx import LayerParallel
-from lp_fx.tools import cli, self_text
+from lp_fx.tools import cli
+from lp_fx.tools.training import self_text
 from lp_fx.tools.data import training_chunks
-from lp_fx.tools import finetune as ft
-from lp_fx.tools.commands import finetune as finetune_command
-from lp_fx.tools.self_text import GenerationSettings, SelfTextError
+from lp_fx.tools.training import finetune as ft
+from lp_fx.tools.cli import finetune as finetune_command
+from lp_fx.tools.training.self_text import GenerationSettings, SelfTextError
 
 from .models import VOCAB, hf_model
 

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from lp_fx.config import Shuffle
-from lp_fx.tools import sweep
-from lp_fx.tools.evaluate import Pairing
-from lp_fx.tools.sweep import Point
+from lp_fx.tools.evaluation import sweep
+from lp_fx.pairing import Pairing, Shuffle
+from lp_fx.tools.evaluation.sweep import Point
 
 
 def test_default_starts_spread_over_first_half() -> None:

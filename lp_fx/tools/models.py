@@ -128,11 +128,11 @@ def _transformers_quiet(progress: bool) -> Iterator[None]:
     """transformers' import noise dropped, and its progress bars off unless ``progress`` (its GGUF
     reader's bar too: it calls tqdm itself, past transformers' own switch)."""
     with quiet_imports(), contextlib.ExitStack() as stack:
-        from transformers.utils import logging as hf_logging
+        from transformers.utils import logging as hf_logging  # lazy: transformers' import takes seconds; `import lp_fx.tools` stays light
 
         bars = hf_logging.is_progress_bar_enabled()
         if not progress:
-            from transformers import modeling_gguf_pytorch_utils as gguf_reader
+            from transformers import modeling_gguf_pytorch_utils as gguf_reader  # lazy: transformers' import takes seconds; `import lp_fx.tools` stays light
 
             hf_logging.disable_progress_bar()
             stack.enter_context(unittest.mock.patch.object(gguf_reader, "tqdm", functools.partial(gguf_reader.tqdm, disable=True)))
@@ -147,7 +147,7 @@ def _from_pretrained(directory: Path, dtype: torch.dtype, progress: bool, gguf_f
     """``(tokenizer, model)`` from local files (``gguf_file``: that GGUF in ``directory``)."""
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     with _transformers_quiet(progress):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: transformers' import takes seconds; `import lp_fx.tools` stays light
 
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True, **kwargs)
@@ -230,7 +230,7 @@ def quantize_weights(model: torch.nn.Module, precision: str) -> None:
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if precision == "int8":
         with quiet_imports():
-            from torchao.quantization import Int8WeightOnlyConfig, quantize_
+            from torchao.quantization import Int8WeightOnlyConfig, quantize_  # lazy: torchao (and its import noise) only for int8 weights
 
         quantize_(model, Int8WeightOnlyConfig())
 

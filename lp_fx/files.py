@@ -1,0 +1,84 @@
+"""The one way the package writes a file: whole or not at all, after checking up front that it can be.
+
+The content goes to a temporary file in the same folder, is flushed to disk, and replaces the
+target with one rename, so a reader (or a run interrupted mid-write) sees the old file or the new
+one, never half of one. Missing folders are created then, when there is something to write; the
+checks before the work (:func:`check_files_writable`) create nothing, so a refusal leaves no trace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+class OutputError(ValueError):
+    """An output path that cannot be written, found before any work."""
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | Path, payload: Any, indent: int = 2) -> Path:
+    """Write ``payload`` as JSON to ``path`` atomically; returns the path."""
+    text = json.dumps(payload, indent=indent, default=str) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def check_folder_writable(folder: str | Path, error: type[Exception] = OutputError) -> Path:
+    """Check, creating nothing, that files can be written in ``folder`` or, when it does not exist
+    yet, in the nearest folder above it that does (a probe file is made and removed there); return
+    that folder. A failure raises ``error`` naming it."""
+    folder = Path(folder)
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not existing.is_dir():
+        raise error(f"cannot write to {existing}: it is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-check.")
+    except OSError as failure:
+        raise error(f"cannot write to {existing}: {failure.strerror or failure}") from None
+    os.close(fd)
+    os.unlink(probe)
+    return existing
+
+
+def check_files_writable(*paths: str | Path) -> None:
+    """Check, before the work starts and creating nothing, that each of ``paths`` can be written
+    as a file: not a directory, and its folder writable (:func:`check_folder_writable`)."""
+    for path in map(Path, paths):
+        if path.is_dir():
+            raise OutputError(f"{path} is a directory; give a file name")
+        check_folder_writable(path.parent)
+
+
+def read_bytes(path: Path, error: type[Exception], missing: str, folder: str, unreadable: str) -> bytes:
+    """The bytes of ``path``, or one ``error``: ``missing`` when there is no such file, ``folder``
+    when it is a directory, ``unreadable: <the system's reason>`` otherwise (plans and checkpoints
+    read their files through this)."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise error(missing) from None
+    except IsADirectoryError:
+        raise error(folder) from None
+    except OSError as reason:
+        raise error(f"{unreadable}: {reason.strerror or reason}") from None

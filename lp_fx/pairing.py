@@ -1,0 +1,227 @@
+"""A pairing: which consecutive layers run side by side and in which modes, the one type the tools
+pass around; its spec syntax (``baseline``, ``14:28``, ``14-15,20-21``, a plan file, a checkpoint);
+plan files (read, checked, written, versioned); and :meth:`Pairing.to_options`, the one builder of
+the backend options that serve it.
+
+Everything here is about layer indices alone; what depends on a model's graph is checked when a
+graph arrives (:mod:`lp_fx.choose`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from lp_fx.errors import LayerParallelError
+from lp_fx.files import read_bytes, write_json
+
+Pair = tuple[int, int]
+
+PLAN_VERSION = 1  # what make_plan writes; a plan file without a version is read as version 1
+RANGE = re.compile(r"^(\d+):(\d+)$")
+PAIR_LIST = re.compile(r"^\d+-\d+(,\d+-\d+)*$")
+
+
+@dataclass(frozen=True)
+class Shuffle:
+    """Layers ``start .. end - 1`` run in a seeded random order, each keeping its own cache slot."""
+
+    start: int
+    end: int
+    seed: int = 0
+
+    @property
+    def order(self) -> tuple[int, ...]:
+        """The layer indices in the order they run (the same for every graph and every run)."""
+        return tuple(random.Random(self.seed).sample(range(self.start, self.end), self.end - self.start))
+
+
+# ------------------------------------------------------------------------------------ layer pairs
+
+
+def is_int(x: Any) -> bool:
+    """An integer that is not a bool."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_range(start: Any, end: Any) -> tuple[int, int]:
+    """``(start, end)`` of the paper's contiguous range, checked without making its pairs."""
+    if not is_int(start) or not is_int(end):
+        raise LayerParallelError(f"'start' and 'end' must both be integers (got start={start!r}, end={end!r})")
+    if start < 0 or end <= start:
+        raise LayerParallelError(f"need 0 <= start < end (got start={start}, end={end})")
+    delta = end - start
+    if delta % 2:
+        raise LayerParallelError(
+            f"end - start = {delta} is odd: Δ must be even so that layers pair up "
+            f"(e.g. end={end - 1} or end={end + 1})"
+        )
+    return start, end
+
+
+def pairs_from_range(start: Any, end: Any) -> tuple[Pair, ...]:
+    """The paper's contiguous range: (start, start+1), (start+2, start+3), ... below ``end``."""
+    start, end = check_range(start, end)
+    return tuple((i, i + 1) for i in range(start, end, 2))
+
+
+def validate_pairs(pairs: Any) -> tuple[Pair, ...]:
+    """Check a list of ``(i, i + 1)`` pairs: consecutive, non-negative, no layer used twice."""
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
+        raise LayerParallelError(f"'pairs' must be a list of (i, i + 1) layer indices, got {pairs!r}")
+    checked: list[Pair] = []
+    for p in pairs:
+        if isinstance(p, (str, bytes)) or not isinstance(p, Sequence) or len(p) != 2 or not all(map(is_int, p)):
+            raise LayerParallelError(f"each pair must be two layer indices (i, i + 1), got {p!r}")
+        a, b = int(p[0]), int(p[1])
+        if a < 0:
+            raise LayerParallelError(f"pair {(a, b)}: layer indices must be >= 0")
+        if b != a + 1:
+            raise LayerParallelError(
+                f"pair {(a, b)} is not two consecutive layers: valid pairs look like (i, i + 1), e.g. {(a, a + 1)}"
+            )
+        checked.append((a, b))
+    checked.sort()
+    for (a0, b0), (a1, b1) in zip(checked, checked[1:]):
+        if a1 <= b0:
+            raise LayerParallelError(f"pairs {(a0, b0)} and {(a1, b1)} overlap: each layer can be in one pair only")
+    return tuple(checked)
+
+
+def out_of_range(what: str, num_layers: int) -> LayerParallelError:
+    """The error for layers past the end of a model with ``num_layers`` layers."""
+    return LayerParallelError(
+        f"{what} is out of range: the model has {num_layers} layers, valid indices 0..{num_layers - 1}"
+    )
+
+
+# ------------------------------------------------------------------------------------ plan files
+
+
+class PlanError(LayerParallelError):
+    """A plan file that cannot be used (unreadable, malformed, of another version, or for another model)."""
+
+
+def load_plan(path: str | Path) -> dict:
+    """Read a plan file: ``{"version"?: 1, "pairs": [[i, i+1], …], "num_layers": N, "modes"?: [...], …}``."""
+    path = Path(path)
+    text = read_bytes(path, PlanError, missing=f"plan file {path} not found; make one with `lp-fx plan`",
+                      folder=f"plan file {path} is a directory; give the JSON file `lp-fx plan` wrote",
+                      unreadable=f"cannot read plan file {path}")
+    try:
+        plan = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PlanError(f"plan file {path} is not valid JSON: {error}") from None
+    if not isinstance(plan, dict) or not isinstance(plan.get("pairs"), list):
+        raise PlanError(f"plan file {path}: expected an object with a 'pairs' list")
+    version = plan.get("version", PLAN_VERSION)
+    if version != PLAN_VERSION:
+        raise PlanError(f"plan file {path} has version {version!r}; this lp_fx reads version {PLAN_VERSION}: "
+                        "make the plan again with this `lp-fx plan`")
+    if not isinstance(plan.get("num_layers"), int):
+        raise PlanError(f"plan file {path}: missing 'num_layers' (the layer count it was made for)")
+    modes = plan.get("modes")
+    if modes is not None and len(modes) != len(plan["pairs"]):
+        raise PlanError(f"plan file {path}: 'modes' needs one entry per pair")
+    return plan
+
+
+def check_plan(plan: Mapping[str, Any], num_layers: int, source: str | Path = "plan", this: str = "this model") -> None:
+    """Refuse a plan made for a model with another number of layers (``this`` has ``num_layers``)."""
+    if plan["num_layers"] != num_layers:
+        made_for = f" ({plan['model']})" if plan.get("model") else ""
+        raise PlanError(
+            f"{source} was made for a model with {plan['num_layers']} layers{made_for}, but {this} has "
+            f"{num_layers}: make a plan for this model with `lp-fx plan`"
+        )
+
+
+def save_plan(plan: Mapping[str, Any], path: str | Path) -> None:
+    """Write a plan file (all or nothing), stamped with :data:`PLAN_VERSION`."""
+    write_json(path, {"version": PLAN_VERSION, **plan})
+
+
+# ------------------------------------------------------------------------------------ the pairing
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """A named set of layer pairs (each in its own mode, or all in the mode the caller gives), and
+    optionally a shuffled range; :data:`BASELINE` has neither."""
+
+    name: str
+    pairs: tuple[Pair, ...] = ()
+    modes: tuple[str, ...] | None = None
+    shuffle: Shuffle | None = None
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.pairs)
+
+    def modes_or(self, mode: str) -> tuple[str, ...]:
+        """The mode of each pair: its own, else ``mode``."""
+        return self.modes or (mode,) * self.num_pairs
+
+    def to_json(self) -> dict:
+        out: dict = {"name": self.name, "pairs": [list(pair) for pair in self.pairs]}
+        if self.modes is not None:
+            out["modes"] = list(self.modes)
+        if self.shuffle is not None:
+            out["shuffle"] = {**asdict(self.shuffle), "order": list(self.shuffle.order)}
+        return out
+
+    def to_options(self, **options: Any) -> dict[str, Any]:
+        """The backend options that serve this pairing (its pairs, their modes, its shuffle), with
+        more ``options`` (``mode``, ``inner``, ``strict``, ``fuse``, ``mesh``, ...) beside them."""
+        out: dict[str, Any] = {"pairs": list(self.pairs), **options}
+        if self.modes is not None:
+            out["modes"] = list(self.modes)
+        if self.shuffle is not None:
+            out["shuffle"] = asdict(self.shuffle)
+        return out
+
+    @classmethod
+    def contiguous(cls, start: int, end: int, mode: str | None = None) -> Pairing:
+        """The paper's range ``start:end`` (named so); ``mode``: every pair's own mode."""
+        pairs = pairs_from_range(start, end)
+        return cls(f"{start}:{end}", pairs, None if mode is None else (mode,) * len(pairs))
+
+    @classmethod
+    def from_plan(cls, plan: Mapping[str, Any], name: str) -> Pairing:
+        """The pairing a plan describes."""
+        modes = plan.get("modes")
+        return cls(name, tuple((int(a), int(b)) for a, b in plan["pairs"]), tuple(modes) if modes is not None else None)
+
+    @classmethod
+    def from_checkpoint(cls, pairing: Mapping[str, Any], directory: str | Path) -> Pairing:
+        """The pairing a fine-tuned checkpoint (its ``pairing.json`` record) was trained for."""
+        pairs = tuple((int(a), int(b)) for a, b in pairing["pairs"])
+        return cls(f"finetuned:{Path(directory).name}", pairs, tuple(pairing["modes"]))
+
+    @classmethod
+    def parse(cls, spec: str, num_layers: int) -> Pairing:
+        """``baseline``, a range ``14:28``, pairs ``14-15,20-21``, or a plan file for this model.
+
+        A range past the model's ``num_layers`` layers is refused before its pairs are listed; the
+        other checks against the model are :func:`lp_fx.tools.evaluation.compiled.check_pairing`'s.
+        """
+        if spec == "baseline":
+            return BASELINE
+        if match := RANGE.match(spec):
+            if int(match[2]) > num_layers:
+                raise out_of_range(f"range {spec}", num_layers)
+            return cls(spec, pairs_from_range(int(match[1]), int(match[2])))
+        if PAIR_LIST.match(spec):
+            return cls(spec, tuple((int(a), int(b)) for a, b in (pair.split("-") for pair in spec.split(","))))
+        plan = load_plan(spec)
+        check_plan(plan, num_layers, spec)
+        validate_pairs(plan["pairs"])
+        return cls.from_plan(plan, Path(spec).stem)
+
+
+BASELINE = Pairing("baseline")

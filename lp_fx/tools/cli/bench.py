@@ -1,0 +1,119 @@
+"""``lp-fx bench``: decode tokens/s of TP vs TP + LP vs one device under ``torchrun``
+(:mod:`lp_fx.tools.cli.bench`), of one device alone (``--single``, :mod:`lp_fx.tools.speed.single`)
+or of exported GGUFs in llama.cpp (``--llamacpp``, :mod:`lp_fx.tools.speed.llamacpp`).
+
+``torchrun`` starts this module (``python -m lp_fx.tools.cli.bench``) in every rank; the arguments
+reach the ranks through the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+
+from lp_fx.config import DEFAULTS, INNER_COMPILERS, PAIRING_MODES
+from lp_fx.files import check_files_writable, write_json
+from lp_fx.pairing import check_range
+from lp_fx.tools.console import say
+from lp_fx.tools.models import PRECISIONS
+from lp_fx.tools.options import OneLineParser, int_at_least, non_negative_int, positive_int
+from lp_fx.tools.speed import llamacpp, ranks
+from lp_fx.tools.speed.single import run_single
+from lp_fx.tools.speed.timing import PROMPT
+
+_ARGS_VAR = "LP_FX_BENCH_ARGS"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2", help="'smollm2', a .gguf file or a Hugging Face directory")
+    parser.add_argument("--start", type=non_negative_int, default=14)
+    parser.add_argument("--end", type=positive_int, default=28)
+    parser.add_argument("--modes", nargs="+", default=list(PAIRING_MODES), choices=PAIRING_MODES)
+    parser.add_argument("--inner", default=DEFAULTS["inner"], choices=INNER_COMPILERS)
+    parser.add_argument("--tokens", type=int_at_least(2), default=32,
+                        help="new tokens per generation (decode speed is timed from the first to the last)")
+    parser.add_argument("--rounds", type=positive_int, default=5, help="timed generations per variant, interleaved")
+    parser.add_argument("--prompt", default=PROMPT)
+    parser.add_argument("--quantize", default="fp32", choices=PRECISIONS,
+                        help="int8: torchao int8 weight-only linears (a quarter of the weight traffic)")
+    parser.add_argument("--nproc", type=positive_int, default=2, help="processes (devices) torchrun starts")
+    parser.add_argument("--no-single", action="store_true", help="skip the single-device variant")
+    single = parser.add_argument_group("one device (--single): Inductor vs LP vs LP + fuse, no torchrun")
+    single.add_argument("--single", action="store_true",
+                        help="benchmark on one device: plain Inductor, LP and LP + fuse=True (see lp_fx/tools/speed/single.py)")
+    single.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    single.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    single.add_argument("--cudagraphs", action="store_true", help="Inductor's CUDA graphs for every variant (CUDA only)")
+    cpp = parser.add_argument_group("llama.cpp (--llamacpp): exported GGUFs, no torchrun")
+    cpp.add_argument("--llamacpp", nargs="+", metavar="GGUF", default=None,
+                     help="decode tokens/s in llama.cpp of GGUFs from `lp-fx export`, each paired one as a ratio to the "
+                     "unpaired export (--pairs baseline) of the same dtype; uses --tokens, --rounds, --prompt")
+    cpp.add_argument("--threads", type=int, default=2, help="llama.cpp threads (the same for every GGUF)")
+    cpp.add_argument("--flash-attn", action="store_true",
+                     help="llama.cpp flash attention (without it the V cache of every layer is padded to the widest layer's)")
+    parser.add_argument("--json", default="lp-fx-results/bench.json", help="where rank 0 writes the results (folders are created)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = OneLineParser(prog="lp-fx bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    if argv is None and _ARGS_VAR in os.environ:
+        argv = shlex.split(os.environ[_ARGS_VAR])
+    bench(parser.parse_args(argv))
+
+
+def bench(args: argparse.Namespace) -> None:
+    """Run inside torchrun, or start torchrun with ``args.nproc`` processes running this module."""
+    if "LOCAL_RANK" in os.environ:
+        ranks.run(args)
+        return
+    check_files_writable(args.json)  # before the work, not after it
+    if args.llamacpp:
+        _bench_llamacpp(args)
+        return
+    check_range(args.start, args.end)  # before torchrun starts: its ranks would each fail with a traceback
+    if args.single:
+        run_single(args)
+        return
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
+           "--standalone", "-m", "lp_fx.tools.cli.bench"]
+    # Passed by environment: torchrun's own parser would claim --start (as --start-method).
+    code = subprocess.call(cmd, env={**os.environ, _ARGS_VAR: shlex.join(_argv(args))})
+    if code:
+        raise RuntimeError(f"torchrun exited with status {code}")
+
+
+def _bench_llamacpp(args: argparse.Namespace) -> None:
+    result = llamacpp.bench(args.llamacpp, args.threads, args.tokens, args.rounds, args.prompt, args.flash_attn)
+    say(f"llama.cpp, {args.threads} threads, flash attention {'on' if args.flash_attn else 'off'}, "
+        f"{args.tokens} tokens after the prompt, {args.rounds} rounds interleaved, "
+        "batch 1; median decode tokens/s, median per-round ratio to the unpaired export of the same dtype")
+    say(llamacpp.bench_table(result))
+    write_json(args.json, result, indent=1)
+    say(f"wrote {args.json}")
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    """The command line that gives back ``args`` (for the processes torchrun starts)."""
+    names = ("model", "start", "end", "inner", "tokens", "rounds", "prompt", "quantize", "nproc", "json")
+    out = [part for name in names for part in (f"--{name}", str(getattr(args, name)))]
+    out += ["--modes", *args.modes] + ["--no-single"] * args.no_single + ["--verbose"] * args.verbose
+    return out
+
+
+def register(subparsers) -> None:
+    """Add ``bench`` to the ``lp-fx`` command line (``subparsers`` from ``add_subparsers``)."""
+    parser = subparsers.add_parser(
+        "bench", help="decode tokens/s: TP vs TP+LP vs one device; --single: Inductor vs LP vs LP + fuse on one device"
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=bench)
+
+
+if __name__ == "__main__":
+    main()

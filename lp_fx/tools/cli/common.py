@@ -1,0 +1,183 @@
+"""What the ``lp-fx`` subcommands share: the model and evaluation options, result files and tables."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from lp_fx.checkpoint import load_finetuned
+from lp_fx.config import INNER_COMPILERS, PAIRING_MODES
+from lp_fx.tools import data
+from lp_fx.tools.evaluation import retention, scoring
+from lp_fx.tools.planning import search as planner
+from lp_fx.tools.options import int_at_least, non_negative_float, positive_int
+from lp_fx.tools.console import say
+from lp_fx.tools.evaluation.scoring import EvalSpec
+from lp_fx.tools.models import PRECISIONS, load_model
+from lp_fx.files import write_json
+from lp_fx.files import check_files_writable as writable  # each command checks its --out with it
+
+
+RESULTS = Path("lp-fx-results")  # where results go unless --out says otherwise
+
+
+def add_model_options(parser: argparse.ArgumentParser, mode: bool = True) -> None:
+    parser.add_argument(
+        "--model", default="smollm2",
+        help="'smollm2' (the bundled SmolLM2-135M-Instruct GGUF), a .gguf file or a local HF model directory",
+    )
+    parser.add_argument(
+        "--data-dir", default=None,
+        help=f"evaluation data directory (default: ${data.DATA_VARIABLE}, else ../shared/data next to the "
+        "repository or the working directory)",
+    )
+    if mode:
+        parser.add_argument("--mode", default="lp", choices=PAIRING_MODES, help="pairing mode")
+    parser.add_argument(
+        "--inner", default="eager", choices=INNER_COMPILERS,
+        help="compiler behind the layer_parallel backend (eager is fastest to compile)",
+    )
+    parser.add_argument("--window", type=int_at_least(2), default=512, help="perplexity window in tokens")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+
+
+def add_eval_options(parser: argparse.ArgumentParser, tasks: str, split: str, windows: int | None) -> None:
+    parser.add_argument(
+        "--tasks", default=tasks,
+        help=f"comma-separated, from: {', '.join(scoring.TASKS)} (wikitext = perplexity)",
+    )
+    parser.add_argument("--limit", type=positive_int, default=None, help="items per task (fixed-seed subset)")
+    parser.add_argument("--seed", type=int, default=1234, help="seed of the --limit subsets")
+    parser.add_argument(
+        "--split", default=split, choices=["all", "calib", "heldout"],
+        help="perplexity windows: all, the first half (calib) or the second half (heldout)",
+    )
+    parser.add_argument(
+        "--ppl-windows", type=positive_int, default=windows,
+        help="use this many evenly spaced windows of the split (default: all)",
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="batch size for task scoring")
+
+
+def add_race_options(parser: argparse.ArgumentParser) -> None:
+    """The planner's racing of trial sets (see :class:`lp_fx.tools.planning.search.RacedMeasure`)."""
+    race = parser.add_mutually_exclusive_group()
+    race.add_argument(
+        "--race-margin", type=non_negative_float, default=planner.RACE_MARGIN,
+        help="planner: score each step's trial sets on the screen's windows first and drop those more than "
+             f"this (relative perplexity) above the best there before the other windows (default {planner.RACE_MARGIN:g})",
+    )
+    race.add_argument("--no-race", action="store_true", help="planner: score every trial set on every window")
+
+
+def race_margin(args: argparse.Namespace) -> float | None:
+    """The race margin asked for, or None (no racing)."""
+    return None if args.no_race else args.race_margin
+
+
+def eval_spec(args: argparse.Namespace, data_dir: Path) -> EvalSpec:
+    return EvalSpec(
+        data_dir=data_dir,
+        tasks=tuple(task.strip() for task in args.tasks.split(",") if task.strip()),
+        limit=args.limit,
+        seed=args.seed,
+        ppl_split=args.split,
+        ppl_windows=args.ppl_windows,
+        window=args.window,
+        batch_size=args.batch_size,
+    )
+
+
+def spec_record(spec: EvalSpec) -> dict:
+    """The spec as the results JSON records it."""
+    return {**vars(spec), "data_dir": str(spec.data_dir)}
+
+
+def load(args: argparse.Namespace) -> tuple[object, Path]:
+    """The model and the data directory; ``--window`` checked against the model's positions."""
+    data_dir = data.resolve_data_dir(args.data_dir)  # fail on a bad data dir before loading
+    loaded = load_model(args.model, progress=not args.no_progress)
+    positions = getattr(loaded.model.config, "max_position_embeddings", None)
+    if positions is not None and args.window > positions:
+        raise ValueError(
+            f"--window {args.window}: {loaded.name} takes at most {positions} positions; give --window <= {positions}"
+        )
+    return loaded, data_dir
+
+
+def add_quantize_option(parser: argparse.ArgumentParser, several: bool) -> None:
+    """``--quantize``: one precision, or (``several``) a comma-separated list of them."""
+    what = "comma-separated, each run in turn on the one loaded model (e.g. fp32,int8)" if several else "one of"
+    parser.add_argument(
+        "--quantize", default="fp32", choices=None if several else PRECISIONS,
+        help=f"weights, {what} {', '.join(PRECISIONS)}; int8: torchao Int8WeightOnlyConfig on every linear, "
+        "applied after loading",
+    )
+
+
+def new_file(path: str) -> str:
+    """``path``, its folders created."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_results(payload: dict, path: str) -> None:
+    write_json(path, payload)
+    say(f"wrote {path}")
+
+
+def format_table(names: Sequence[str], results: dict[str, dict]) -> str:
+    """Metrics as rows (``[n]`` = items or windows), pairings as columns, ``value ± standard error``
+    where lm-eval gave one; after the baseline, ``value (LP/baseline)``; then the mean accuracy retention."""
+    values = {name: retention.metric_values(results[name]) for name in names}
+    baseline = values[names[0]]
+    rows: list[tuple[str, list[str]]] = []
+    for task, metric in baseline:
+        size = results[names[0]][task].get("n", results[names[0]][task].get("windows"))
+        cells = [_with_stderr(baseline[(task, metric)], results[names[0]][task].get(f"{metric}_stderr"))]
+        for name in names[1:]:
+            value = values[name].get((task, metric))
+            stderr = results[name].get(task, {}).get(f"{metric}_stderr")
+            cells.append("n/a" if value is None else f"{_with_stderr(value, stderr)} ({_ratio(value, baseline[(task, metric)])})")
+        rows.append((f"{task}/{metric} [{size}]", cells))
+    kept = [retention.retention(results[name], results[names[0]]) for name in names[1:]]
+    for key in ("mean_acc", "mean_acc_norm"):
+        cells = ["n/a" if key not in k else _with_stderr(k[key], k.get(f"{key}_stderr"), ".3f") for k in kept]
+        rows.append((f"retention {key}", ["", *cells]))
+    label = max(len(row[0]) for row in rows) + 2
+    width = max(18, *(len(name) + 2 for name in names), *(len(c) + 2 for _, cells in rows for c in cells))
+    lines = ["metric".ljust(label) + "".join(name.rjust(width) for name in names)]
+    lines += [text.ljust(label) + "".join(cell.rjust(width) for cell in cells) for text, cells in rows]
+    return "\n".join(lines)
+
+
+def _ratio(value: float, baseline: float) -> str:
+    """``LP / baseline`` to 3 decimals; ``n/a`` for a baseline of 0 (an accuracy on few items can be)."""
+    return f"{value / baseline:.3f}" if baseline else "n/a"
+
+
+def _with_stderr(value: float, stderr: float | None, spec: str = ".4g") -> str:
+    """``0.4567 ± 0.0123`` (lm-eval's standard error), or the value alone when there is none."""
+    return f"{value:{spec}}" if stderr is None else f"{value:{spec}} ± {stderr:.2g}"
+
+
+@contextlib.contextmanager
+def finetuned(model: object, directory: str | None) -> Iterator[None]:
+    """The model with a checkpoint's tensors loaded, restored afterwards (None: unchanged)."""
+    if directory is None:
+        yield
+        return
+    state = model.state_dict()
+    original = {name: tensor.clone() for name, tensor in state.items()}
+    try:
+        load_finetuned(model, directory)
+        yield
+    finally:
+        with torch.no_grad():
+            for name, tensor in original.items():
+                state[name].copy_(tensor)

@@ -1,0 +1,58 @@
+"""``lp-fx export``: a pairing as a plain checkpoint (lp pairs as one wide layer each, prune/merge as fewer layers)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lp_fx.checkpoint import read_pairing
+from lp_fx.config import MODES
+from lp_fx.files import check_folder_writable
+from lp_fx.pairing import Pairing
+from lp_fx.tools.console import say
+from lp_fx.tools.export.fold import Source
+from lp_fx.tools.export.write import DTYPES, FORMATS, export
+from lp_fx.tools.models import load_model, resolve_model_path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """``lp-fx export``: the pairing as a plain checkpoint (lp_fx/tools/export/fold.py)."""
+    parser = subparsers.add_parser(
+        "export", help="write a pairing as a plain checkpoint: lp pairs as one wide layer each (GGUF, llama.cpp's "
+        "deci architecture), prune/merge as the model with fewer layers (GGUF or a Hugging Face folder)",
+    )
+    parser.add_argument("--model", default="smollm2",
+                        help="'smollm2' (the bundled SmolLM2-135M-Instruct GGUF), a .gguf file or a local HF model directory")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--pairs", metavar="SPEC",
+                       help="a range START:END (e.g. 14:28), pairs like 14-15,20-21, or 'baseline' (no pairs)")
+    which.add_argument("--plan", metavar="FILE", help="a plan JSON from `lp-fx plan` (per-pair modes)")
+    parser.add_argument("--mode", default="lp", choices=MODES, help="mode of the --pairs (lp, prune, merge export)")
+    parser.add_argument("--checkpoint", metavar="DIR",
+                        help="a fine-tuned pairing from `lp-fx finetune`, folded in first (its pairing is used "
+                        "when --pairs/--plan are not given, and must match them when they are)")
+    parser.add_argument("--format", default="gguf", choices=FORMATS, help="gguf (llama.cpp) or hf (prune/merge only)")
+    parser.add_argument("--dtype", default="f32", choices=DTYPES, help="weights of the matrices (norms stay f32)")
+    parser.add_argument("--out", required=True, help="a .gguf file, or a new directory with --format hf")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    check_folder_writable(Path(args.out).parent)  # before the model is loaded
+    directory, gguf_file = resolve_model_path(args.model)
+    checkpoint = Pairing.from_checkpoint(read_pairing(args.checkpoint), args.checkpoint) if args.checkpoint else None
+    if checkpoint is None and not (args.pairs or args.plan):
+        raise ValueError("give --pairs, --plan or --checkpoint")
+    loaded = load_model(args.model)
+    pairing = Pairing.parse(args.plan or args.pairs, loaded.num_layers) if args.pairs or args.plan else checkpoint
+    modes = pairing.modes_or(args.mode)
+    if checkpoint is not None and (list(pairing.pairs), list(modes)) != (list(checkpoint.pairs), list(checkpoint.modes)):
+        raise ValueError(f"--checkpoint {args.checkpoint} was trained for pairs {list(checkpoint.pairs)} modes "
+                         f"{list(checkpoint.modes)}, not {pairing.name} {list(pairing.pairs)} modes {list(modes)}")
+    source = Source(loaded.name, directory / gguf_file if gguf_file else directory)
+    folded = export(loaded.model, pairing.pairs, modes, args.out, source, args.format, args.dtype, args.checkpoint)
+    widths = ", ".join(f"{layer.source}->{layer.heads}h/{layer.ffn}" for layer in folded.layers if layer.how == "lp")
+    say(f"{loaded.name} {pairing.name}: {loaded.num_layers} -> {len(folded.layers)} layers "
+        f"({args.format}, {args.dtype}){'; wide layers ' + widths if widths else ''}")
+    say(f"wrote {args.out}")

@@ -1,0 +1,94 @@
+"""``lp-fx plan``: choose pairs by measured sensitivity, on one gated graph."""
+
+from __future__ import annotations
+
+import argparse
+
+from lp_fx.pairing import save_plan
+from lp_fx.tools.evaluation import scoring as evaluate
+from lp_fx.tools.planning import scorers as plan_scorers
+from lp_fx.tools.planning import search as planner
+from lp_fx.tools.options import non_negative_int, positive_float, positive_int
+from lp_fx.tools.console import say
+from lp_fx.tools.cli import common as options
+from lp_fx.tools.cli.common import RESULTS, add_model_options, writable
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "plan", help="choose disjoint pairs by measured perplexity cost on calibration text"
+    )
+    add_model_options(parser)
+    parser.add_argument("--num-pairs", type=positive_int, default=None, help="how many pairs to choose")
+    parser.add_argument(
+        "--max-ppl-ratio", type=positive_float, default=None,
+        help="budget: stop before calibration perplexity exceeds this × baseline (e.g. 1.1)",
+    )
+    parser.add_argument("--calib-windows", type=positive_int, default=4,
+                        help="windows from the first half of WikiText-2 on which each set of pairs is scored")
+    parser.add_argument("--screen-windows", type=positive_int, default=2,
+                        help="windows (from the same half) on which single pairs are scored to rank them")
+    parser.add_argument("--modes", default="lp,block", help="modes to consider per pair: lp, block or lp,block")
+    parser.add_argument(
+        "--refine", type=positive_int, default=3,
+        help="cheapest candidates (alone) tried with the chosen pairs at each step (growing and swapping)",
+    )
+    parser.add_argument("--passes", type=non_negative_int, default=2,
+                        help="rounds of swapping each chosen pair for a better one (0: grow only)")
+    options.add_race_options(parser)
+    parser.add_argument("--out", default=str(RESULTS / "plan.json"),
+                        help="plan file, accepted by options={'plan': ...} (folders are created)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.num_pairs is None and args.max_ppl_ratio is None:
+        raise ValueError("give --num-pairs, --max-ppl-ratio, or both")
+    writable(args.out)
+    loaded, data_dir = options.load(args)
+    most = loaded.num_layers // 2
+    if args.num_pairs is not None and args.num_pairs > most:
+        raise ValueError(f"--num-pairs {args.num_pairs}: a {loaded.num_layers}-layer model has at most {most} disjoint pairs")
+    windows, screen_windows = (
+        evaluate.wikitext_windows(loaded.tokenizer, data_dir, args.window, "calib", count)
+        for count in (args.calib_windows, args.screen_windows)
+    )
+    modes = tuple(args.modes.split(","))
+    say(f"model {loaded.name} ({loaded.num_layers} layers); calibration: {windows.shape[0]} "
+        f"windows of {args.window} tokens from the first half of WikiText-2 raw test "
+        f"({screen_windows.shape[0]} for single pairs)")
+    scorer = plan_scorers.GatedScorer(loaded.model, windows, modes, args.inner)
+    measure, screen = plan_scorers.calibration_measures(scorer, windows, screen_windows, options.race_margin(args))
+    plan = planner.make_plan(
+        measure,
+        loaded.num_layers,
+        loaded.name,
+        num_pairs=args.num_pairs,
+        max_ppl_ratio=args.max_ppl_ratio,
+        modes=modes,
+        refine=args.refine,
+        passes=args.passes,
+        calibration={"split": "calib", "windows": int(windows.shape[0]),
+                     "screen_windows": int(screen_windows.shape[0]), "window": args.window},
+        verify=plan_scorers.compiled_scorer(loaded.model, windows, args.inner),
+        screen=screen,
+        progress=not args.no_progress,
+    )
+    plan["search"]["graphs_compiled"] = scorer.compiles
+    share = scorer.share_run()
+    if share is not None:
+        plan["search"]["share_of_graph_run"] = round(share, 3)
+    calib, search = plan["calibration"], plan["search"]
+    say(f"pairs {plan['pairs']} modes {plan['modes']}")
+    say(f"calibration ppl: baseline {calib['baseline_ppl']:.3f}, plan {calib['plan_ppl']:.3f} "
+        f"(compiled plainly: {calib['plan_ppl_plain']:.3f})")
+    lazily = f", {share:.0%} of its nodes run per score" if share is not None else ""
+    raced = (f"; {search['trials_dropped']} trials dropped after part of the windows (race margin "
+             f"{search['race_margin']:.1%})" if "race_margin" in search else "")
+    say(f"{search['pairings_scored']} pairings scored with {search['graphs_compiled']} compiled graph(s){lazily} "
+        f"in {search['seconds']:.0f} s{raced}")
+    save_plan(plan, args.out)
+    say(f"wrote {args.out}")
+    problem = planner.plain_disagreement(plan)
+    if problem:
+        raise ValueError(f"{problem}: do not trust {args.out}")

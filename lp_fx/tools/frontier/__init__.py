@@ -1,0 +1,1 @@
+"""Speed against quality for every budget Δ: contiguous, planned and fine-tuned pairings."""

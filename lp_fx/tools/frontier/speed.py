@@ -1,0 +1,153 @@
+"""The frontier's speed measurements: decode tokens/s on one device, and in llama.cpp.
+
+One device (:class:`SpeedBench`): the unpaired model, and each pairing with and without ``fuse=True``
+(the frontier gives a budget's contiguous and planned pairings together, so they share one unpaired
+copy), each a copy of the model compiled once and warmed up (:func:`lp_fx.tools.speed.timing.compile_and_warm_up`),
+then timed interleaved round after round (:func:`lp_fx.tools.speed.timing.time_interleaved`). Only the
+decode step is compiled (:func:`lp_fx.tools.speed.timing.decode_steps_through`: the prompt runs eagerly),
+which halves each variant's compile and leaves the decode tokens/s as it was; ratios are
+medians of per-round ratios to the unpaired model (:func:`lp_fx.tools.speed.timing.ratio_to_first`), so a
+slow spell of a shared machine hits every variant alike. Dynamo's caches are reset before each timed
+run; the unpaired graph is then compiled again but found in Inductor's on-disk graph cache (its compile
+seconds are recorded, so this shows).
+
+llama.cpp (:class:`LlamaCppBench`): an ``lp`` pairing is exported as a GGUF
+(:func:`lp_fx.tools.export.write.export`), timed against the unpaired export (made once per run) with
+:func:`lp_fx.tools.speed.llamacpp.bench`, and removed.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from lp_fx.pairing import BASELINE, Pairing
+from lp_fx.tools.evaluation.compiled import check_rewritten
+from lp_fx.tools.export.write import export
+from lp_fx.tools.speed import llamacpp
+from lp_fx.tools.speed.single import SingleVariant
+from lp_fx.tools.speed.timing import PROMPT, compile_and_warm_up, ratio_to_first, time_interleaved
+
+log = logging.getLogger(__name__)
+
+UNPAIRED, PAIRED, FUSED = "unpaired", "paired", "paired + fuse"
+
+
+def unpaired_variant(inner: str) -> SingleVariant:
+    """The unpaired model: plain ``torch.compile`` for Inductor, else the backend with no pairs in
+    front of ``inner``."""
+    return SingleVariant(UNPAIRED, None if inner == "inductor" else {"inner": inner})
+
+
+def paired_variants(pairing: Pairing, backend_options: dict, inner: str) -> dict[str, SingleVariant]:
+    """The pairing and the pairing fused (by kind: :data:`PAIRED`, :data:`FUSED`), strict so that
+    nothing is silently left out; named after the pairing, so several pairings can be timed together."""
+    paired = {**backend_options, "inner": inner, "strict": True}
+    return {PAIRED: SingleVariant(f"{pairing.name}: {PAIRED}", paired),
+            FUSED: SingleVariant(f"{pairing.name}: {FUSED}", {**paired, "fuse": True})}
+
+
+@dataclass
+class SpeedBench:
+    """Decode speed of pairings on one device against the unpaired model, in one interleaved run."""
+
+    tokenizer: object
+    inner: str = "inductor"
+    tokens: int = 32
+    rounds: int = 5
+    llamacpp: "LlamaCppBench | None" = None
+
+    def measure(self, model: torch.nn.Module, pairings: Sequence[tuple[Pairing, dict]]) -> list[dict]:
+        """For each ``(pairing, backend options)``: ``{"speed": …}`` and, for an all-``lp`` pairing
+        with llama.cpp on, ``{"llamacpp": …}``; the pairings are timed together (:meth:`one_device`)."""
+        out = [{"speed": speed} for speed in self.one_device(model, pairings)]
+        for (pairing, _), record in zip(pairings, out):
+            if self.llamacpp is not None and set(pairing.modes or ("lp",)) == {"lp"}:
+                record["llamacpp"] = self.llamacpp.ratio(model, pairing)
+        return out
+
+    def one_device(self, model: torch.nn.Module, pairings: Sequence[tuple[Pairing, dict]]) -> list[dict]:
+        """One record per pairing: its paired and fused variants against ONE unpaired copy, every
+        variant compiled once and all timed interleaved in the same rounds (so two pairings of a
+        budget share the unpaired copy's compile and rounds, and are compared on the same footing)."""
+        names = [pairing.name for pairing, _ in pairings]
+        if len(set(names)) < len(names):  # the variants are named after their pairings
+            raise ValueError(f"pairings timed together need distinct names, got {names}")
+        ids = self.tokenizer(PROMPT, return_tensors="pt").input_ids
+        unpaired = unpaired_variant(self.inner)
+        own = [paired_variants(pairing, options, self.inner) for pairing, options in pairings]
+        todo = [unpaired, *(variant for kinds in own for variant in kinds.values())]
+        pairing_of = {variant.name: pairing for (pairing, _), kinds in zip(pairings, own) for variant in kinds.values()}
+        stamps = [time.monotonic()]  # one after each variant: its compile, in its one warm-up generation
+
+        def note(variant: SingleVariant, copy_: torch.nn.Module, backend: Any) -> None:
+            if variant is not unpaired:
+                check_rewritten(backend.reports, pairing_of[variant.name], "lp")
+                variant.graph_gemms = [report.gemms for report in backend.reports]
+
+        with torch._dynamo.config.patch(automatic_dynamic_shapes=False, cache_size_limit=64):
+            torch._dynamo.reset()
+            # One warm-up: the generation that compiles (on CPU nothing records on first calls, unlike
+            # CUDA graphs); each variant is then warm when its rounds start.
+            compiled = compile_and_warm_up(model, todo, ids, self.tokens, note, warm_ups=1, decode_only=True,
+                                           after_each=lambda: stamps.append(time.monotonic()))
+            time_interleaved(compiled, todo, ids, self.tokens, self.rounds)
+            torch._dynamo.reset()
+        compile_s = {v.name: round(after - before, 1) for v, before, after in zip(todo, stamps, stamps[1:])}
+        del compiled
+        gc.collect()
+        records = []
+        for (pairing, _), kinds in zip(pairings, own):
+            mine = {UNPAIRED: unpaired, **kinds}
+            record = {
+                "inner": self.inner, "compiled": "decode step (prompt eager)", "tokens": self.tokens,
+                "rounds": self.rounds, "prompt": PROMPT,
+                "ratio": {kind: ratio_to_first(v, unpaired) for kind, v in kinds.items()},
+                "tokens_per_s": {kind: v.tokens_per_s for kind, v in mine.items()},
+                "median_tokens_per_s": {kind: statistics.median(v.tokens_per_s) for kind, v in mine.items()},
+                "compile_s": {kind: compile_s[v.name] for kind, v in mine.items()},
+                "gemms_per_graph": {kind: v.graph_gemms for kind, v in kinds.items()},
+                "timed_with": [other.name for other, _ in pairings if other is not pairing],
+            }
+            log.info("speed %s: %s (compile %s s)", pairing.name, record["ratio"], record["compile_s"])
+            records.append(record)
+        return records
+
+
+@dataclass
+class LlamaCppBench:
+    """Exports timed in llama.cpp against the unpaired export, made once into ``folder``."""
+
+    folder: Path
+    source: Any  # lp_fx.tools.export.fold.Source
+    threads: int
+    tokens: int = 32
+    rounds: int = 5
+    dtype: str = "f32"
+
+    def _export(self, model: torch.nn.Module, pairing: Pairing, name: str) -> Path:
+        path = self.folder / f"{name}.gguf"
+        if not path.is_file():
+            export(model, pairing.pairs, pairing.modes or ("lp",) * pairing.num_pairs, path, self.source,
+                   dtype=self.dtype)
+        return path
+
+    def ratio(self, model: torch.nn.Module, pairing: Pairing) -> dict:
+        """Decode tokens/s of ``pairing`` exported, against the unpaired export, interleaved."""
+        base = self._export(model, BASELINE, f"unpaired_{self.dtype}")
+        paired = self._export(model, pairing, f"paired_{self.dtype}")
+        try:
+            result = llamacpp.bench([str(base), str(paired)], self.threads, self.tokens, self.rounds)
+        finally:
+            paired.unlink(missing_ok=True)
+        speeds = {Path(m["path"]).stem: m["tokens_per_s"] for m in result["models"]}
+        return {"ratio": result["ratio_to_unpaired"][str(paired)], "dtype": self.dtype, "threads": self.threads,
+                "tokens": self.tokens, "rounds": self.rounds, "tokens_per_s": speeds,
+                "layers": [m["layers"] for m in result["models"]]}
