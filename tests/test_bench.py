@@ -4,7 +4,8 @@ import argparse
 
 import pytest
 
-from lp_fx.tools.cli.bench import _argv, add_arguments
+from lp_fx.tools.cli.bench import BenchArgs, _argv
+from lp_fx.tools.options import add_options
 from lp_fx.tools.speed.ranks import Variant, table, variants
 from lp_fx.tools.speed.single import gemm_launches_per_token, single_table, single_variants
 from lp_fx.tools.speed.timing import compile_variant, generate, ratio_to_first
@@ -12,7 +13,7 @@ from lp_fx.tools.speed.timing import compile_variant, generate, ratio_to_first
 
 def _parse(argv):
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_options(parser, BenchArgs)
     return parser.parse_args(argv)
 
 

@@ -87,7 +87,7 @@ def test_single_pairs_are_ranked_by_the_screen_and_sets_decided_by_the_measure()
     screened, measured = [], []
     screen = lambda pairing: screened.append(pairing.pairs) or fake_measure(pairing)  # noqa: E731
     measure = lambda pairing: measured.append(pairing.pairs) or fake_measure(pairing)  # noqa: E731
-    plan = planner.make_plan(measure, 10, "fake", num_pairs=3, screen=screen, progress=False)
+    plan = planner.make_plan(measure, 10, "fake", num_pairs=3, modes=("lp",), screen=screen, progress=False)
     assert sorted(screened) == [((i, i + 1),) for i in range(9)]
     assert all(len(pairs) != 1 or pairs in {((3, 4),), ((5, 6),), ((4, 5),)} for pairs in measured if pairs)
     assert len(plan["pairs"]) == 3
@@ -153,7 +153,7 @@ def test_raced_measure_refuses_a_bad_share_or_margin() -> None:
 
 
 def test_plan_round_trip_and_foreign_plan_refused(tmp_path: Path) -> None:
-    plan = planner.make_plan(fake_measure, 10, "fake", num_pairs=3, progress=False)
+    plan = planner.make_plan(fake_measure, 10, "fake", num_pairs=3, modes=("lp",), progress=False)
     path = tmp_path / "plan.json"
     save_plan(plan, path)
     loaded = load_plan(path)

@@ -14,13 +14,15 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from lp_fx.config import DEFAULTS, INNER_COMPILERS, PAIRING_MODES
 from lp_fx.files import check_files_writable, write_json
 from lp_fx.pairing import check_range
 from lp_fx.tools.console import say
 from lp_fx.tools.models import PRECISIONS
-from lp_fx.tools.options import OneLineParser, int_at_least, non_negative_int, positive_int
+from lp_fx.tools.cli.common import ModelSpec
+from lp_fx.tools.options import OneLineParser, add_options, int_at_least, non_negative_int, option, positive_int
 from lp_fx.tools.speed import llamacpp, ranks
 from lp_fx.tools.speed.single import run_single
 from lp_fx.tools.speed.timing import PROMPT
@@ -28,40 +30,56 @@ from lp_fx.tools.speed.timing import PROMPT
 _ARGS_VAR = "LP_FX_BENCH_ARGS"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2", help="'smollm2', a .gguf file or a Hugging Face directory")
-    parser.add_argument("--start", type=non_negative_int, default=14)
-    parser.add_argument("--end", type=positive_int, default=28)
-    parser.add_argument("--modes", nargs="+", default=list(PAIRING_MODES), choices=PAIRING_MODES)
-    parser.add_argument("--inner", default=DEFAULTS["inner"], choices=INNER_COMPILERS)
-    parser.add_argument("--tokens", type=int_at_least(2), default=32,
-                        help="new tokens per generation (decode speed is timed from the first to the last)")
-    parser.add_argument("--rounds", type=positive_int, default=5, help="timed generations per variant, interleaved")
-    parser.add_argument("--prompt", default=PROMPT)
-    parser.add_argument("--quantize", default="fp32", choices=PRECISIONS,
-                        help="int8: torchao int8 weight-only linears (a quarter of the weight traffic)")
-    parser.add_argument("--nproc", type=positive_int, default=2, help="processes (devices) torchrun starts")
-    parser.add_argument("--no-single", action="store_true", help="skip the single-device variant")
-    single = parser.add_argument_group("one device (--single): Inductor vs LP vs LP + fuse, no torchrun")
-    single.add_argument("--single", action="store_true",
-                        help="benchmark on one device: plain Inductor, LP and LP + fuse=True (see lp_fx/tools/speed/single.py)")
-    single.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    single.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    single.add_argument("--cudagraphs", action="store_true", help="Inductor's CUDA graphs for every variant (CUDA only)")
-    cpp = parser.add_argument_group("llama.cpp (--llamacpp): exported GGUFs, no torchrun")
-    cpp.add_argument("--llamacpp", nargs="+", metavar="GGUF", default=None,
-                     help="decode tokens/s in llama.cpp of GGUFs from `lp-fx export`, each paired one as a ratio to the "
-                     "unpaired export (--pairs baseline) of the same dtype; uses --tokens, --rounds, --prompt")
-    cpp.add_argument("--threads", type=int, default=2, help="llama.cpp threads (the same for every GGUF)")
-    cpp.add_argument("--flash-attn", action="store_true",
-                     help="llama.cpp flash attention (without it the V cache of every layer is padded to the widest layer's)")
-    parser.add_argument("--json", default="lp-fx-results/bench.json", help="where rank 0 writes the results (folders are created)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+SINGLE = "one device (--single): Inductor vs LP vs LP + fuse, no torchrun"
+LLAMACPP = "llama.cpp (--llamacpp): exported GGUFs, no torchrun"
+
+
+@dataclass(frozen=True)
+class BenchArgs(ModelSpec):
+    """``lp-fx bench``'s options."""
+
+    start: int = option(14, parse=non_negative_int)
+    """first layer of the paired range start:end"""
+    end: int = option(28, parse=positive_int)
+    """end of the paired range (exclusive; end - start even)"""
+    modes: list[str] = option(factory=lambda: list(PAIRING_MODES), nargs="+", choices=PAIRING_MODES)
+    """pairing modes timed, each a variant"""
+    inner: str = option(DEFAULTS["inner"], choices=INNER_COMPILERS)
+    """compiler behind the layer_parallel backend"""
+    tokens: int = option(32, parse=int_at_least(2))
+    """new tokens per generation (decode speed is timed from the first to the last)"""
+    rounds: int = option(5, parse=positive_int)
+    """timed generations per variant, interleaved"""
+    prompt: str = option(PROMPT)
+    """the prompt every variant continues"""
+    quantize: str = option("fp32", choices=PRECISIONS)
+    """int8: torchao int8 weight-only linears (a quarter of the weight traffic)"""
+    nproc: int = option(2, parse=positive_int)
+    """processes (devices) torchrun starts"""
+    no_single: bool = option(False)
+    """skip the single-device variant"""
+    single: bool = option(False, group=SINGLE)
+    """benchmark on one device: plain Inductor, LP and LP + fuse=True (see lp_fx/tools/speed/single.py)"""
+    device: str = option("cpu", choices=("cpu", "cuda"), group=SINGLE)
+    """the device of --single"""
+    dtype: str = option("fp32", choices=("fp32", "bf16"), group=SINGLE)
+    """the weights' dtype with --single"""
+    cudagraphs: bool = option(False, group=SINGLE)
+    """Inductor's CUDA graphs for every variant (CUDA only)"""
+    llamacpp: list[str] | None = option(None, nargs="+", metavar="GGUF", group=LLAMACPP)
+    """decode tokens/s in llama.cpp of GGUFs from `lp-fx export`, each paired one as a ratio to the unpaired
+    export (--pairs baseline) of the same dtype; uses --tokens, --rounds, --prompt"""
+    threads: int = option(2, parse=int, group=LLAMACPP)
+    """llama.cpp threads (the same for every GGUF)"""
+    flash_attn: bool = option(False, group=LLAMACPP)
+    """llama.cpp flash attention (without it the V cache of every layer is padded to the widest layer's)"""
+    json: str = option("lp-fx-results/bench.json")
+    """where rank 0 writes the results (folders are created)"""
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = OneLineParser(prog="lp-fx bench", description=__doc__.splitlines()[0])
-    add_arguments(parser)
+    add_options(parser, BenchArgs)
     if argv is None and _ARGS_VAR in os.environ:
         argv = shlex.split(os.environ[_ARGS_VAR])
     bench(parser.parse_args(argv))
@@ -111,7 +129,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench", help="decode tokens/s: TP vs TP+LP vs one device; --single: Inductor vs LP vs LP + fuse on one device"
     )
-    add_arguments(parser)
+    add_options(parser, BenchArgs)
     parser.set_defaults(func=bench)
 
 

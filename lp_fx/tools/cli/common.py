@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -12,12 +13,11 @@ import torch
 from lp_fx.checkpoint import load_finetuned
 from lp_fx.config import INNER_COMPILERS, PAIRING_MODES
 from lp_fx.tools import data
-from lp_fx.tools.evaluation import retention, scoring
-from lp_fx.tools.planning import search as planner
-from lp_fx.tools.options import int_at_least, non_negative_float, positive_int
+from lp_fx.tools.evaluation import retention
+from lp_fx.tools.options import int_at_least, option
 from lp_fx.tools.console import say
 from lp_fx.tools.evaluation.scoring import EvalSpec
-from lp_fx.tools.models import PRECISIONS, load_model
+from lp_fx.tools.models import load_model
 from lp_fx.files import write_json
 from lp_fx.files import check_files_writable as writable  # each command checks its --out with it
 
@@ -25,59 +25,37 @@ from lp_fx.files import check_files_writable as writable  # each command checks 
 RESULTS = Path("lp-fx-results")  # where results go unless --out says otherwise
 
 
-def add_model_options(parser: argparse.ArgumentParser, mode: bool = True) -> None:
-    parser.add_argument(
-        "--model", default="smollm2",
-        help="'smollm2' (the bundled SmolLM2-135M-Instruct GGUF), a .gguf file or a local HF model directory",
-    )
-    parser.add_argument(
-        "--data-dir", default=None,
-        help=f"evaluation data directory (default: ${data.DATA_VARIABLE}, else ../shared/data next to the "
-        "repository or the working directory)",
-    )
-    if mode:
-        parser.add_argument("--mode", default="lp", choices=PAIRING_MODES, help="pairing mode")
-    parser.add_argument(
-        "--inner", default="eager", choices=INNER_COMPILERS,
-        help="compiler behind the layer_parallel backend (eager is fastest to compile)",
-    )
-    parser.add_argument("--window", type=int_at_least(2), default=512, help="perplexity window in tokens")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+@dataclass(frozen=True)
+class ModelSpec:
+    """The model a command reads (every command that reads one)."""
+
+    model: str = option("smollm2")
+    """'smollm2' (the bundled SmolLM2-135M-Instruct GGUF), a .gguf file or a local HF model directory"""
+    verbose: bool = option(False, flags=("-v", "--verbose"))
+    """log at INFO level"""
 
 
-def add_eval_options(parser: argparse.ArgumentParser, tasks: str, split: str, windows: int | None) -> None:
-    parser.add_argument(
-        "--tasks", default=tasks,
-        help=f"comma-separated, from: {', '.join(scoring.TASKS)} (wikitext = perplexity)",
-    )
-    parser.add_argument("--limit", type=positive_int, default=None, help="items per task (fixed-seed subset)")
-    parser.add_argument("--seed", type=int, default=1234, help="seed of the --limit subsets")
-    parser.add_argument(
-        "--split", default=split, choices=["all", "calib", "heldout"],
-        help="perplexity windows: all, the first half (calib) or the second half (heldout)",
-    )
-    parser.add_argument(
-        "--ppl-windows", type=positive_int, default=windows,
-        help="use this many evenly spaced windows of the split (default: all)",
-    )
-    parser.add_argument("--batch-size", type=positive_int, default=8, help="batch size for task scoring")
+@dataclass(frozen=True)
+class ModelArgs(ModelSpec):
+    """The model, its data and how it is compiled (every command that measures a model)."""
+
+    data_dir: str | None = option(None)
+    """evaluation data directory (default: $LP_FX_DATA, else ../shared/data next to the repository or the
+    working directory)"""
+    inner: str = option("eager", choices=INNER_COMPILERS)
+    """compiler behind the layer_parallel backend (eager is fastest to compile)"""
+    window: int = option(512, parse=int_at_least(2))
+    """perplexity window in tokens"""
+    no_progress: bool = option(False)
+    """no progress bars"""
 
 
-def add_race_options(parser: argparse.ArgumentParser) -> None:
-    """The planner's racing of trial sets (see :class:`lp_fx.tools.planning.search.RacedMeasure`)."""
-    race = parser.add_mutually_exclusive_group()
-    race.add_argument(
-        "--race-margin", type=non_negative_float, default=planner.RACE_MARGIN,
-        help="planner: score each step's trial sets on the screen's windows first and drop those more than "
-             f"this (relative perplexity) above the best there before the other windows (default {planner.RACE_MARGIN:g})",
-    )
-    race.add_argument("--no-race", action="store_true", help="planner: score every trial set on every window")
+@dataclass(frozen=True)
+class PairedModelArgs(ModelArgs):
+    """A model with a pairing mode for pairs without one of their own."""
 
-
-def race_margin(args: argparse.Namespace) -> float | None:
-    """The race margin asked for, or None (no racing)."""
-    return None if args.no_race else args.race_margin
+    mode: str = option("lp", choices=PAIRING_MODES)
+    """pairing mode"""
 
 
 def eval_spec(args: argparse.Namespace, data_dir: Path) -> EvalSpec:
@@ -108,16 +86,6 @@ def load(args: argparse.Namespace) -> tuple[object, Path]:
             f"--window {args.window}: {loaded.name} takes at most {positions} positions; give --window <= {positions}"
         )
     return loaded, data_dir
-
-
-def add_quantize_option(parser: argparse.ArgumentParser, several: bool) -> None:
-    """``--quantize``: one precision, or (``several``) a comma-separated list of them."""
-    what = "comma-separated, each run in turn on the one loaded model (e.g. fp32,int8)" if several else "one of"
-    parser.add_argument(
-        "--quantize", default="fp32", choices=None if several else PRECISIONS,
-        help=f"weights, {what} {', '.join(PRECISIONS)}; int8: torchao Int8WeightOnlyConfig on every linear, "
-        "applied after loading",
-    )
 
 
 def new_file(path: str) -> str:

@@ -7,6 +7,7 @@ standard errors beside the means."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from importlib.metadata import version
 
 from lp_fx.checkpoint import read_pairing
@@ -14,33 +15,40 @@ from lp_fx.pairing import BASELINE, Pairing
 from lp_fx.tools.console import say
 from lp_fx.tools.evaluation import retention, scoring as evaluate
 from lp_fx.tools.evaluation.compiled import check_pairing
-from lp_fx.tools.models import quantize_weights
 from lp_fx.tools.cli import common as options
 from lp_fx.tools.cli.common import (
-    RESULTS, add_eval_options, add_model_options, add_quantize_option, eval_spec, finetuned, format_table, spec_record, writable, write_results,
+    RESULTS, PairedModelArgs, eval_spec, finetuned, format_table, spec_record, writable, write_results,
 )
+from lp_fx.tools.evaluation.options import PerplexityOptions, TaskOptions
+from lp_fx.tools.models import PRECISIONS, quantize_weights
+from lp_fx.tools.options import add_options, option
+
+
+@dataclass(frozen=True)
+class EvalArgs(PairedModelArgs):
+    """``lp-fx eval``'s options."""
+
+    scoring: TaskOptions = option(factory=TaskOptions)
+    windows: PerplexityOptions = option(factory=PerplexityOptions)
+    pairs: list[str] = option(factory=list, action="append", metavar="SPEC")
+    """a pairing to compare with the baseline (repeatable): a range START:END (e.g. 14:28), pairs like
+    14-15,20-21, or a plan JSON from `lp-fx plan`"""
+    checkpoint: list[str] = option(factory=list, action="append", metavar="DIR")
+    """a fine-tuned pairing from `lp-fx finetune` to compare as well (repeatable); its trained tensors are
+    loaded for its column only"""
+    quantize: str = option("fp32", choices=PRECISIONS)
+    """weights, one of fp32, int8; int8: torchao Int8WeightOnlyConfig on every linear, applied after loading"""
+    fuse: bool = option(False)
+    """fuse=True: run each pair's GEMMs batched (one device; same results, fewer GEMMs)"""
+    out: str = option(str(RESULTS / "eval.json"))
+    """JSON results (folders are created)"""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval", help="perplexity and task accuracy (lm-evaluation-harness): baseline and pairings, with retention"
     )
-    add_model_options(parser)
-    add_eval_options(parser, ",".join(evaluate.TASKS), "all", None)
-    parser.add_argument(
-        "--pairs", action="append", default=[], metavar="SPEC",
-        help="a pairing to compare with the baseline (repeatable): a range START:END (e.g. 14:28), "
-        "pairs like 14-15,20-21, or a plan JSON from `lp-fx plan`",
-    )
-    parser.add_argument(
-        "--checkpoint", action="append", default=[], metavar="DIR",
-        help="a fine-tuned pairing from `lp-fx finetune` to compare as well (repeatable); "
-        "its trained tensors are loaded for its column only",
-    )
-    add_quantize_option(parser, several=False)
-    parser.add_argument("--fuse", action="store_true",
-                        help="fuse=True: run each pair's GEMMs batched (one device; same results, fewer GEMMs)")
-    parser.add_argument("--out", default=str(RESULTS / "eval.json"), help="JSON results (folders are created)")
+    add_options(parser, EvalArgs)
     parser.set_defaults(func=run)
 
 

@@ -3,38 +3,49 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 from lp_fx.checkpoint import read_pairing
 from lp_fx.config import MODES
 from lp_fx.files import check_folder_writable
 from lp_fx.pairing import Pairing
+from lp_fx.tools.cli.common import ModelSpec
 from lp_fx.tools.console import say
 from lp_fx.tools.export.fold import Source
 from lp_fx.tools.export.write import DTYPES, FORMATS, export
 from lp_fx.tools.models import load_model, resolve_model_path
+from lp_fx.tools.options import add_options, option
+
+
+@dataclass(frozen=True)
+class ExportArgs(ModelSpec):
+    """``lp-fx export``'s options."""
+
+    pairs: str | None = option(None, metavar="SPEC", exclusive="which")
+    """a range START:END (e.g. 14:28), pairs like 14-15,20-21, or 'baseline' (no pairs)"""
+    plan: str | None = option(None, metavar="FILE", exclusive="which")
+    """a plan JSON from `lp-fx plan` (per-pair modes)"""
+    mode: str = option("lp", choices=MODES)
+    """mode of the --pairs (lp, prune, merge export)"""
+    checkpoint: str | None = option(None, metavar="DIR")
+    """a fine-tuned pairing from `lp-fx finetune`, folded in first (its pairing is used when --pairs/--plan are
+    not given, and must match them when they are)"""
+    format: str = option("gguf", choices=FORMATS)
+    """gguf (llama.cpp) or hf (prune/merge only)"""
+    dtype: str = option("f32", choices=DTYPES)
+    """weights of the matrices (norms stay f32)"""
+    out: str | None = option(None, required=True)
+    """a .gguf file, or a new directory with --format hf"""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """``lp-fx export``: the pairing as a plain checkpoint (lp_fx/tools/export/fold.py)."""
+    """``lp-fx export``: the pairing as a plain checkpoint (:mod:`lp_fx.tools.export`)."""
     parser = subparsers.add_parser(
         "export", help="write a pairing as a plain checkpoint: lp pairs as one wide layer each (GGUF, llama.cpp's "
         "deci architecture), prune/merge as the model with fewer layers (GGUF or a Hugging Face folder)",
     )
-    parser.add_argument("--model", default="smollm2",
-                        help="'smollm2' (the bundled SmolLM2-135M-Instruct GGUF), a .gguf file or a local HF model directory")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--pairs", metavar="SPEC",
-                       help="a range START:END (e.g. 14:28), pairs like 14-15,20-21, or 'baseline' (no pairs)")
-    which.add_argument("--plan", metavar="FILE", help="a plan JSON from `lp-fx plan` (per-pair modes)")
-    parser.add_argument("--mode", default="lp", choices=MODES, help="mode of the --pairs (lp, prune, merge export)")
-    parser.add_argument("--checkpoint", metavar="DIR",
-                        help="a fine-tuned pairing from `lp-fx finetune`, folded in first (its pairing is used "
-                        "when --pairs/--plan are not given, and must match them when they are)")
-    parser.add_argument("--format", default="gguf", choices=FORMATS, help="gguf (llama.cpp) or hf (prune/merge only)")
-    parser.add_argument("--dtype", default="f32", choices=DTYPES, help="weights of the matrices (norms stay f32)")
-    parser.add_argument("--out", required=True, help="a .gguf file, or a new directory with --format hf")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    add_options(parser, ExportArgs)
     parser.set_defaults(func=run)
 
 

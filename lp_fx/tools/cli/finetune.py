@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
 import re
 from pathlib import Path
 from typing import Any
@@ -14,72 +15,85 @@ from lp_fx.checkpoint import check_checkpoint_dir
 from lp_fx.pairing import RANGE, Pairing
 from lp_fx.tools import data
 from lp_fx.tools.cli import common as options
-from lp_fx.tools.cli.common import add_model_options
+from lp_fx.config import INNER_COMPILERS
+from lp_fx.tools.cli.common import PairedModelArgs
 from lp_fx.tools.console import say
 from lp_fx.tools.evaluation import scoring as evaluate
-from lp_fx.tools.options import positive_float, positive_int
+from lp_fx.tools.options import add_options, option, positive_float, positive_int
 from lp_fx.tools.training import finetune, self_text
+from lp_fx.tools.training.finetune import LOSSES, TRAIN_SETS, FinetuneConfig
 from lp_fx.tools.training.texts import FileText, SelfText, mixed
+
+SELF_GROUP = "self-generated training text (--train-data self)"
+
+
+@dataclass(frozen=True)
+class FinetuneArgs(PairedModelArgs):
+    """``lp-fx finetune``'s options; the training's defaults are
+    :class:`~lp_fx.tools.training.finetune.FinetuneConfig`'s."""
+
+    inner: str = option(FinetuneConfig.inner, choices=INNER_COMPILERS)
+    """compiler behind the layer_parallel backend (aot_eager: the backward runs through AOTAutograd)"""
+    pairs: str | None = option(None, metavar="SPEC", exclusive="which", required=True)
+    """a range START:END (e.g. 14:28), pairs like 14-15,20-21, or 'baseline' (no pairs: the unpaired control,
+    with --loss lm and --train-layers)"""
+    plan: str | None = option(None, metavar="FILE", exclusive="which", required=True)
+    """a plan JSON from `lp-fx plan` (per-pair modes)"""
+    loss: str = option(FinetuneConfig.loss, choices=LOSSES)
+    """distill: KL to the unpaired model (default); lm: next-token loss"""
+    train: str = option(FinetuneConfig.train, choices=TRAIN_SETS)
+    """paired: only the paired layers' parameters (default); all: every parameter"""
+    train_layers: str | None = option(None, metavar="SPEC")
+    """train these layers instead of the paired ones: START:END or 3,4,5"""
+    train_data: list[str] | None = option(None, action="append", metavar="FILE|wikitext|self")
+    """plain text to train on (default, or 'wikitext': wikitext-2/train.txt in the data directory; the tokenized
+    WikiText release is detokenized first); 'self': the unpaired model's own answers to --self-prompts through
+    its chat template. Given more than once, every batch takes its sequences from each text in equal shares"""
+    self_prompts: str | None = option(None, metavar="FILE", group=SELF_GROUP)
+    """instructions, one per line (default: examples/self_distill_prompts.txt)"""
+    self_max_tokens: int | None = option(None, parse=positive_int, group=SELF_GROUP)
+    """longest answer in tokens (default 256)"""
+    self_temperature: float | None = option(None, parse=float, group=SELF_GROUP)
+    """0: greedy answers (default); > 0: sampled at this temperature with --seed"""
+    self_batch: int | None = option(None, parse=positive_int, group=SELF_GROUP)
+    """prompts generated together (default 16)"""
+    cache: str | None = option(None, metavar="FILE", group=SELF_GROUP)
+    """JSON Lines file of the generated answers, reused by later runs (default: OUT.self-text.jsonl next to
+    --out)"""
+    steps: int = option(FinetuneConfig.steps)
+    """optimizer steps"""
+    lr: float = option(FinetuneConfig.lr)
+    """peak learning rate (AdamW)"""
+    batch: int = option(FinetuneConfig.batch)
+    """sequences per step"""
+    seq_len: int = option(FinetuneConfig.seq_len)
+    """tokens per sequence"""
+    seed: int = option(FinetuneConfig.seed)
+    """fixes the data order and the run"""
+    warmup: int | None = option(FinetuneConfig.warmup, parse=int)
+    """warm-up steps (default: steps / 10)"""
+    clip: float = option(FinetuneConfig.clip, parse=positive_float)
+    """gradient norm clipping"""
+    eval_every: int = option(FinetuneConfig.eval_every)
+    """held-out perplexity every N steps"""
+    eval_windows: int = option(8, parse=positive_int)
+    """held-out windows from the WikiText-2 raw test split (never trained on)"""
+    save_every: int = option(FinetuneConfig.save_every)
+    """checkpoint every N steps (and at the end)"""
+    mesh: str | None = option(None, choices=("auto",))
+    """auto: one rank per process under torchrun, each training the branch it computes"""
+    out: str | None = option(None, metavar="DIR", required=True)
+    """checkpoint directory (created)"""
+    overwrite: bool = option(False)
+    """write into --out even when it holds another model's checkpoint or other files"""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "finetune", help="train the paired layers through the compiled pairing to win back accuracy"
     )
-    add_model_options(parser)
-    parser.set_defaults(inner="aot_eager")
-    which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument(
-        "--pairs", metavar="SPEC",
-        help="a range START:END (e.g. 14:28), pairs like 14-15,20-21, or 'baseline' (no pairs: the "
-        "unpaired control, with --loss lm and --train-layers)",
-    )
-    which.add_argument("--plan", metavar="FILE", help="a plan JSON from `lp-fx plan` (per-pair modes)")
-    parser.add_argument("--loss", default="distill", choices=["distill", "lm"],
-                        help="distill: KL to the unpaired model (default); lm: next-token loss")
-    parser.add_argument("--train", default="paired", choices=["paired", "all"],
-                        help="paired: only the paired layers' parameters (default); all: every parameter")
-    parser.add_argument("--train-layers", default=None, metavar="SPEC",
-                        help="train these layers instead of the paired ones: START:END or 3,4,5")
-    parser.add_argument("--train-data", action="append", default=None, metavar="FILE|wikitext|self",
-                        help="plain text to train on (default, or 'wikitext': wikitext-2/train.txt in the data "
-                        "directory; the tokenized WikiText release is detokenized first); 'self': the unpaired "
-                        "model's own answers to --self-prompts through its chat template. Given more than once, "
-                        "every batch takes its sequences from each text in equal shares")
-    _add_self_options(parser)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--batch", type=int, default=4, help="sequences per step")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
-    parser.add_argument("--seed", type=int, default=0, help="fixes the data order and the run")
-    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: steps / 10)")
-    parser.add_argument("--clip", type=positive_float, default=1.0, help="gradient norm clipping")
-    parser.add_argument("--eval-every", type=int, default=25, help="held-out perplexity every N steps")
-    parser.add_argument("--eval-windows", type=positive_int, default=8,
-                        help="held-out windows from the WikiText-2 raw test split (never trained on)")
-    parser.add_argument("--save-every", type=int, default=25, help="checkpoint every N steps (and at the end)")
-    parser.add_argument("--mesh", default=None, choices=["auto"],
-                        help="auto: one rank per process under torchrun, each training the branch it computes")
-    parser.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory (created)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="write into --out even when it holds another model's checkpoint or other files")
+    add_options(parser, FinetuneArgs)
     parser.set_defaults(func=run)
-
-
-def _add_self_options(parser: argparse.ArgumentParser) -> None:
-    """Options of ``--train-data self``; None by default, so that giving one without it is refused."""
-    group = parser.add_argument_group("self-generated training text (--train-data self)")
-    group.add_argument("--self-prompts", default=None, metavar="FILE",
-                       help=f"instructions, one per line (default: {self_text.DEFAULT_PROMPTS.relative_to(data.REPO_ROOT)})")
-    group.add_argument("--self-max-tokens", type=positive_int, default=None,
-                       help=f"longest answer in tokens (default {self_text.GenerationSettings.max_new_tokens})")
-    group.add_argument("--self-temperature", type=float, default=None,
-                       help="0: greedy answers (default); > 0: sampled at this temperature with --seed")
-    group.add_argument("--self-batch", type=positive_int, default=None,
-                       help=f"prompts generated together (default {self_text.GenerationSettings.batch})")
-    group.add_argument("--cache", default=None, metavar="FILE",
-                       help="JSON Lines file of the generated answers, reused by later runs (default: "
-                       "OUT.self-text.jsonl next to --out)")
 
 
 SELF_OPTIONS = ("self_prompts", "self_max_tokens", "self_temperature", "self_batch", "cache")

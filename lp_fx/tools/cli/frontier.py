@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from dataclasses import dataclass
 import tempfile
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 
 from lp_fx.files import atomic_write
 from lp_fx.tools.cli import common as options
-from lp_fx.tools.cli.common import RESULTS, add_model_options, new_file, writable
+from lp_fx.tools.cli.common import RESULTS, new_file, writable
 from lp_fx.tools.console import say
 from lp_fx.tools.evaluation import sweep
 from lp_fx.tools.export.fold import Source
@@ -20,9 +21,58 @@ from lp_fx.tools.frontier.options import FrontierOptions
 from lp_fx.tools.frontier.run import TASK_NAMES, Frontier
 from lp_fx.tools.frontier.speed import LlamaCppBench, SpeedBench
 from lp_fx.tools.models import resolve_model_path
-from lp_fx.tools.options import index_list, int_at_least, non_negative_int, positive_int
-from lp_fx.tools.planning.search import MODES
+from lp_fx.config import INNER_COMPILERS
+from lp_fx.tools.cli.common import ModelArgs
+from lp_fx.tools.evaluation.options import TaskOptions
+from lp_fx.tools.options import add_options, index_list, int_at_least, non_negative_int, option, options_from, positive_int
+from lp_fx.tools.planning.options import SearchOptions
+from lp_fx.tools.training.finetune import TRAIN_SETS
 from lp_fx.tools.speed.llamacpp import INSTALL
+
+
+def parse_variants(spec: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(variant.strip() for variant in spec.split(",") if variant.strip()))
+
+
+@dataclass(frozen=True)
+class FrontierArgs(ModelArgs):
+    """``lp-fx frontier``'s options: the planner's and the evaluation's embedded, and its own."""
+
+    budgets: list[int] = option(factory=lambda: list(points.DEFAULT_BUDGETS), parse=index_list)
+    """comma-separated even Δ, the layers paired (Δ/2 pairs); default 2,4,...,14"""
+    contiguous_start: int | None = option(None, parse=non_negative_int)
+    """first layer of every contiguous range start:start+Δ (default: the middle start of `lp-fx sweep
+    --transforms`, 14 on 30 layers, so Δ=14 is the demo's 14:28)"""
+    ppl_windows: int = option(16, parse=positive_int)
+    """evenly spaced windows of the held-out half of WikiText-2 and of the LAMBADA text"""
+    scoring: TaskOptions = option(factory=lambda: TaskOptions(tasks="arc_easy,piqa,hellaswag,winogrande", limit=500))
+    search: SearchOptions = option(factory=SearchOptions, renames={"modes": "plan_modes"})
+    finetune_steps: int = option(100, parse=non_negative_int)
+    """steps of distillation for the planned pairing of each budget (0: no fine-tuned curve)"""
+    finetune_train: str = option("paired", choices=TRAIN_SETS)
+    """what the fine-tuning trains: the paired layers (default) or every parameter"""
+    variants: tuple[str, ...] | None = option(None, parse=parse_variants)
+    """comma-separated, from: contiguous, planned, finetuned (default: all; finetuned only with
+    --finetune-steps); the baseline is always measured. Another --variants on --resume adds its points to
+    the same JSON"""
+    speed_inner: str = option("inductor", choices=INNER_COMPILERS)
+    """compiler of the timed variants (unpaired, paired, paired + fuse)"""
+    speed_tokens: int = option(32, parse=int_at_least(2))
+    """tokens generated per timed run (decode speed is timed from the first to the last)"""
+    speed_rounds: int = option(5, parse=non_negative_int)
+    """interleaved timing rounds (0: no speed measured)"""
+    llamacpp: bool = option(False)
+    """also time each lp pairing exported to llama.cpp against the unpaired export"""
+    out: str = option(str(RESULTS / "frontier.json"))
+    """JSON, rewritten after every point"""
+    table: str | None = option(None)
+    """Markdown table (default: --out with .md)"""
+    plot: str | None = option(None)
+    """PNG of speedup against retention (default: --out with .png)"""
+    resume: bool = option(False, exclusive="which")
+    """continue the run in --out: measure what it lacks"""
+    overwrite: bool = option(False, exclusive="which")
+    """start again, replacing --out"""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,48 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "frontier", help="speed against quality for every budget Δ: contiguous, planned and fine-tuned pairs; "
         "JSON after every point, a Markdown table and a PNG",
     )
-    add_model_options(parser, mode=False)
-    parser.add_argument("--budgets", type=index_list, default=list(points.DEFAULT_BUDGETS),
-                        help="comma-separated even Δ, the layers paired (Δ/2 pairs); default 2,4,...,14")
-    parser.add_argument("--contiguous-start", type=non_negative_int, default=None,
-                        help="first layer of every contiguous range start:start+Δ (default: the middle start of "
-                        "`lp-fx sweep --transforms`, 14 on 30 layers, so Δ=14 is the demo's 14:28)")
-    parser.add_argument("--ppl-windows", type=positive_int, default=16,
-                        help="evenly spaced windows of the held-out half of WikiText-2 and of the LAMBADA text")
-    parser.add_argument("--tasks", default="arc_easy,piqa,hellaswag,winogrande",
-                        help=f"comma-separated, from: {', '.join(TASK_NAMES)}; 'none' for perplexity only")
-    parser.add_argument("--limit", type=positive_int, default=500, help="items per task (fixed-seed subset)")
-    parser.add_argument("--seed", type=int, default=1234, help="seed of the --limit subsets")
-    parser.add_argument("--batch-size", type=positive_int, default=8, help="batch size for task scoring")
-    parser.add_argument("--plan-modes", default="lp,block", help="modes the planner considers per pair: lp, block or lp,block")
-    parser.add_argument("--calib-windows", type=positive_int, default=4,
-                        help="planner: windows from the first half of WikiText-2 on which each set is scored")
-    parser.add_argument("--screen-windows", type=positive_int, default=2, help="planner: windows for single pairs")
-    parser.add_argument("--refine", type=positive_int, default=3, help="planner: candidates tried at each step")
-    parser.add_argument("--passes", type=non_negative_int, default=2, help="planner: rounds of swapping")
-    options.add_race_options(parser)
-    parser.add_argument("--finetune-steps", type=non_negative_int, default=100,
-                        help="steps of distillation for the planned pairing of each budget (0: no fine-tuned curve)")
-    parser.add_argument("--finetune-train", default="paired", choices=["paired", "all"],
-                        help="what the fine-tuning trains: the paired layers (default) or every parameter")
-    parser.add_argument("--variants", type=parse_variants, default=None,
-                        help=f"comma-separated, from: {', '.join(points.VARIANTS)} (default: all; finetuned only "
-                        "with --finetune-steps); the baseline is always measured. Another --variants on --resume "
-                        "adds its points to the same JSON")
-    parser.add_argument("--speed-inner", default="inductor", choices=["inductor", "aot_eager", "eager"],
-                        help="compiler of the timed variants (unpaired, paired, paired + fuse)")
-    parser.add_argument("--speed-tokens", type=int_at_least(2), default=32,
-                        help="tokens generated per timed run (decode speed is timed from the first to the last)")
-    parser.add_argument("--speed-rounds", type=non_negative_int, default=5,
-                        help="interleaved timing rounds (0: no speed measured)")
-    parser.add_argument("--llamacpp", action="store_true",
-                        help="also time each lp pairing exported to llama.cpp against the unpaired export")
-    parser.add_argument("--out", default=str(RESULTS / "frontier.json"), help="JSON, rewritten after every point")
-    parser.add_argument("--table", default=None, help="Markdown table (default: --out with .md)")
-    parser.add_argument("--plot", default=None, help="PNG of speedup against retention (default: --out with .png)")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--resume", action="store_true", help="continue the run in --out: measure what it lacks")
-    which.add_argument("--overwrite", action="store_true", help="start again, replacing --out")
+    add_options(parser, FrontierArgs)
     parser.set_defaults(func=run)
 
 
@@ -85,17 +94,6 @@ def parse_tasks(spec: str) -> tuple[str, ...]:
         raise ValueError(f"--tasks {spec!r}: unknown {', '.join(map(repr, unknown)) or 'empty list'}; "
                          f"give 'none' or some of {', '.join(TASK_NAMES)}")
     return tasks
-
-
-def parse_variants(spec: str) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(variant.strip() for variant in spec.split(",") if variant.strip()))
-
-
-def parse_modes(spec: str) -> tuple[str, ...]:
-    modes = tuple(dict.fromkeys(mode.strip() for mode in spec.split(",") if mode.strip()))
-    if not modes or set(modes) - set(MODES):
-        raise ValueError(f"--plan-modes {spec!r}: give some of {', '.join(MODES)}")
-    return modes
 
 
 def check_llamacpp() -> None:
@@ -117,7 +115,7 @@ def outputs(args: argparse.Namespace) -> tuple[Path, str, str]:
 
 
 def run(args: argparse.Namespace) -> None:
-    tasks, modes = parse_tasks(args.tasks), parse_modes(args.plan_modes)
+    tasks = parse_tasks(args.tasks)
     variants = points.check_variants(args.variants, args.finetune_steps)
     if args.llamacpp:
         check_llamacpp()
@@ -128,8 +126,7 @@ def run(args: argparse.Namespace) -> None:
     settings = FrontierOptions(
         model=loaded.name, num_layers=loaded.num_layers, contiguous_start=start, window=args.window,
         ppl_windows=args.ppl_windows, tasks=tasks, limit=args.limit, seed=args.seed, batch_size=args.batch_size,
-        inner=args.inner, plan_modes=modes, calib_windows=args.calib_windows, screen_windows=args.screen_windows,
-        refine=args.refine, passes=args.passes, race_margin=options.race_margin(args), finetune_steps=args.finetune_steps,
+        inner=args.inner, search=options_from(SearchOptions, args, {"modes": "plan_modes"}), finetune_steps=args.finetune_steps,
         finetune_train=args.finetune_train, speed_inner=args.speed_inner,
         speed_tokens=args.speed_tokens, speed_rounds=args.speed_rounds, llamacpp=args.llamacpp,
     )

@@ -3,41 +3,37 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 from lp_fx.pairing import save_plan
 from lp_fx.tools.evaluation import scoring as evaluate
 from lp_fx.tools.planning import scorers as plan_scorers
 from lp_fx.tools.planning import search as planner
-from lp_fx.tools.options import non_negative_int, positive_float, positive_int
-from lp_fx.tools.console import say
 from lp_fx.tools.cli import common as options
-from lp_fx.tools.cli.common import RESULTS, add_model_options, writable
+from lp_fx.tools.cli.common import RESULTS, PairedModelArgs, writable
+from lp_fx.tools.console import say
+from lp_fx.tools.options import add_options, option, options_from, positive_float, positive_int
+from lp_fx.tools.planning.options import SearchOptions
+
+
+@dataclass(frozen=True)
+class PlanArgs(PairedModelArgs):
+    """``lp-fx plan``'s options."""
+
+    num_pairs: int | None = option(None, parse=positive_int)
+    """how many pairs to choose"""
+    max_ppl_ratio: float | None = option(None, parse=positive_float)
+    """budget: stop before calibration perplexity exceeds this × baseline (e.g. 1.1)"""
+    search: SearchOptions = option(factory=SearchOptions)
+    out: str = option(str(RESULTS / "plan.json"))
+    """plan file, accepted by options={'plan': ...} (folders are created)"""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "plan", help="choose disjoint pairs by measured perplexity cost on calibration text"
     )
-    add_model_options(parser)
-    parser.add_argument("--num-pairs", type=positive_int, default=None, help="how many pairs to choose")
-    parser.add_argument(
-        "--max-ppl-ratio", type=positive_float, default=None,
-        help="budget: stop before calibration perplexity exceeds this × baseline (e.g. 1.1)",
-    )
-    parser.add_argument("--calib-windows", type=positive_int, default=4,
-                        help="windows from the first half of WikiText-2 on which each set of pairs is scored")
-    parser.add_argument("--screen-windows", type=positive_int, default=2,
-                        help="windows (from the same half) on which single pairs are scored to rank them")
-    parser.add_argument("--modes", default="lp,block", help="modes to consider per pair: lp, block or lp,block")
-    parser.add_argument(
-        "--refine", type=positive_int, default=3,
-        help="cheapest candidates (alone) tried with the chosen pairs at each step (growing and swapping)",
-    )
-    parser.add_argument("--passes", type=non_negative_int, default=2,
-                        help="rounds of swapping each chosen pair for a better one (0: grow only)")
-    options.add_race_options(parser)
-    parser.add_argument("--out", default=str(RESULTS / "plan.json"),
-                        help="plan file, accepted by options={'plan': ...} (folders are created)")
+    add_options(parser, PlanArgs)
     parser.set_defaults(func=run)
 
 
@@ -53,19 +49,18 @@ def run(args: argparse.Namespace) -> None:
         evaluate.wikitext_windows(loaded.tokenizer, data_dir, args.window, "calib", count)
         for count in (args.calib_windows, args.screen_windows)
     )
-    modes = tuple(args.modes.split(","))
     say(f"model {loaded.name} ({loaded.num_layers} layers); calibration: {windows.shape[0]} "
         f"windows of {args.window} tokens from the first half of WikiText-2 raw test "
         f"({screen_windows.shape[0]} for single pairs)")
-    scorer = plan_scorers.GatedScorer(loaded.model, windows, modes, args.inner)
-    measure, screen = plan_scorers.calibration_measures(scorer, windows, screen_windows, options.race_margin(args))
+    scorer = plan_scorers.GatedScorer(loaded.model, windows, args.modes, args.inner)
+    measure, screen = plan_scorers.calibration_measures(scorer, windows, screen_windows, options_from(SearchOptions, args).margin)
     plan = planner.make_plan(
         measure,
         loaded.num_layers,
         loaded.name,
         num_pairs=args.num_pairs,
         max_ppl_ratio=args.max_ppl_ratio,
-        modes=modes,
+        modes=args.modes,
         refine=args.refine,
         passes=args.passes,
         calibration={"split": "calib", "windows": int(windows.shape[0]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 from lp_fx.tools.evaluation import scoring as evaluate
 from lp_fx.tools.evaluation import sweep
@@ -12,35 +13,43 @@ from lp_fx.pairing import Pairing
 from lp_fx.tools.models import parse_precisions, quantize_weights
 from lp_fx.tools.cli import common as options
 from lp_fx.tools.cli.common import (
-    RESULTS, add_eval_options, add_model_options, add_quantize_option, eval_spec, new_file, spec_record, writable, write_results,
+    RESULTS, ModelArgs, eval_spec, new_file, spec_record, writable, write_results,
 )
+from lp_fx.tools.evaluation.options import PerplexityOptions, TaskOptions
+from lp_fx.tools.options import add_options, option
+
+
+@dataclass(frozen=True)
+class SweepArgs(ModelArgs):
+    """``lp-fx sweep``'s options."""
+
+    scoring: TaskOptions = option(factory=lambda: TaskOptions(tasks="wikitext"))
+    windows: PerplexityOptions = option(factory=lambda: PerplexityOptions(split="heldout", ppl_windows=8))
+    transforms: str = option("lp")
+    """comma-separated, from: lp, block, prune, merge, shuffle (lp, block: pairs; prune, merge: the second layer
+    of each pair removed, merge folding it into the first; shuffle: the range run in a seeded random order)"""
+    starts: list[int] | None = option(None, parse=index_list)
+    """comma-separated start layers (default: 4 spread over the first half; with several transforms or
+    shuffle, the last of them)"""
+    deltas: list[int] | None = option(None, parse=index_list)
+    """comma-separated even Δ values, the number of layers transformed (default: every one that fits; with
+    several transforms or shuffle, every second one: 2, 6, 10, …)"""
+    seeds: int = option(3, parse=positive_int)
+    """shuffle: seeds per range (distinct orders)"""
+    quantize: str = option("fp32")
+    """weights, comma-separated, each run in turn on the one loaded model (e.g. fp32,int8) fp32, int8; int8:
+    torchao Int8WeightOnlyConfig on every linear, applied after loading"""
+    out: str = option(str(RESULTS / "sweep.json"))
+    """JSON results (folders are created)"""
+    plot: str = option(str(RESULTS / "sweep.png"))
+    """PNG plot of perplexity against Δ"""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "sweep", help="perplexity against the number of layers transformed (contiguous ranges); JSON, table and PNG",
     )
-    add_model_options(parser, mode=False)
-    add_eval_options(parser, "wikitext", "heldout", 8)
-    parser.add_argument(
-        "--transforms", default="lp",
-        help=f"comma-separated, from: {', '.join(sweep.TRANSFORMS)} (lp, block: pairs; prune, merge: the second "
-        "layer of each pair removed, merge folding it into the first; shuffle: the range run in a seeded random order)",
-    )
-    parser.add_argument(
-        "--starts", type=index_list, default=None,
-        help="comma-separated start layers (default: 4 spread over the first half; with several transforms "
-        "or shuffle, the last of them)",
-    )
-    parser.add_argument(
-        "--deltas", type=index_list, default=None,
-        help="comma-separated even Δ values, the number of layers transformed (default: every one that fits; "
-        "with several transforms or shuffle, every second one: 2, 6, 10, …)",
-    )
-    parser.add_argument("--seeds", type=positive_int, default=3, help="shuffle: seeds per range (distinct orders)")
-    add_quantize_option(parser, several=True)
-    parser.add_argument("--out", default=str(RESULTS / "sweep.json"), help="JSON results (folders are created)")
-    parser.add_argument("--plot", default=str(RESULTS / "sweep.png"), help="PNG plot of perplexity against Δ")
+    add_options(parser, SweepArgs)
     parser.set_defaults(func=run)
 
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
 
-from lp_fx.tools.planning import search as planner
+from lp_fx.tools.planning.options import SearchOptions
 
 
 @dataclass(frozen=True)
 class FrontierOptions:
-    """Everything a point's numbers depend on (the budgets aside): a resumed JSON must match it."""
+    """Everything a point's numbers depend on, as the JSON records it. A default is what a record
+    made before its option existed was measured with, so some differ from the command line's."""
 
     model: str
     num_layers: int
@@ -21,12 +23,7 @@ class FrontierOptions:
     seed: int = 1234
     batch_size: int = 8
     inner: str = "eager"
-    plan_modes: tuple[str, ...] = ("lp", "block")
-    calib_windows: int = 4
-    screen_windows: int = 2
-    refine: int = 3
-    passes: int = 2
-    race_margin: float | None = planner.RACE_MARGIN  # see lp_fx.tools.planning.search.RacedMeasure; None: no racing
+    search: SearchOptions = field(default_factory=SearchOptions)  # the planner's, recorded flat (search_record)
     finetune_steps: int = 0
     finetune_train: str = "paired"  # what fine-tuning trains: the paired layers, or "all" parameters
     speed_inner: str = "inductor"
@@ -35,7 +32,20 @@ class FrontierOptions:
     llamacpp: bool = False
 
     def to_json(self) -> dict:
-        return as_json(asdict(self))
+        own = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "search"}
+        return as_json({**own, **search_record(self.search)})
+
+    @classmethod
+    def defaults_json(cls) -> dict:
+        """Each option's default, as JSON (the model and its layers have none)."""
+        own = {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+        return as_json({**own, **search_record(SearchOptions())})
+
+
+def search_record(search: SearchOptions) -> dict[str, Any]:
+    """The planner's options under the names a frontier JSON gives them."""
+    return {"plan_modes": search.modes, "calib_windows": search.calib_windows, "screen_windows": search.screen_windows,
+            "refine": search.refine, "passes": search.passes, "race_margin": search.margin}
 
 
 def as_json(options: dict) -> dict:

@@ -4,10 +4,9 @@ named), and the points it already holds."""
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, fields
 from pathlib import Path
 
-from lp_fx.tools.frontier.options import FrontierOptions, as_json
+from lp_fx.tools.frontier.options import FrontierOptions
 
 VERSION = 1
 
@@ -29,7 +28,7 @@ def option_differences(stored: dict, current: dict) -> list[str]:
 
 def option_defaults() -> dict:
     """Each option's default, as JSON: what a record made before the option existed was measured with."""
-    return as_json({f.name: f.default for f in fields(FrontierOptions) if f.default is not MISSING})
+    return FrontierOptions.defaults_json()
 
 
 def resume_result(path: Path, options: FrontierOptions) -> dict:

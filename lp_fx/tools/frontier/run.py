@@ -71,14 +71,14 @@ def plan_budgets(
     budgets; ``save`` each plan as it is made. Returns the planner's totals (graphs compiled,
     pairings scored)."""
     began = time.monotonic()
-    measure, screen_measure = plan_scorers.calibration_measures(scorer, calib, screen, options.race_margin)
+    measure, screen_measure = plan_scorers.calibration_measures(scorer, calib, screen, options.search.margin)
     calibration = {"split": "calib", "windows": int(calib.shape[0]), "screen_windows": int(screen.shape[0]),
                    "window": options.window}
     for delta in budgets:
         try:
             plan = planner.make_plan(
-                measure, options.num_layers, model_name, num_pairs=delta // 2, modes=options.plan_modes,
-                refine=options.refine, passes=options.passes, calibration=calibration, screen=screen_measure,
+                measure, options.num_layers, model_name, num_pairs=delta // 2, modes=options.search.modes,
+                refine=options.search.refine, passes=options.search.passes, calibration=calibration, screen=screen_measure,
                 progress=progress,
             )
         except ValueError as error:
@@ -133,7 +133,7 @@ class Frontier:
                         for text in PPL_TEXTS}
         self.calib, self.screen = (
             wikitext_windows(self.tokenizer, self.data_dir, window, "calib", n)
-            for n in (self.options.calib_windows, self.options.screen_windows)
+            for n in (self.options.search.calib_windows, self.options.search.screen_windows)
         )
 
     @property
@@ -170,7 +170,7 @@ class Frontier:
         """The run's gated scorer (one gated graph, run lazily with the ``eager`` inner compiler),
         made at its first use."""
         if self._scorer is None:
-            self._scorer = plan_scorers.GatedScorer(self.model, self.calib, self.options.plan_modes, self.options.inner)
+            self._scorer = plan_scorers.GatedScorer(self.model, self.calib, self.options.search.modes, self.options.inner)
         return self._scorer
 
     def _score_on_gated_graph(self, todo: Sequence[tuple[str, int]]) -> None:
@@ -182,7 +182,7 @@ class Frontier:
             return
         pairings = {key: self.pairing(*key)[0] for key in todo if key[0] in GATED_VARIANTS}
         gateable = {key: pairing for key, pairing in pairings.items()
-                    if set(pairing.modes_or("lp")) <= set(self.options.plan_modes)}
+                    if set(pairing.modes_or("lp")) <= set(self.options.search.modes)}
         if gateable:
             self._gated = gated_points(self.scorer(), self.model, gateable, self.windows, self.calib,
                                        self.options.inner, self.progress)

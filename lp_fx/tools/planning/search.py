@@ -39,13 +39,12 @@ from typing import Callable, Sequence
 
 from tqdm.auto import tqdm
 
-from lp_fx.config import PAIRING_MODES
 from lp_fx.pairing import PLAN_VERSION, Pair, Pairing
+from lp_fx.tools.planning.options import MODES, SearchOptions
 
 log = logging.getLogger(__name__)
 
-MODES = PAIRING_MODES  # the planner gates the modes in which both layers run
-RACE_MARGIN = 0.01  # a trial > 1 % above the best on the first windows is dropped (see RacedMeasure)
+RACE_MARGIN = SearchOptions.race_margin  # a trial that far above the best on the first windows is dropped (RacedMeasure)
 
 
 # ------------------------------------------------------------------------------------- planning
@@ -151,8 +150,8 @@ class Objective:
 
     num_pairs: int | None = None
     max_ppl_ratio: float | None = None
-    refine: int = 3
-    passes: int = 2
+    refine: int = SearchOptions.refine
+    passes: int = SearchOptions.passes
 
     def __post_init__(self) -> None:
         if self.num_pairs is None and self.max_ppl_ratio is None:
@@ -229,7 +228,7 @@ def _best_trial(
 
 
 def improve(
-    measure: Measure, candidates: Sequence[Candidate], selection: Selection, refine: int = 3, progress: bool = True
+    measure: Measure, candidates: Sequence[Candidate], selection: Selection, refine: int = SearchOptions.refine, progress: bool = True
 ) -> Selection:
     """One round of local search: each chosen pair in turn is replaced by the best of its
     :func:`_alternatives` when that lowers the measured perplexity of the whole set."""
@@ -314,9 +313,9 @@ def make_plan(
     model_name: str,
     num_pairs: int | None = None,
     max_ppl_ratio: float | None = None,
-    modes: Sequence[str] = ("lp",),
-    refine: int = 3,
-    passes: int = 2,
+    modes: Sequence[str] = SearchOptions.modes,
+    refine: int = SearchOptions.refine,
+    passes: int = SearchOptions.passes,
     calibration: dict | None = None,
     verify: Measure | None = None,
     screen: Measure | None = None,
