@@ -17,6 +17,7 @@ from .config import PAIRING_MODES
 from .find_layers import find_layers
 from .fuse import count_gemms, fuse_pairs, view_check
 from .merge import merged_inputs
+from .observe import observed
 from .rewrite import lp_layers, rewrite_pairs
 from .shuffle import shuffle_layers
 from .state import GraphState, average_of_inputs, fixed
@@ -142,6 +143,6 @@ PASSES: tuple[Pass, ...] = (
 
 
 def run_passes(state: GraphState, passes: tuple[Pass, ...] = PASSES) -> None:
-    """Run ``passes`` on ``state`` in order."""
-    for run in passes:
-        run(state)
+    """Run ``passes`` on ``state`` in order, each under the observer (:mod:`lp_fx.observe`)."""
+    for step, run in enumerate(passes):
+        observed(step, run, state)
