@@ -1,35 +1,23 @@
-import contextlib
+"""The fixtures every test folder shares; the helpers they use are in ``tests/helpers/``."""
+
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from .cores import CoresLock
-from .models import hf_model
+from tests.helpers.bpe import bpe_model, save_bpe_tokenizer
+from tests.helpers.models import hf_model
+from tests.helpers.words import WORDS
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Two workers share the cores: one thread each (and in the processes they start) instead of two
     # threads each spinning for the same cores; the tiny models gain nothing from intra-op threads.
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="session")
-def cores(tmp_path_factory: pytest.TempPathFactory) -> CoresLock | None:
-    """The lock the workers of this pytest-xdist run share; None in a single-process run."""
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        return None
-    return CoresLock(tmp_path_factory.getbasetemp().parent / "cores")  # a worker's base is <run>/popen-gwN
-
-
-@pytest.fixture(autouse=True)
-def cores_in_turn_with_ranks(cores: CoresLock | None):
-    """No test runs while another worker's spawned gloo ranks do (tests/cores.py)."""
-    with cores.shared() if cores is not None else contextlib.nullcontext():
-        yield
 
 
 @pytest.fixture(autouse=True)
@@ -47,8 +35,6 @@ def lp_warnings(caplog):
 
 
 # ----- a tiny local HF model directory and tiny data files, for the CLI tests -----
-
-WORDS = "the cat sat on a mat and dog ran far away so it was good".split()
 
 
 @pytest.fixture(scope="module")
@@ -75,4 +61,23 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (path / "winogrande").mkdir()
     row = {"context_options": ["the cat sat so the cat", "the cat sat so the dog"], "continuation": "ran far.", "gold": 1}
     (path / "winogrande" / "winogrande.jsonl").write_text((json.dumps(row) + "\n") * 5)
+    return path
+
+
+# ----- a tiny byte-level BPE tokenizer and a model that fits it, for the export tests -----
+
+
+@pytest.fixture(scope="module")
+def bpe_dir(tmp_path_factory) -> Path:
+    """A Hugging Face folder holding only a tiny byte-level BPE tokenizer (fewer tokens than BPE_VOCAB)."""
+    return save_bpe_tokenizer(tmp_path_factory.mktemp("bpe"))
+
+
+@pytest.fixture(scope="module")
+def bpe_model_dir(tmp_path_factory, bpe_dir) -> Path:
+    """A local Hugging Face model folder: the tiny BPE model and its tokenizer."""
+    path = tmp_path_factory.mktemp("bpe_model")
+    for item in bpe_dir.iterdir():
+        shutil.copy(item, path)
+    bpe_model().save_pretrained(path)
     return path

@@ -1,0 +1,62 @@
+"""Compiled pairing equals an independent eager reference of the same pairing, on many architectures."""
+
+import pytest
+import torch
+
+from lp_fx import LayerParallel
+
+from tests.helpers.models import VOCAB, hf_model, tiny_hand_written
+from tests.helpers.reference import eager_pairing
+
+HF_ARCHS = ["llama", "qwen2", "mistral", "gemma3", "gpt2"]
+HAND_WRITTEN = ["nanogpt", "titan"]
+PAIR_CHOICES = [[(1, 2)], [(0, 1), (2, 3)]]
+
+
+def make(arch):
+    return hf_model(arch) if arch in HF_ARCHS else tiny_hand_written(arch)
+
+
+def logits(model, ids):
+    out = model(ids, use_cache=False) if hasattr(model, "config") else model(ids)
+    return out.logits if hasattr(out, "logits") else out
+
+
+@pytest.mark.parametrize("pairs", PAIR_CHOICES, ids=str)
+@pytest.mark.parametrize("mode", ["lp", "block"])
+@pytest.mark.parametrize("arch", HF_ARCHS + HAND_WRITTEN)
+def test_compiled_pairing_matches_eager_reference(arch, mode, pairs):
+    model = make(arch)
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = logits(model, ids)
+        with eager_pairing(model, pairs, mode):
+            expected = logits(model, ids)
+        lp = LayerParallel(pairs=pairs, mode=mode, inner="aot_eager")
+        got = logits(torch.compile(model, backend=lp), ids)
+    assert [p for p, _ in lp.reports[0].pairs_rewritten] == pairs
+    assert not lp.reports[0].pairs_skipped
+    assert (got - expected).abs().max().item() <= 1e-4
+    # The pairing really changed the model: a no-op rewrite would also "match" a no-op reference.
+    assert (expected - plain).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["llama", "nanogpt"])
+def test_inductor_pairing_matches_eager_reference(arch):
+    model = make(arch)
+    ids = torch.randint(0, VOCAB, (1, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        with eager_pairing(model, [(2, 3)], "lp"):
+            expected = logits(model, ids)
+        got = logits(torch.compile(model, backend=LayerParallel(pairs=[(2, 3)])), ids)
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "titan"])
+def test_no_pairs_equals_uncompiled_model(arch):
+    model = make(arch)
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = logits(model, ids)
+        got = logits(torch.compile(model, backend="layer_parallel", options={"pairs": [], "inner": "aot_eager"}), ids)
+    assert (got - expected).abs().max().item() <= 1e-5
