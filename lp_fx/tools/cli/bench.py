@@ -21,7 +21,7 @@ from lp_fx.files import check_files_writable, write_json
 from lp_fx.pairing import check_range
 from lp_fx.tools.console import say
 from lp_fx.tools.models import PRECISIONS
-from lp_fx.tools.cli.common import ModelSpec
+from lp_fx.tools.cli.common import ModelSpec, add_command
 from lp_fx.tools.options import OneLineParser, add_options, int_at_least, non_negative_int, option, positive_int
 from lp_fx.tools.speed import llamacpp, ranks
 from lp_fx.tools.speed.single import run_single
@@ -124,13 +124,10 @@ def _argv(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``bench`` to the ``lp-fx`` command line (``subparsers`` from ``add_subparsers``)."""
-    parser = subparsers.add_parser(
-        "bench", help="decode tokens/s: TP vs TP+LP vs one device; --single: Inductor vs LP vs LP + fuse on one device"
-    )
-    add_options(parser, BenchArgs)
-    parser.set_defaults(func=bench)
+    add_command(subparsers, "bench", "decode tokens/s: TP vs TP+LP vs one device; --single: Inductor vs LP vs LP + fuse "
+                "on one device", BenchArgs, bench)
 
 
 if __name__ == "__main__":

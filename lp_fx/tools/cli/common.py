@@ -6,7 +6,7 @@ import argparse
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -14,7 +14,7 @@ from lp_fx.checkpoint import load_finetuned
 from lp_fx.config import INNER_COMPILERS, PAIRING_MODES
 from lp_fx.tools import data
 from lp_fx.tools.evaluation import retention
-from lp_fx.tools.options import int_at_least, option
+from lp_fx.tools.options import add_options, int_at_least, option
 from lp_fx.tools.console import say
 from lp_fx.tools.evaluation.scoring import EvalSpec
 from lp_fx.tools.models import load_model
@@ -23,6 +23,14 @@ from lp_fx.files import check_files_writable as writable  # each command checks 
 
 
 RESULTS = Path("lp-fx-results")  # where results go unless --out says otherwise
+
+
+def add_command(subparsers: argparse._SubParsersAction, name: str, help_text: str, options: type,
+                run: Callable[[argparse.Namespace], None]) -> None:
+    """The subcommand ``name``: its flags made from the ``options`` dataclass, ``run`` its work."""
+    parser = subparsers.add_parser(name, help=help_text)
+    add_options(parser, options)
+    parser.set_defaults(func=run)
 
 
 @dataclass(frozen=True)

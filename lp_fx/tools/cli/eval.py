@@ -17,11 +17,11 @@ from lp_fx.tools.evaluation import retention, scoring as evaluate
 from lp_fx.tools.evaluation.compiled import check_pairing
 from lp_fx.tools.cli import common as options
 from lp_fx.tools.cli.common import (
-    RESULTS, PairedModelArgs, eval_spec, finetuned, format_table, spec_record, writable, write_results,
+    add_command, RESULTS, PairedModelArgs, eval_spec, finetuned, format_table, spec_record, writable, write_results,
 )
 from lp_fx.tools.evaluation.options import PerplexityOptions, TaskOptions
 from lp_fx.tools.models import PRECISIONS, quantize_weights
-from lp_fx.tools.options import add_options, option
+from lp_fx.tools.options import option
 
 
 @dataclass(frozen=True)
@@ -45,11 +45,9 @@ class EvalArgs(PairedModelArgs):
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "eval", help="perplexity and task accuracy (lm-evaluation-harness): baseline and pairings, with retention"
+    add_command(
+        subparsers, "eval", "perplexity and task accuracy (lm-evaluation-harness): baseline and pairings, with retention", EvalArgs, run,
     )
-    add_options(parser, EvalArgs)
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:

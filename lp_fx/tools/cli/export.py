@@ -10,12 +10,12 @@ from lp_fx.checkpoint import read_pairing
 from lp_fx.config import MODES
 from lp_fx.files import check_folder_writable
 from lp_fx.pairing import Pairing
-from lp_fx.tools.cli.common import ModelSpec
+from lp_fx.tools.cli.common import add_command, ModelSpec
 from lp_fx.tools.console import say
 from lp_fx.tools.export.fold import Source
 from lp_fx.tools.export.write import DTYPES, FORMATS, export
 from lp_fx.tools.models import load_model, resolve_model_path
-from lp_fx.tools.options import add_options, option
+from lp_fx.tools.options import option
 
 
 @dataclass(frozen=True)
@@ -41,12 +41,10 @@ class ExportArgs(ModelSpec):
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """``lp-fx export``: the pairing as a plain checkpoint (:mod:`lp_fx.tools.export`)."""
-    parser = subparsers.add_parser(
-        "export", help="write a pairing as a plain checkpoint: lp pairs as one wide layer each (GGUF, llama.cpp's "
-        "deci architecture), prune/merge as the model with fewer layers (GGUF or a Hugging Face folder)",
+    add_command(
+        subparsers, "export", "write a pairing as a plain checkpoint: lp pairs as one wide layer each (GGUF, llama.cpp's "
+        "deci architecture), prune/merge as the model with fewer layers (GGUF or a Hugging Face folder)", ExportArgs, run,
     )
-    add_options(parser, ExportArgs)
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -16,10 +16,10 @@ from lp_fx.pairing import RANGE, Pairing
 from lp_fx.tools import data
 from lp_fx.tools.cli import common as options
 from lp_fx.config import INNER_COMPILERS
-from lp_fx.tools.cli.common import PairedModelArgs
+from lp_fx.tools.cli.common import add_command, PairedModelArgs
 from lp_fx.tools.console import say
 from lp_fx.tools.evaluation import scoring as evaluate
-from lp_fx.tools.options import add_options, option, positive_float, positive_int
+from lp_fx.tools.options import option, positive_float, positive_int
 from lp_fx.tools.training import finetune, self_text
 from lp_fx.tools.training.finetune import LOSSES, TRAIN_SETS, FinetuneConfig
 from lp_fx.tools.training.texts import FileText, SelfText, mixed
@@ -89,11 +89,9 @@ class FinetuneArgs(PairedModelArgs):
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "finetune", help="train the paired layers through the compiled pairing to win back accuracy"
+    add_command(
+        subparsers, "finetune", "train the paired layers through the compiled pairing to win back accuracy", FinetuneArgs, run,
     )
-    add_options(parser, FinetuneArgs)
-    parser.set_defaults(func=run)
 
 
 SELF_OPTIONS = ("self_prompts", "self_max_tokens", "self_temperature", "self_batch", "cache")

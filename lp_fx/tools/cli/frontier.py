@@ -12,7 +12,7 @@ import torch
 
 from lp_fx.files import atomic_write
 from lp_fx.tools.cli import common as options
-from lp_fx.tools.cli.common import RESULTS, new_file, writable
+from lp_fx.tools.cli.common import add_command, RESULTS, new_file, writable
 from lp_fx.tools.console import say
 from lp_fx.tools.evaluation import sweep
 from lp_fx.tools.export.fold import Source
@@ -24,7 +24,7 @@ from lp_fx.tools.models import resolve_model_path
 from lp_fx.config import INNER_COMPILERS
 from lp_fx.tools.cli.common import ModelArgs
 from lp_fx.tools.evaluation.options import TaskOptions
-from lp_fx.tools.options import add_options, index_list, int_at_least, non_negative_int, option, options_from, positive_int
+from lp_fx.tools.options import index_list, int_at_least, non_negative_int, option, options_from, positive_int
 from lp_fx.tools.planning.options import SearchOptions
 from lp_fx.tools.training.finetune import TRAIN_SETS
 from lp_fx.tools.speed.llamacpp import INSTALL
@@ -76,12 +76,10 @@ class FrontierArgs(ModelArgs):
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "frontier", help="speed against quality for every budget Δ: contiguous, planned and fine-tuned pairs; "
-        "JSON after every point, a Markdown table and a PNG",
+    add_command(
+        subparsers, "frontier", "speed against quality for every budget Δ: contiguous, planned and fine-tuned pairs; "
+        "JSON after every point, a Markdown table and a PNG", FrontierArgs, run,
     )
-    add_options(parser, FrontierArgs)
-    parser.set_defaults(func=run)
 
 
 def parse_tasks(spec: str) -> tuple[str, ...]:

@@ -10,9 +10,9 @@ from lp_fx.tools.evaluation import scoring as evaluate
 from lp_fx.tools.planning import scorers as plan_scorers
 from lp_fx.tools.planning import search as planner
 from lp_fx.tools.cli import common as options
-from lp_fx.tools.cli.common import RESULTS, PairedModelArgs, writable
+from lp_fx.tools.cli.common import add_command, RESULTS, PairedModelArgs, writable
 from lp_fx.tools.console import say
-from lp_fx.tools.options import add_options, option, options_from, positive_float, positive_int
+from lp_fx.tools.options import option, options_from, positive_float, positive_int
 from lp_fx.tools.planning.options import SearchOptions
 
 
@@ -30,11 +30,9 @@ class PlanArgs(PairedModelArgs):
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "plan", help="choose disjoint pairs by measured perplexity cost on calibration text"
+    add_command(
+        subparsers, "plan", "choose disjoint pairs by measured perplexity cost on calibration text", PlanArgs, run,
     )
-    add_options(parser, PlanArgs)
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -13,10 +13,10 @@ from lp_fx.pairing import Pairing
 from lp_fx.tools.models import parse_precisions, quantize_weights
 from lp_fx.tools.cli import common as options
 from lp_fx.tools.cli.common import (
-    RESULTS, ModelArgs, eval_spec, new_file, spec_record, writable, write_results,
+    add_command, RESULTS, ModelArgs, eval_spec, new_file, spec_record, writable, write_results,
 )
 from lp_fx.tools.evaluation.options import PerplexityOptions, TaskOptions
-from lp_fx.tools.options import add_options, option
+from lp_fx.tools.options import option
 
 
 @dataclass(frozen=True)
@@ -46,11 +46,9 @@ class SweepArgs(ModelArgs):
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "sweep", help="perplexity against the number of layers transformed (contiguous ranges); JSON, table and PNG",
+    add_command(
+        subparsers, "sweep", "perplexity against the number of layers transformed (contiguous ranges); JSON, table and PNG", SweepArgs, run,
     )
-    add_options(parser, SweepArgs)
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
