@@ -5,6 +5,7 @@ every refusal comes before anything is written."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -429,6 +430,72 @@ def test_cli_takes_the_pairing_of_a_checkpoint_and_refuses_another(tmp_path, bpe
     assert cli.main([*common, "--pairs", "1-2", "--out", str(tmp_path / "b.gguf")]) == 2
     assert "was trained for pairs [(3, 4)] modes ['lp'], not 1-2 [(1, 2)]" in capsys.readouterr().err
     assert not (tmp_path / "b.gguf").exists()
+
+
+def folder_contents(folder: Path) -> dict[str, bytes | str]:
+    """Every file's bytes and every link's target under ``folder``, by relative path."""
+    return {str(p.relative_to(folder)): os.readlink(p) if p.is_symlink() else p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_symlink() or p.is_file()}
+
+
+@pytest.fixture
+def sources(tmp_path) -> dict[str, str]:
+    """An lp and a block checkpoint (fine-tuning's modes) for pair (3, 4), and plans with and without modes."""
+    from lp_fx.tools.checkpoint import layer_parameter_names, pairing_record, save_checkpoint, unique_tensors
+
+    model = bpe_model()
+    trained = unique_tensors(model, layer_parameter_names(model, "model.layers", [3, 4]))
+    for mode in ("lp", "block"):
+        save_checkpoint(tmp_path / f"ckpt_{mode}", trained, pairing_record(model, [(3, 4)], [mode]), {"step": 1})
+    (tmp_path / "plan_modes.json").write_text(json.dumps({"num_layers": LAYERS, "pairs": [[3, 4]], "modes": ["prune"]}))
+    (tmp_path / "plan_plain.json").write_text(json.dumps({"num_layers": LAYERS, "pairs": [[3, 4]]}))
+    return {name: str(tmp_path / name) for name in ("ckpt_lp", "ckpt_block", "plan_modes.json", "plan_plain.json")}
+
+
+FIXES_MODES = "a checkpoint's pairing fixes its modes (lp); drop --mode"
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--checkpoint", "ckpt_lp", "--mode", "prune"], FIXES_MODES),
+    (["--checkpoint", "ckpt_lp", "--mode", "lp"], FIXES_MODES),
+    (["--checkpoint", "ckpt_lp", "--pairs", "3-4", "--mode", "prune"], FIXES_MODES),
+    (["--checkpoint", "ckpt_lp", "--plan", "plan_plain.json", "--mode", "prune"], FIXES_MODES),
+    (["--plan", "plan_modes.json", "--mode", "lp"], "the plan gives each pair its mode (prune); drop --mode"),
+    (["--checkpoint", "ckpt_lp", "--plan", "plan_modes.json"], "was trained for pairs [(3, 4)] modes ['lp'], not plan_modes"),
+    (["--checkpoint", "ckpt_block", "--pairs", "3-4"], "pair (3, 4) has mode 'block', which is not one layer"),
+])
+def test_cli_refuses_a_mode_or_pairing_other_than_the_checkpoint_or_plan_fixes(tmp_path, bpe_model_dir, sources, capsys,
+                                                                               extra, message):
+    from lp_fx.tools import cli
+
+    extra = [sources.get(arg, arg) for arg in extra]
+    before = folder_contents(tmp_path)
+    out = tmp_path / "out" / "m.gguf"
+    assert cli.main(["export", "--model", str(bpe_model_dir), *extra, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("lp-fx export: error: ") and message in last, err
+    assert folder_contents(tmp_path) == before  # nothing written, checkpoints and plans as they were
+
+
+@pytest.mark.parametrize(("extra", "modes"), [
+    (["--checkpoint", "ckpt_lp"], ["lp"]),
+    (["--checkpoint", "ckpt_lp", "--pairs", "3-4"], ["lp"]),
+    (["--checkpoint", "ckpt_lp", "--plan", "plan_plain.json"], ["lp"]),
+    (["--plan", "plan_modes.json"], ["prune"]),
+    (["--plan", "plan_plain.json", "--mode", "merge"], ["merge"]),
+    (["--plan", "plan_plain.json"], ["lp"]),
+    (["--pairs", "3-4", "--mode", "merge"], ["merge"]),
+    (["--pairs", "3-4"], ["lp"]),
+])
+def test_cli_exports_each_pair_in_the_mode_its_source_gives(tmp_path, bpe_model_dir, sources, extra, modes):
+    from lp_fx.tools import cli
+
+    out = tmp_path / "m.gguf"
+    assert cli.main(["export", "--model", str(bpe_model_dir), *[sources.get(a, a) for a in extra], "--out", str(out)]) == 0
+    fields = read(out)[0]
+    assert json.loads(fields["lp_fx.pairing"]) == {"pairs": [[3, 4]], "modes": modes}
+    assert fields["general.architecture"] == ("deci" if modes == ["lp"] else "llama")
 
 
 def test_bench_llamacpp_refuses_a_dtype_without_its_unpaired_export(tmp_path, bpe_dir, capsys):

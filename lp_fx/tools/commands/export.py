@@ -7,6 +7,7 @@ from pathlib import Path
 
 from lp_fx.tools.commands.options import checkpoint_pairing, parse_pairing
 from lp_fx.tools.console import say
+from lp_fx.tools.evaluate import Pairing
 from lp_fx.tools.files import check_folder_writable
 
 
@@ -25,7 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     which.add_argument("--pairs", metavar="SPEC",
                        help="a range START:END (e.g. 14:28), pairs like 14-15,20-21, or 'baseline' (no pairs)")
     which.add_argument("--plan", metavar="FILE", help="a plan JSON from `lp-fx plan` (per-pair modes)")
-    parser.add_argument("--mode", default="lp", choices=MODES, help="mode of the --pairs (lp, prune, merge export)")
+    parser.add_argument("--mode", choices=MODES,
+                        help="mode of the --pairs, or of a plan without modes (lp, prune, merge export; default lp); "
+                        "a checkpoint, or a plan with modes, fixes its own")
     parser.add_argument("--checkpoint", metavar="DIR",
                         help="a fine-tuned pairing from `lp-fx finetune`, folded in first (its pairing is used "
                         "when --pairs/--plan are not given, and must match them when they are)")
@@ -46,9 +49,12 @@ def run(args: argparse.Namespace) -> None:
     checkpoint = checkpoint_pairing(read_pairing(args.checkpoint), args.checkpoint) if args.checkpoint else None
     if checkpoint is None and not (args.pairs or args.plan):
         raise ValueError("give --pairs, --plan or --checkpoint")
+    if checkpoint is not None and args.mode is not None:
+        raise ValueError(f"--mode {args.mode} with --checkpoint {args.checkpoint}: a checkpoint's pairing fixes its "
+                         f"modes ({', '.join(checkpoint.modes)}); drop --mode")
     loaded = load_model(args.model)
     pairing = parse_pairing(args.plan or args.pairs, loaded.num_layers) if args.pairs or args.plan else checkpoint
-    modes = pairing.modes or (args.mode,) * pairing.num_pairs
+    modes = export_modes(args, pairing, checkpoint)
     if checkpoint is not None and (list(pairing.pairs), list(modes)) != (list(checkpoint.pairs), list(checkpoint.modes)):
         raise ValueError(f"--checkpoint {args.checkpoint} was trained for pairs {list(checkpoint.pairs)} modes "
                          f"{list(checkpoint.modes)}, not {pairing.name} {list(pairing.pairs)} modes {list(modes)}")
@@ -58,3 +64,16 @@ def run(args: argparse.Namespace) -> None:
     say(f"{loaded.name} {pairing.name}: {loaded.num_layers} -> {len(folded.layers)} layers "
         f"({args.format}, {args.dtype}){'; wide layers ' + widths if widths else ''}")
     say(f"wrote {args.out}")
+
+
+def export_modes(args: argparse.Namespace, pairing: Pairing, checkpoint: Pairing | None) -> tuple[str, ...]:
+    """Each pair's mode: a plan's own, else the checkpoint's, else ``--mode`` (default lp). ``--mode``
+    with a plan that has modes is refused (with a checkpoint it was refused before the model loaded)."""
+    if pairing.modes is not None and args.mode is not None:
+        raise ValueError(f"--mode {args.mode} with --plan {args.plan}: the plan gives each pair its mode "
+                         f"({', '.join(pairing.modes)}); drop --mode, which sets the mode of --pairs")
+    if pairing.modes is not None:
+        return pairing.modes
+    if checkpoint is not None:
+        return checkpoint.modes
+    return (args.mode or "lp",) * pairing.num_pairs
