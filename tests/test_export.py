@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -160,17 +161,43 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, bpe_dir):
 
 @pytest.mark.parametrize("mode", ["prune", "merge"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_hf_export_of_prune_and_merge_loads_and_equals_the_pass(tmp_path, arch, mode):
+def test_hf_export_of_prune_and_merge_loads_and_equals_the_pass(tmp_path, bpe_dir, arch, mode):
     from transformers import AutoModelForCausalLM
 
     model = tiny(arch)
     out = tmp_path / "hf"
-    ex.export(model, PAIRS, [mode, mode], out, Source("tiny"), fmt="hf")
+    ex.export(model, PAIRS, [mode, mode], out, Source("tiny", bpe_dir), fmt="hf")
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()
     assert loaded.config.num_hidden_layers == LAYERS - len(PAIRS)
     assert loaded.config.lp_fx_export == {"pairs": [list(p) for p in PAIRS], "modes": [mode, mode]}
     tokens = ids()
     assert (logits(loaded, tokens) - logits(lp_pass(model, mode=mode), tokens)).abs().max() <= 1e-4
+
+
+def test_hf_export_holds_the_tokenizer_with_its_chat_template_and_special_tokens(tmp_path, bpe_dir):
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "hf"
+    ex.export(bpe_model(), PAIRS, ["prune", "merge"], out, Source("tiny", bpe_dir), fmt="hf")
+    source, exported = (AutoTokenizer.from_pretrained(path) for path in (bpe_dir, out))
+    text = "the cat sat on the mat"
+    assert exported(text).input_ids == source(text).input_ids and len(exported) == len(source)
+    assert exported.chat_template == source.chat_template and "messages" in exported.chat_template
+    assert (exported.eos_token, exported.bos_token) == (source.eos_token, source.bos_token) == ("<|endoftext|>",) * 2
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_hf_export_folder_has_the_permissions_mkdir_and_open_give(tmp_path, bpe_dir, umask):
+    out = tmp_path / "hf"
+    previous = os.umask(umask)
+    try:
+        ex.export(bpe_model(), PAIRS, ["prune", "prune"], out, Source("tiny", bpe_dir), fmt="hf")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    files = {path.name: stat.S_IMODE(path.stat().st_mode) for path in out.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= files.keys()
+    assert files == dict.fromkeys(files, 0o666 & ~umask)
 
 
 # ----------------------------------------------------------------------------------------- refusals
@@ -214,6 +241,7 @@ def test_layers_of_different_shapes_are_refused(tmp_path, bpe_dir):
     ("mistral", ["lp"], {}, "sliding-window attention"),
     ("gemma", ["lp"], {}, "model type 'gemma' has no GGUF writer here"),
     ("llama", ["lp"], {"tokenizer": None}, "no tokenizer to copy"),
+    ("llama", ["prune"], {"fmt": "hf", "tokenizer": None}, "no tokenizer to copy: an hf export holds its model's"),
 ])
 def test_outputs_that_cannot_hold_the_export_are_refused(tmp_path, bpe_dir, arch, modes, kwargs, match):
     refused(tmp_path, tiny(arch), [(1, 2)], modes, match, **{"tokenizer": bpe_dir, **kwargs})
@@ -496,6 +524,23 @@ def test_cli_exports_each_pair_in_the_mode_its_source_gives(tmp_path, bpe_model_
     fields = read(out)[0]
     assert json.loads(fields["lp_fx.pairing"]) == {"pairs": [[3, 4]], "modes": modes}
     assert fields["general.architecture"] == ("deci" if modes == ["lp"] else "llama")
+
+
+def test_cli_hf_export_is_a_model_that_lp_fx_eval_runs(tmp_path, model_dir, data_dir, capsys):
+    from transformers import AutoTokenizer
+
+    from lp_fx.tools import cli
+
+    out = tmp_path / "pruned"
+    assert cli.main(["export", "--model", str(model_dir), "--pairs", "1-2", "--mode", "prune", "--format", "hf",
+                     "--out", str(out)]) == 0
+    source, exported = (AutoTokenizer.from_pretrained(path) for path in (model_dir, out))
+    assert exported("the cat sat .").input_ids == source("the cat sat .").input_ids
+    assert (exported.eos_token, exported.unk_token) == (source.eos_token, source.unk_token)
+    results = tmp_path / "eval.json"
+    assert cli.main(["eval", "--model", str(out), "--data-dir", str(data_dir), "--tasks", "wikitext", "--window", "16",
+                     "--no-progress", "--out", str(results)]) == 0, capsys.readouterr().err
+    assert json.loads(results.read_text())["num_layers"] == 3
 
 
 def test_bench_llamacpp_refuses_a_dtype_without_its_unpaired_export(tmp_path, bpe_dir, capsys):

@@ -33,7 +33,7 @@ from torch import nn
 
 from lp_fx.config import LayerParallelError, Pair, config_from_options
 from lp_fx.tools.checkpoint import layer_stack_of
-from lp_fx.tools.files import check_folder_writable
+from lp_fx.tools.files import check_folder_writable, give_default_permissions
 from lp_fx.weights import WeightStore
 
 log = logging.getLogger(__name__)
@@ -297,7 +297,8 @@ def layer_config(folded: Folded, shape: LayerShape) -> Any:
 @dataclass(frozen=True)
 class Source:
     """Where the model came from: a name for the metadata, and the tokenizer's files (a GGUF whose
-    ``tokenizer.*`` fields are copied, or a Hugging Face directory)."""
+    ``tokenizer.*`` fields are copied, or a Hugging Face directory; an hf export saves the tokenizer
+    transformers loads from either)."""
 
     name: str
     tokenizer: Path | None = None
@@ -347,6 +348,8 @@ def export(
         from lp_fx.tools.gguf_writer import check_gguf
 
         check_gguf(model.config, source)
+    else:
+        tokenizer = source_tokenizer(source)
     if checkpoint is not None:
         from lp_fx.tools.checkpoint import load_finetuned
 
@@ -357,20 +360,40 @@ def export(
 
         write_gguf(folded, out, dtype, source)
     else:
-        write_hf(folded, out, dtype)
+        write_hf(folded, out, dtype, tokenizer)
     log.info("wrote %s: %d layers (%s)", out, len(folded.layers), ", ".join(layer.how for layer in folded.layers))
     return folded
 
 
-def write_hf(folded: Folded, out: Path, dtype: str) -> None:
-    """A Hugging Face folder (config.json with the new layer count, safetensors), written next to
-    ``out`` and renamed to it."""
+def source_tokenizer(source: Source) -> Any:
+    """The tokenizer of ``source`` (its GGUF's or its folder's), as transformers loads it: an hf
+    export holds it so that the folder is a model that tools load (``lp-fx eval --model``)."""
+    if source.tokenizer is None:
+        raise ExportError("no tokenizer to copy: an hf export holds its model's tokenizer; give the model as a GGUF "
+                          "file or a Hugging Face folder with its tokenizer")
+    from transformers import AutoTokenizer
+
+    path = source.tokenizer
+    directory, gguf = (path.parent, {"gguf_file": path.name}) if path.suffix == ".gguf" else (path, {})
+    try:
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True, **gguf)
+    except (OSError, ValueError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ExportError(f"{path}: no tokenizer that transformers loads ({reason}); an hf export holds its "
+                          "model's tokenizer") from None
+
+
+def write_hf(folded: Folded, out: Path, dtype: str, tokenizer: Any) -> None:
+    """A Hugging Face folder (config.json with the new layer count, safetensors, ``tokenizer``'s
+    files), written next to ``out`` with the permissions ``mkdir`` and ``open`` give, and renamed to it."""
     model = build_model(folded, torch.float16 if dtype == "f16" else torch.float32)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         model.config.lp_fx_export = folded.pairing
         model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        give_default_permissions(tmp)
         if out.exists():
             out.rmdir()  # checked empty
         os.replace(tmp, out)

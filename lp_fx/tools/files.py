@@ -38,6 +38,24 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def current_umask() -> int:
+    """The process's umask (there is no call that only reads it: it is set and set back)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def give_default_permissions(folder: str | Path) -> None:
+    """``folder`` and everything in it with the modes ``mkdir`` and ``open`` give (0o777 and 0o666
+    less the umask: 0755 and 0644 under the usual 022). ``mkdtemp`` makes a folder 0700, and some
+    writers (safetensors) make files 0600: right for a temporary name, not for the published output."""
+    mask = current_umask()
+    for root, _, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
 def write_json(path: str | Path, payload: Any, indent: int = 2) -> Path:
     """Write ``payload`` as JSON to ``path`` atomically; returns the path."""
     text = json.dumps(payload, indent=indent, default=str) + "\n"
