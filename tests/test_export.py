@@ -5,8 +5,10 @@ every refusal comes before anything is written."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
+import time
 from pathlib import Path
 
 import numpy as np
@@ -198,6 +200,35 @@ def test_hf_export_folder_has_the_permissions_mkdir_and_open_give(tmp_path, bpe_
     files = {path.name: stat.S_IMODE(path.stat().st_mode) for path in out.iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= files.keys()
     assert files == dict.fromkeys(files, 0o666 & ~umask)
+
+
+def test_an_export_removes_what_killed_exports_of_its_output_left(tmp_path, bpe_dir, caplog):
+    """A SIGKILLed export leaves its temporary file (GGUF) or folder (hf) beside the output: the next
+    export of that output removes those untouched for over an hour, and nothing else."""
+    def leftover(name, folder=False, old=True, file_written_now=False):
+        path = tmp_path / name
+        file = path / "model.safetensors" if folder else path
+        file.parent.mkdir(exist_ok=True)
+        file.write_bytes(b"partial")
+        hours_ago = time.time() - 2 * 3600
+        for item in {path, file} if old else ():
+            if not (item == file and file_written_now):
+                os.utime(item, (hours_ago, hours_ago))
+        return path
+
+    killed = [leftover(".m.gguf.k1ll3d_a.tmp"), leftover(".m.gguf.k1ll3d_b.tmp", folder=True)]
+    kept = [
+        leftover(".m.gguf.wr1t1ng0.tmp", old=False),  # being written by a running export
+        leftover(".m.gguf.wr1t1ng1.tmp", folder=True, file_written_now=True),  # a file in it is being written
+        leftover(".m.a1b2c3d4.tmp"),  # another output's (m, not m.gguf)
+        leftover(".m.gguf.x.tmp"),  # not a name mkstemp makes
+        leftover("m.gguf.k1ll3d_c.tmp"),  # not hidden: not a temporary name
+    ]
+    caplog.set_level(logging.INFO, logger="lp_fx")
+    ex.export(bpe_model(), PAIRS, ["lp", "lp"], tmp_path / "m.gguf", Source("tiny", bpe_dir))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.gguf", *(p.name for p in kept)])
+    removed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("removing")]
+    assert len(removed) == 2 and all(any(p.name in m for m in removed) for p in killed)
 
 
 # ----------------------------------------------------------------------------------------- refusals

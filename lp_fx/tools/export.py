@@ -33,7 +33,7 @@ from torch import nn
 
 from lp_fx.config import LayerParallelError, Pair, config_from_options
 from lp_fx.tools.checkpoint import layer_stack_of
-from lp_fx.tools.files import check_folder_writable, give_default_permissions
+from lp_fx.tools.files import check_folder_writable, give_default_permissions, remove_stale_temporaries
 from lp_fx.weights import WeightStore
 
 log = logging.getLogger(__name__)
@@ -339,7 +339,8 @@ def export(
 
     A fine-tuned ``checkpoint`` (``lp-fx finetune``) is loaded into ``model`` first. Every check
     (pairing, format, dtype, output path, GGUF support, tokenizer) runs before the first byte is
-    written; the file or folder is written under a temporary name in ``out``'s folder and renamed.
+    written; the file or folder is written under a temporary name in ``out``'s folder and renamed
+    (the temporary names that killed exports of ``out`` left are removed first).
     """
     out = Path(out)
     check_pairing(model, pairs, modes)
@@ -355,6 +356,7 @@ def export(
 
         load_finetuned(model, checkpoint)
     folded = fold(model, pairs, modes)
+    remove_stale_temporaries(out)
     if fmt == "gguf":
         from lp_fx.tools.gguf_writer import write_gguf
 
