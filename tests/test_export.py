@@ -574,6 +574,21 @@ def test_cli_hf_export_is_a_model_that_lp_fx_eval_runs(tmp_path, model_dir, data
     assert json.loads(results.read_text())["num_layers"] == 3
 
 
+def test_cli_eval_of_a_deci_export_says_it_runs_in_llama_cpp(tmp_path, bpe_dir, data_dir, capsys, monkeypatch):
+    from lp_fx.tools import cli
+
+    monkeypatch.setenv("LP_FX_CACHE", str(tmp_path / "cache"))
+    wide = tmp_path / "wide.gguf"
+    ex.export(bpe_model(), PAIRS, ["lp", "lp"], wide, Source("tiny", bpe_dir))
+    results = tmp_path / "eval.json"
+    assert cli.main(["eval", "--model", str(wide), "--data-dir", str(data_dir), "--tasks", "wikitext",
+                     "--out", str(results)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lp-fx eval: error: "), err
+    assert "runs in llama.cpp (`lp-fx bench --llamacpp`), not in transformers" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wide.gguf"]  # no results, no converted copy
+
+
 def test_bench_llamacpp_refuses_a_dtype_without_its_unpaired_export(tmp_path, bpe_dir, capsys):
     from lp_fx.tools import cli
 
