@@ -285,6 +285,22 @@ def test_a_refusal_creates_no_results_folder(
     assert not (tmp_path / "new").exists()
 
 
+def test_a_reason_given_on_several_lines_is_refused_on_one(
+    model_dir: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lp_fx.tools import models
+
+    def tokenizer_error(*args: object, **kwargs: object) -> None:  # as transformers words a tokenizer it cannot build
+        raise ValueError("Couldn't instantiate the backend tokenizer from one of: \n(1) a `tokenizers` library "
+                         "serialization file, \n(2) a slow tokenizer instance to convert or \n\nYou need sentencepiece")
+
+    monkeypatch.setattr(models, "load_model", tokenizer_error)
+    err = _refused(["eval", *_common(model_dir, data_dir), "--tasks", "wikitext", "--out", str(tmp_path / "e.json")],
+                   capsys)
+    assert err == ("lp-fx eval: error: Couldn't instantiate the backend tokenizer from one of: (1) a `tokenizers` "
+                   "library serialization file, (2) a slow tokenizer instance to convert or You need sentencepiece")
+
+
 # ------------------------------------------------------------------------- the data directory (item 12)
 
 REPO_DATA = (Path(lp_fx.__file__).resolve().parent.parent.parent / "shared" / "data").resolve()  # as found: links resolved
