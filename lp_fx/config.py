@@ -9,11 +9,15 @@ layer, a plan made for another layer count, a post-norm layer) is checked when a
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
 
 PAIRING_MODES = ("lp", "block")  # both layers run, their updates summed: what placement and fine-tuning handle
 SKIP_MODES = ("prune", "merge")  # the second layer of the pair is removed
@@ -176,17 +180,24 @@ def _layer_choice(opts: Mapping[str, Any]) -> tuple[tuple[Pair, ...], tuple[int,
     if opts.get("modes") is not None and given != ["pairs"]:
         raise LayerParallelError("'modes' gives one mode per pair of 'pairs': give 'pairs' with it (a plan has its own)")
     if "plan" in given:
-        plan = load_plan(opts["plan"])
-        pairs = validate_pairs(plan["pairs"])
-        return pairs, None, plan["num_layers"], _modes_of(plan["pairs"], plan.get("modes"), f"plan {opts['plan']}")
+        plan = load_plan(_plan_path(opts["plan"]))
+        pairs, modes = _pairs_and_modes(plan["pairs"], plan.get("modes"), f"plan {opts['plan']}")
+        return pairs, None, plan["num_layers"], modes
     if "start" in given:
         return (), check_range(opts.get("start"), opts.get("end")), None, {}
-    given_pairs = opts.get("pairs") or ()
-    return validate_pairs(given_pairs), None, None, _modes_of(given_pairs, opts.get("modes"), "modes")
+    given_pairs = opts.get("pairs")
+    pairs, modes = _pairs_and_modes(() if given_pairs is None else given_pairs, opts.get("modes"), "modes")
+    return pairs, None, None, modes
 
 
-def _modes_of(pairs: Sequence[Sequence[int]], modes: Any, source: str) -> dict[Pair, str]:
-    """``{pair: mode}`` from ``modes``, one per pair in the order given (``pairs`` already checked)."""
+def _pairs_and_modes(pairs: Any, modes: Any, source: str) -> tuple[tuple[Pair, ...], dict[Pair, str]]:
+    """The checked, sorted pairs and ``{pair: mode}`` from ``modes``, one per pair in the order given."""
+    in_order = _pairs_in_order(pairs)
+    return _apart(in_order), _modes_of(in_order, modes, source)
+
+
+def _modes_of(pairs: Sequence[Pair], modes: Any, source: str) -> dict[Pair, str]:
+    """``{pair: mode}`` from ``modes``, one per pair of ``pairs`` (checked, in the order given)."""
     if modes is None:
         return {}
     if isinstance(modes, (str, bytes)) or not isinstance(modes, Sequence) or len(modes) != len(pairs):
@@ -194,13 +205,24 @@ def _modes_of(pairs: Sequence[Sequence[int]], modes: Any, source: str) -> dict[P
             f"{source}: give one mode per pair ({len(pairs)} pairs), each one of {', '.join(map(repr, MODES))}; "
             f"got {modes!r}"
         )
-    return {(int(p[0]), int(p[1])): choice(m, MODES, f"mode of pair {tuple(p)}") for p, m in zip(pairs, modes)}
+    return {pair: choice(m, MODES, f"mode of pair {pair}") for pair, m in zip(pairs, modes)}
+
+
+def _plan_path(value: Any) -> str | os.PathLike:
+    """The option ``plan``, refused unless it is a path."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise LayerParallelError(
+            f"plan must be the path of a plan file written by `lp-fx plan` (a str or os.PathLike), got {value!r}"
+        )
+    return value
 
 
 def check_range(start: Any, end: Any) -> tuple[int, int]:
     """``(start, end)`` of the paper's contiguous range, checked without making its pairs."""
-    if not _is_int(start) or not _is_int(end):
+    integers = _integer(start), _integer(end)
+    if None in integers:
         raise LayerParallelError(f"'start' and 'end' must both be integers (got start={start!r}, end={end!r})")
+    start, end = integers
     if start < 0 or end <= start:
         raise LayerParallelError(f"need 0 <= start < end (got start={start}, end={end})")
     delta = end - start
@@ -219,14 +241,25 @@ def pairs_from_range(start: Any, end: Any) -> tuple[Pair, ...]:
 
 
 def validate_pairs(pairs: Any) -> tuple[Pair, ...]:
-    """Check a list of ``(i, i + 1)`` pairs: consecutive, non-negative, no layer used twice."""
+    """Check a list of ``(i, i + 1)`` pairs (an ``(n, 2)`` integer array or tensor too): consecutive,
+    non-negative, no layer used twice; sorted."""
+    return _apart(_pairs_in_order(pairs))
+
+
+def _pairs_in_order(pairs: Any) -> list[Pair]:
+    """``pairs`` as ``(i, i + 1)`` tuples of ints in the order given, each checked on its own."""
+    pairs = _listed(pairs)
     if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
         raise LayerParallelError(f"'pairs' must be a list of (i, i + 1) layer indices, got {pairs!r}")
     checked: list[Pair] = []
-    for p in pairs:
-        if isinstance(p, (str, bytes)) or not isinstance(p, Sequence) or len(p) != 2 or not all(map(_is_int, p)):
-            raise LayerParallelError(f"each pair must be two layer indices (i, i + 1), got {p!r}")
-        a, b = int(p[0]), int(p[1])
+    for given in pairs:
+        p = _listed(given)
+        indices = [] if isinstance(p, (str, bytes)) or not isinstance(p, Sequence) else [_integer(i) for i in p]
+        if len(indices) != 2 or None in indices:
+            raise LayerParallelError(
+                f"'pairs': each pair must be two layer indices (i, i + 1), integers, got {given!r}"
+            )
+        a, b = indices
         if a < 0:
             raise LayerParallelError(f"pair {(a, b)}: layer indices must be >= 0")
         if b != a + 1:
@@ -234,11 +267,16 @@ def validate_pairs(pairs: Any) -> tuple[Pair, ...]:
                 f"pair {(a, b)} is not two consecutive layers: valid pairs look like (i, i + 1), e.g. {(a, a + 1)}"
             )
         checked.append((a, b))
-    checked.sort()
-    for (a0, b0), (a1, b1) in zip(checked, checked[1:]):
+    return checked
+
+
+def _apart(pairs: Sequence[Pair]) -> tuple[Pair, ...]:
+    """``pairs`` sorted, refused when two of them share a layer."""
+    ordered = sorted(pairs)
+    for (a0, b0), (a1, b1) in zip(ordered, ordered[1:]):
         if a1 <= b0:
             raise LayerParallelError(f"pairs {(a0, b0)} and {(a1, b1)} overlap: each layer can be in one pair only")
-    return tuple(checked)
+    return tuple(ordered)
 
 
 # ------------------------------------------------------------------------------------ plan files
@@ -246,6 +284,13 @@ def validate_pairs(pairs: Any) -> tuple[Pair, ...]:
 
 class PlanError(LayerParallelError):
     """A plan file that cannot be used (unreadable, malformed, or for another model)."""
+
+
+PLAN_KEYS = ("version", "model", "num_layers", "pairs", "modes", "objective", "calibration", "search", "candidates",
+             "steps")
+"""The keys of a plan file: those ``lp-fx plan`` writes (every version; the first had no ``search``).
+Pairing reads ``num_layers``, ``pairs`` and ``modes``; any other key is refused, as a misspelt one
+(``"mode"``) would otherwise be ignored."""
 
 
 def read_bytes(path: Path, error: type[Exception], missing: str, folder: str, unreadable: str) -> bytes:
@@ -272,13 +317,24 @@ def load_plan(path: str | Path) -> dict:
         plan = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise PlanError(f"plan file {path} is not valid JSON: {error}") from None
-    if not isinstance(plan, dict) or not isinstance(plan.get("pairs"), list):
+    if not isinstance(plan, dict):
         raise PlanError(f"plan file {path}: expected an object with a 'pairs' list")
-    if not isinstance(plan.get("num_layers"), int):
-        raise PlanError(f"plan file {path}: missing 'num_layers' (the layer count it was made for)")
+    unknown = sorted(set(plan) - set(PLAN_KEYS))
+    if unknown:
+        raise PlanError(
+            f"plan file {path}: unknown key(s) {', '.join(map(repr, unknown))}; "
+            f"a plan's keys are {', '.join(PLAN_KEYS)}"
+        )
+    if not isinstance(plan.get("pairs"), list):
+        raise PlanError(f"plan file {path}: expected an object with a 'pairs' list")
+    if _integer(plan.get("num_layers")) is None:
+        raise PlanError(f"plan file {path}: missing 'num_layers' (the layer count it was made for, an integer)")
     modes = plan.get("modes")
-    if modes is not None and len(modes) != len(plan["pairs"]):
-        raise PlanError(f"plan file {path}: 'modes' needs one entry per pair")
+    if modes is not None and (not isinstance(modes, list) or len(modes) != len(plan["pairs"])):
+        raise PlanError(
+            f"plan file {path}: 'modes' must be a list of one mode per pair ({len(plan['pairs'])} pairs), "
+            f"each one of {', '.join(map(repr, MODES))}; got {modes!r}"
+        )
     return plan
 
 
@@ -303,9 +359,10 @@ def _shuffle(value: Any, pairs: Sequence[Pair], span: tuple[int, int] | None) ->
         raise LayerParallelError(
             f"shuffle takes the keys {', '.join(SHUFFLE_KEYS)} ('seed' optional), got {sorted(value)}"
         )
-    start, end, seed = value["start"], value["end"], value.get("seed", 0)
-    if not all(map(_is_int, (start, end, seed))):
-        raise LayerParallelError(f"shuffle start, end and seed must be integers (got {start!r}, {end!r}, {seed!r})")
+    given = value["start"], value["end"], value.get("seed", 0)
+    start, end, seed = map(_integer, given)
+    if None in (start, end, seed):
+        raise LayerParallelError(f"shuffle start, end and seed must be integers (got {', '.join(map(repr, given))})")
     if start < 0 or end - start < 2:
         raise LayerParallelError(
             f"shuffle needs 0 <= start and end >= start + 2, at least two layers to reorder "
@@ -351,5 +408,20 @@ def _optional_str(value: Any, name: str) -> str | None:
     return value
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+def _integer(value: Any) -> int | None:
+    """``value`` as an int when it is integer-like: an int, a numpy integer, or an integer array or
+    tensor of one element; else None (a bool is not an integer here, nor is a float)."""
+    if isinstance(value, (np.generic, np.ndarray, torch.Tensor)):
+        size = value.numel() if isinstance(value, torch.Tensor) else value.size
+        if size != 1:
+            return None
+        value = value.item()
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _listed(value: Any) -> Any:
+    """An array or tensor of one or more dimensions as nested lists (its elements as Python
+    numbers); anything else as it is."""
+    if isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim > 0:
+        return value.tolist()
+    return value

@@ -12,8 +12,9 @@ import logging
 import sys
 from typing import Callable, Sequence
 
-from lp_fx.tools import bench, data
+from lp_fx.tools import bench
 from lp_fx.tools.arguments import OneLineParser
+from lp_fx.tools.console import ERRORS, refuse
 from lp_fx.tools.commands import eval as eval_command
 from lp_fx.tools.commands import export as export_command
 from lp_fx.tools.commands import finetune as finetune_command
@@ -25,7 +26,6 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     eval_command.register, sweep_command.register, plan_command.register, finetune_command.register, bench.register,
     export_command.register, frontier_command.register,
 ]
-ERRORS = (data.DataError, OSError, ValueError)  # LayerParallelError is a ValueError; OSError: a path unreadable
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,8 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.func(args)
     except ERRORS as error:
-        print(f"lp-fx {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return refuse(f"lp-fx {args.command}", error)
     return 0
 
 
