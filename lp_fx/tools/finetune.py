@@ -47,6 +47,7 @@ from lp_fx.tools.checkpoint import (
 from lp_fx.tools.data import MixedBatches, token_streams
 from lp_fx.tools.distributed import Ranks, resolve_mesh
 from lp_fx.tools.evaluate import Pairing, check_rewritten, perplexity
+from lp_fx.tools.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +237,7 @@ def finetune(
     out_dir = check_checkpoint_dir(out_dir, model, overwrite)
     torch.manual_seed(config.seed)
     check_layers(model, config)
+    pairing = pairing_record(model, config.pairs, config.pair_modes)  # before training: the base weights
     batches = MixedBatches(token_streams(train_ids), config.seq_len, config.batch, config.seed)
     names = choose_trainable(model, config)
     params = [p for name, p in model.named_parameters() if p.requires_grad]
@@ -249,7 +251,6 @@ def finetune(
         optimizer, lambda step: learning_rate_factor(step, config.steps, config.warmup_steps)
     )
     state = TrainState(config, extra=dict(extra_args or {}))
-    pairing = pairing_record(model, config.pairs, config.pair_modes)
     log.info(
         "fine-tuning %d tensors (%.1f M parameters) of %d pairs, loss %s, %d steps of %d x %d tokens",
         len(names), sum(p.numel() for p in params) / 1e6, len(config.pairs), config.loss,
@@ -341,7 +342,7 @@ def _save(model: nn.Module, names: Sequence[str], pairing: dict, state: TrainSta
 
 
 def plot_record(record: dict[str, Any], path: str | Path) -> None:
-    """Training loss per step and held-out perplexity, one PNG."""
+    """Training loss per step and held-out perplexity, one PNG, written whole or not at all."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -359,5 +360,5 @@ def plot_record(record: dict[str, Any], path: str | Path) -> None:
         ppl_axis.set_ylabel("held-out perplexity (WikiText-2 test)", color="tab:red")
     loss_axis.set_title(f"fine-tuning {record['args'].get('pairing', '')}: {record['wall_s']:.0f} s")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)

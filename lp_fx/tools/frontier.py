@@ -26,7 +26,10 @@ checked: its calibration perplexity through the gated graph must equal its plain
 another ``inner`` compiler, and for fine-tuned points, each point is scored by its plain compile.
 
 The JSON is rewritten after every plan and every point, so an interrupted run keeps what it
-measured and ``resume`` goes on from there; a JSON made with other options is refused, naming the difference.
+measured and ``resume`` goes on from there; a JSON made with other options, or with another model
+(its class and weights fingerprint, :mod:`lp_fx.tools.model_identity`: the name alone does not tell
+two folders called ``model`` apart), is refused, naming the difference. A JSON written before the
+model's identity was recorded resumes with a warning, and records this model's from then on.
 """
 
 from __future__ import annotations
@@ -156,10 +159,12 @@ def point_keys(budgets: Sequence[int], variants: Sequence[str]) -> list[tuple[st
 # ----------------------------------------------------------------------------------- results
 
 
-def new_result(options: FrontierOptions) -> dict:
-    """An empty result: ``plans`` by Δ, ``planner`` one record per planning (one gated graph each),
-    ``points`` as measured, ``runs`` one record per invocation (wall time, load average)."""
-    return {"version": VERSION, "options": options.to_json(), "plans": {}, "planner": [], "points": [], "runs": []}
+def new_result(options: FrontierOptions, model: dict[str, str]) -> dict:
+    """An empty result for the model of identity ``model`` (:func:`lp_fx.tools.model_identity.model_identity`):
+    ``plans`` by Δ, ``planner`` one record per planning (one gated graph each), ``points`` as measured,
+    ``runs`` one record per invocation (wall time, load average)."""
+    return {"version": VERSION, "options": options.to_json(), "model_identity": dict(model), "plans": {},
+            "planner": [], "points": [], "runs": []}
 
 
 def option_differences(stored: dict, current: dict) -> list[str]:
@@ -176,8 +181,9 @@ def option_defaults() -> dict:
     return _as_json({f.name: f.default for f in fields(FrontierOptions) if f.default is not MISSING})
 
 
-def resume_result(path: Path, options: FrontierOptions) -> dict:
-    """The results in ``path``, made with ``options`` (else an error naming each difference)."""
+def resume_result(path: Path, options: FrontierOptions, model: dict[str, str]) -> dict:
+    """The results in ``path``, made with ``options`` (else an error naming each difference) on the
+    model of identity ``model`` (else an error naming both)."""
     try:
         result = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
@@ -188,7 +194,23 @@ def resume_result(path: Path, options: FrontierOptions) -> dict:
     if differences:
         raise ValueError(f"--resume: {path} was made with other options ({'; '.join(differences)}); run with the "
                          "options it was made with, or give another --out")
+    _check_same_model(path, result, model)
     return result
+
+
+def _check_same_model(path: Path, result: dict, model: dict[str, str]) -> None:
+    """The model of ``result`` is ``model``; a result that does not record one takes it, with a warning."""
+    recorded = result.get("model_identity")
+    if recorded is None:
+        log.warning("--resume: %s does not record the identity of its model (written before it was recorded): "
+                    "resuming without checking that this is the model it was measured on, and recording it", path)
+        result["model_identity"] = dict(model)
+    elif recorded != model:
+        raise ValueError(
+            f"--resume: {path} was measured on another model ({recorded.get('class')} with weights "
+            f"{recorded.get('weights')}), this one is a {model['class']} with weights {model['weights']}; resume with "
+            "the model it was measured on, or give another --out"
+        )
 
 
 def measured(result: dict) -> set[tuple[str, int]]:

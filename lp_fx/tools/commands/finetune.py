@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,14 +202,26 @@ def _layer_list(spec: str | None) -> tuple[int, ...] | None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from lp_fx.tools import finetune
-    from lp_fx.tools.checkpoint import check_checkpoint_dir
+    """Check what can be checked without the model, hold ``--out`` (rank 0: the rank that writes
+    there; a run holding it already is refused), then train."""
+    from lp_fx.tools.checkpoint import check_checkpoint_dir, hold_checkpoint_dir
 
     out = check_checkpoint_dir(args.out, overwrite=args.overwrite)  # before any work: a run must be able to save
     data_dir = data.resolve_data_dir(args.data_dir)
     sources = training_texts(args, out, data_dir)
     data.check_batch_shares(len(sources), args.batch)
     mesh = _init_mesh(args.mesh)
+    rank0 = mesh is None or torch.distributed.get_rank() == 0
+    with hold_checkpoint_dir(out) if rank0 else contextlib.nullcontext():
+        _train(args, out, data_dir, sources, mesh, rank0)
+
+
+def _train(
+    args: argparse.Namespace, out: Path, data_dir: Path, sources: list[FileText | SelfText], mesh: str | None, rank0: bool
+) -> None:
+    from lp_fx.tools import finetune
+    from lp_fx.tools.checkpoint import check_checkpoint_dir
+
     loaded, _ = options.load(args)
     check_checkpoint_dir(out, loaded.model, args.overwrite)  # another model's checkpoint: known once loaded
     pairing = parse_pairing(args.plan or args.pairs, loaded.num_layers)
@@ -218,7 +231,6 @@ def run(args: argparse.Namespace) -> None:
         seq_len=args.seq_len, seed=args.seed, warmup=args.warmup, clip=args.clip,
         eval_every=args.eval_every, save_every=args.save_every, inner=args.inner,
     )
-    rank0 = mesh is None or torch.distributed.get_rank() == 0
     train = mixed([source.token_ids(loaded, mesh, rank0 and not args.no_progress) for source in sources])
     heldout = evaluate.wikitext_windows(loaded.tokenizer, data_dir, args.window, "all", args.eval_windows)
     if rank0:

@@ -15,6 +15,7 @@ from lp_fx.tools.commands import options
 from lp_fx.tools.commands.options import RESULTS, add_model_options, new_file, writable
 from lp_fx.tools.console import say
 from lp_fx.tools.files import atomic_write
+from lp_fx.tools.model_identity import model_identity
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -131,7 +132,8 @@ def run(args: argparse.Namespace) -> None:
         finetune_train=args.finetune_train, speed_inner=args.speed_inner,
         speed_tokens=args.speed_tokens, speed_rounds=args.speed_rounds, llamacpp=args.llamacpp,
     )
-    result = frontier.resume_result(out, settings) if args.resume else frontier.new_result(settings)
+    identity = model_identity(loaded.model)
+    result = frontier.resume_result(out, settings, identity) if args.resume else frontier.new_result(settings, identity)
     say(f"model {loaded.name} ({loaded.num_layers} layers): budgets Δ={list(budgets)}, contiguous ranges from layer "
         f"{start}, variants {', '.join(variants)}, tasks {', '.join(tasks) or 'none'}, fine-tuning "
         f"{args.finetune_steps} steps ({args.finetune_train}); "
