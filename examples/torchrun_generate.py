@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from lp_fx.tools.cli.bench import Variant
+from lp_fx.tools.speed.ranks import Variant
 from lp_fx.tools.models import load_model
 from lp_fx.tools.speed.timing import compile_variant, generate
 from lp_fx.weights import resident_bytes

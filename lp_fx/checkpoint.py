@@ -5,6 +5,11 @@ The files of a checkpoint (written all-or-nothing, read back against their sha25
 pairing trains, the signature that recognises the model, the checks that a checkpoint fits it, and
 :func:`load_finetuned`. It is also the one import for the tools (``__all__``).
 
+A checkpoint records the class of the model it was trained from and the fingerprint of that
+model's weights before training (:mod:`lp_fx.model_identity`); loading it into another
+class, or into other weights, is refused. A checkpoint written before the fingerprint was recorded
+loads with a warning that its base weights cannot be checked.
+
 Serving is ``torch.compile(model, backend="layer_parallel", options=load_finetuned(model, dir))``.
 """
 
@@ -26,23 +31,28 @@ from lp_fx.checkpoint_files import (
     FILES,
     FORMAT,
     LEGACY_FORMAT,
+    LOCK,
     PAIRING,
     RECORD,
     TENSORS,
     CheckpointError,
     checkpoint_folder,
+    complete_versions,
+    hold_checkpoint_dir,
     read_pairing,
     read_pairing_in,
     read_tensors,
     save_checkpoint,
 )
 from lp_fx.files import check_folder_writable
+from lp_fx.model_identity import model_identity
 from lp_fx.pairing import Pair, Pairing, validate_pairs
 
 __all__ = [
     "CURRENT", "LEGACY_FORMAT", "PAIRING", "RECORD", "TENSORS", "CheckpointError", "check_checkpoint_dir",
-    "checkpoint_folder", "finetuned_options", "layer_parameter_names", "layer_stack_of", "load_finetuned",
-    "model_signature", "other_model", "pairing_record", "read_pairing", "save_checkpoint", "unique_tensors",
+    "checkpoint_folder", "finetuned_options", "hold_checkpoint_dir", "layer_parameter_names", "layer_stack_of",
+    "load_finetuned", "model_signature", "other_model", "pairing_record", "read_pairing", "save_checkpoint",
+    "unique_tensors",
 ]
 
 log = logging.getLogger(__name__)
@@ -90,6 +100,8 @@ def model_signature(model: nn.Module) -> dict[str, Any]:
 
 def other_model(saved: Mapping[str, Any], here: Mapping[str, Any]) -> str | None:
     """How a checkpoint's model signature differs from this model's, or None when they agree."""
+    if saved.get("class") != here["class"]:
+        return f"class {saved.get('class')!r}, this model is a {here['class']!r}"
     for key in ("stack", "num_layers", "hidden_size", "vocab_size"):
         if saved.get(key) != here[key]:
             return (
@@ -105,14 +117,15 @@ def other_model(saved: Mapping[str, Any], here: Mapping[str, Any]) -> str | None
 
 def pairing_record(model: nn.Module, pairs: Sequence[Pair], modes: Sequence[str]) -> dict[str, Any]:
     """The content of ``pairing.json`` but the tensor list, which :func:`save_checkpoint` adds
-    (also a plan file: ``pairs``, ``modes``, ``num_layers``)."""
+    (also a plan file: ``pairs``, ``modes``, ``num_layers``). Made before training: ``model.weights``
+    is the fingerprint of the base weights."""
     signature = model_signature(model)
     return {
         "format": FORMAT,
         "pairs": [list(pair) for pair in pairs],
         "modes": list(modes),
         "num_layers": signature["num_layers"],
-        "model": signature,
+        "model": {**signature, **model_identity(model)},
     }
 
 
@@ -152,11 +165,12 @@ def check_checkpoint_dir(directory: str | Path, model: nn.Module | None = None, 
 
 
 def _refuse_other_contents(directory: Path, model: nn.Module | None) -> None:
-    entries = sorted(entry.name for entry in directory.iterdir())
+    entries = sorted(entry.name for entry in directory.iterdir() if entry.name != LOCK)
     if not entries:
         return
     replace = "give another directory, or --overwrite (overwrite=True) to replace it"
-    if not (directory / CURRENT).is_symlink() and not (directory / PAIRING).exists():
+    holds_checkpoint = (directory / CURRENT).is_symlink() or (directory / PAIRING).exists() or complete_versions(directory)
+    if not holds_checkpoint:
         raise CheckpointError(
             f"{directory} is not empty ({len(entries)} entries, e.g. {entries[0]!r}) and holds no checkpoint; "
             "give a new or empty directory, or --overwrite (overwrite=True) to write the checkpoint there"
@@ -185,6 +199,7 @@ def _check_same_model(model: nn.Module, pairing: Mapping[str, Any], folder: Path
         difference = f"num_layers {pairing['num_layers']!r}, this model has {here['num_layers']!r}"
     if difference:
         raise CheckpointError(f"checkpoint {folder} was made for another model: {difference}")
+    _check_same_base(model, pairing["model"], folder)
     try:
         pairs = validate_pairs(pairing["pairs"])
         modes = pairing["modes"]
@@ -204,6 +219,21 @@ def _check_same_model(model: nn.Module, pairing: Mapping[str, Any], folder: Path
         config_from_options(finetuned_options(pairing))
     except LayerParallelError as error:
         raise CheckpointError(f"{folder / PAIRING}: {error}") from None
+
+
+def _check_same_base(model: nn.Module, saved: Mapping[str, Any], folder: Path) -> None:
+    """The checkpoint was trained from this model's weights (its recorded fingerprint, when it has one)."""
+    if "weights" not in saved:
+        log.warning("%s records no fingerprint of the weights it was fine-tuned from (written before it was "
+                    "recorded): loaded without checking that this model has them", folder)
+        return
+    here = model_identity(model)["weights"]
+    if saved["weights"] != here:
+        raise CheckpointError(
+            f"checkpoint {folder} was fine-tuned from other weights: base weights {saved['weights']} recorded, this "
+            f"{type(model).__name__} has {here}; load it into the model it was fine-tuned from (the same weights, "
+            "in the dtype it was trained in), or fine-tune this model"
+        )
 
 
 def _check_fits(model: nn.Module, tensors: Mapping[str, torch.Tensor], folder: Path) -> None:

@@ -18,6 +18,13 @@ folder, which nothing has touched; after it, the new folder is complete. So a lo
 one whole checkpoint, never files of two. Folders no longer named by ``current`` (replaced ones,
 or one an interrupted save left half-written) are removed by the next save.
 
+A run holds ``D`` while it writes there (:func:`hold_checkpoint_dir`: an ``flock`` on
+``D/.lp_fx-finetune.lock``, which the kernel releases when the process ends, however it ends), so
+a second run into ``D`` is refused instead of replacing the first one's checkpoints unseen.
+
+A directory copied without its links (``rsync -r`` without ``-l``: the version folder survives,
+``current`` and the links do not) loads its one complete version folder, with a warning.
+
 A checkpoint written before this layout (format ``lp_fx.finetuned/1``: the three files directly in
 ``D``, no checksums) still loads: its tensor names, shapes and values are checked, and a warning
 says it has no checksums. What the files say about the model is checked against a model by
@@ -26,6 +33,9 @@ says it has no checksums. What the files say about the model is checked against 
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -33,7 +43,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +59,7 @@ PAIRING = "pairing.json"
 RECORD = "train.json"
 FILES = (PAIRING, TENSORS, RECORD)
 CURRENT = "current"
+LOCK = ".lp_fx-finetune.lock"  # held by the run writing in the directory (hold_checkpoint_dir)
 FORMAT = "lp_fx.finetuned/2"
 LEGACY_FORMAT = "lp_fx.finetuned/1"  # files directly in the directory, no checksums
 _VERSION = re.compile(r"^ckpt-step\d+-[A-Za-z0-9_]+$")
@@ -160,6 +171,66 @@ def _remove_stale(directory: Path) -> None:
             entry.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def hold_checkpoint_dir(directory: str | Path) -> Iterator[Path]:
+    """Hold ``directory`` for the run writing its checkpoints there, or refuse at once when another
+    run holds it. Made if missing, and removed again (with the folders made above it) if the run
+    leaves it empty; the lock file is removed when the run ends, and one left by a killed run holds
+    nothing (the kernel dropped its lock)."""
+    directory = Path(directory)
+    made = [folder for folder in (directory, *directory.parents) if not folder.exists()]  # deepest first
+    fd = _locked(directory)
+    try:
+        yield directory
+    finally:
+        (directory / LOCK).unlink(missing_ok=True)  # while still held: a run that opened it meanwhile is refused
+        os.close(fd)
+        _remove_empty(made)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders``, deepest first, up to the first that is not empty (nothing was saved there)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _locked(directory: Path) -> int:
+    """A descriptor of ``directory``'s lock file, locked by this process (its pid written in it)."""
+    path = directory / LOCK
+    while True:
+        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # the directory was removed by a run that ended meanwhile
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            raise CheckpointError(
+                f"{directory} is held by another fine-tuning run (process {holder}) writing its checkpoints there; "
+                "wait for it to end, or give another directory"
+            ) from None
+        if _same_file(fd, path):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)  # locked a file its run removed when it ended: lock the one at the path now
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
 # ----------------------------------------------------------------------------------------- read
 
 
@@ -177,7 +248,36 @@ def checkpoint_folder(directory: str | Path) -> Path:
         if not folder.is_dir():
             raise CheckpointError(f"{current} names {folder}, which is not a directory: the checkpoint is damaged")
         return folder
-    return current if current.is_dir() else directory
+    if current.is_dir():
+        return current
+    if (directory / PAIRING).exists():
+        return directory
+    return _only_version(directory)
+
+
+def complete_versions(directory: Path) -> list[Path]:
+    """The checkpoint folders in ``directory`` that hold every file, by name."""
+    return sorted(
+        entry for entry in directory.iterdir()
+        if _VERSION.match(entry.name) and entry.is_dir() and all((entry / name).is_file() for name in FILES)
+    )
+
+
+def _only_version(directory: Path) -> Path:
+    """The one complete checkpoint folder of a directory copied without its links (``current`` and
+    the files beside it), as ``rsync -r`` without ``-l`` copies; several are refused, naming them."""
+    versions = complete_versions(directory)
+    if not versions:
+        return directory  # not a checkpoint: reading its pairing.json says so
+    if len(versions) > 1:
+        raise CheckpointError(
+            f"{directory} has no {CURRENT} link (copied without symlinks?) and {len(versions)} complete checkpoints: "
+            f"{', '.join(v.name for v in versions)}; give one of them as the checkpoint directory, or link the one "
+            f"to load: ln -s NAME {directory / CURRENT}"
+        )
+    log.warning("%s has no %s link (copied without symlinks?): loading its one complete checkpoint %s; "
+                "ln -s %s %s restores the link", directory, CURRENT, versions[0].name, versions[0].name, directory / CURRENT)
+    return versions[0]
 
 
 def _read_bytes(path: Path, missing: str) -> bytes:

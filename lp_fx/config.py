@@ -8,19 +8,17 @@ layer, a plan made for another layer count, a post-norm layer) is checked when a
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
 
 from lp_fx.errors import LayerParallelError
-from lp_fx.pairing import Pair, Shuffle, check_range, is_int, load_plan, validate_pairs
+from lp_fx.pairing import MODES, SKIP_MODES, Pair, Shuffle, apart, check_range, integer, load_plan, pairs_in_order
+from lp_fx.pairing import PAIRING_MODES, validate_pairs  # noqa: F401 (the pass's modules import them from here)
 
-PAIRING_MODES = ("lp", "block")  # both layers run, their updates summed: what placement and fine-tuning handle
-SKIP_MODES = ("prune", "merge")  # the second layer of the pair is removed
-MODES = PAIRING_MODES + SKIP_MODES
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 SHUFFLE_KEYS = ("start", "end", "seed")
-
 
 def _made_from(*options: str) -> dict[str, tuple[str, ...]]:
     """Field metadata: the field is made from these options, not from an option of its own name."""
@@ -156,17 +154,24 @@ def _layer_choice(opts: Mapping[str, Any]) -> tuple[tuple[Pair, ...], tuple[int,
     if opts.get("modes") is not None and given != ["pairs"]:
         raise LayerParallelError("'modes' gives one mode per pair of 'pairs': give 'pairs' with it (a plan has its own)")
     if "plan" in given:
-        plan = load_plan(opts["plan"])
-        pairs = validate_pairs(plan["pairs"])
-        return pairs, None, plan["num_layers"], _modes_of(plan["pairs"], plan.get("modes"), f"plan {opts['plan']}")
+        plan = load_plan(_plan_path(opts["plan"]))
+        pairs, modes = _pairs_and_modes(plan["pairs"], plan.get("modes"), f"plan {opts['plan']}")
+        return pairs, None, plan["num_layers"], modes
     if "start" in given:
         return (), check_range(opts.get("start"), opts.get("end")), None, {}
-    given_pairs = opts.get("pairs") or ()
-    return validate_pairs(given_pairs), None, None, _modes_of(given_pairs, opts.get("modes"), "modes")
+    given_pairs = opts.get("pairs")
+    pairs, modes = _pairs_and_modes(() if given_pairs is None else given_pairs, opts.get("modes"), "modes")
+    return pairs, None, None, modes
 
 
-def _modes_of(pairs: Sequence[Sequence[int]], modes: Any, source: str) -> dict[Pair, str]:
-    """``{pair: mode}`` from ``modes``, one per pair in the order given (``pairs`` already checked)."""
+def _pairs_and_modes(pairs: Any, modes: Any, source: str) -> tuple[tuple[Pair, ...], dict[Pair, str]]:
+    """The checked, sorted pairs and ``{pair: mode}`` from ``modes``, one per pair in the order given."""
+    in_order = pairs_in_order(pairs)
+    return apart(in_order), _modes_of(in_order, modes, source)
+
+
+def _modes_of(pairs: Sequence[Pair], modes: Any, source: str) -> dict[Pair, str]:
+    """``{pair: mode}`` from ``modes``, one per pair of ``pairs`` (checked, in the order given)."""
     if modes is None:
         return {}
     if isinstance(modes, (str, bytes)) or not isinstance(modes, Sequence) or len(modes) != len(pairs):
@@ -174,7 +179,16 @@ def _modes_of(pairs: Sequence[Sequence[int]], modes: Any, source: str) -> dict[P
             f"{source}: give one mode per pair ({len(pairs)} pairs), each one of {', '.join(map(repr, MODES))}; "
             f"got {modes!r}"
         )
-    return {(int(p[0]), int(p[1])): choice(m, MODES, f"mode of pair {tuple(p)}") for p, m in zip(pairs, modes)}
+    return {pair: choice(m, MODES, f"mode of pair {pair}") for pair, m in zip(pairs, modes)}
+
+
+def _plan_path(value: Any) -> str | os.PathLike:
+    """The option ``plan``, refused unless it is a path."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise LayerParallelError(
+            f"plan must be the path of a plan file written by `lp-fx plan` (a str or os.PathLike), got {value!r}"
+        )
+    return value
 
 
 def _shuffle(value: Any, pairs: Sequence[Pair], span: tuple[int, int] | None) -> Shuffle | None:
@@ -188,9 +202,10 @@ def _shuffle(value: Any, pairs: Sequence[Pair], span: tuple[int, int] | None) ->
         raise LayerParallelError(
             f"shuffle takes the keys {', '.join(SHUFFLE_KEYS)} ('seed' optional), got {sorted(value)}"
         )
-    start, end, seed = value["start"], value["end"], value.get("seed", 0)
-    if not all(map(is_int, (start, end, seed))):
-        raise LayerParallelError(f"shuffle start, end and seed must be integers (got {start!r}, {end!r}, {seed!r})")
+    given = value["start"], value["end"], value.get("seed", 0)
+    start, end, seed = map(integer, given)
+    if None in (start, end, seed):
+        raise LayerParallelError(f"shuffle start, end and seed must be integers (got {', '.join(map(repr, given))})")
     if start < 0 or end - start < 2:
         raise LayerParallelError(
             f"shuffle needs 0 <= start and end >= start + 2, at least two layers to reorder "

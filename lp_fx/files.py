@@ -8,12 +8,23 @@ checks before the work (:func:`check_files_writable`) create nothing, so a refus
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import re
+import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
+
+# A temporary file or folder nothing has written to for this long was left by a killed writer
+# (SIGKILL, power loss: no chance to remove it), not one still at work.
+STALE_TEMPORARY_S = 3600.0
 
 
 class OutputError(ValueError):
@@ -36,6 +47,65 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def temporary_name(path: str | Path) -> re.Pattern:
+    """The names of ``path``'s temporary files and folders: ``.NAME.XXXXXXXX.tmp``, as :func:`atomic_write`
+    (``mkstemp``) and ``mkdtemp`` make them with that prefix and suffix (8 of ``[a-z0-9_]`` between)."""
+    return re.compile(re.escape(f".{Path(path).name}.") + r"[a-z0-9_]{8}" + re.escape(".tmp"))
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Remove the temporary files and folders of ``path`` (:func:`temporary_name`) that nothing has
+    written to for :data:`STALE_TEMPORARY_S`, left by writers killed before they could remove them;
+    recent ones may belong to a writer still at work and stay. Returns those removed."""
+    path = Path(path)
+    pattern = temporary_name(path)
+    removed: list[Path] = []
+    if not path.parent.is_dir():
+        return removed
+    for leftover in (p for p in path.parent.iterdir() if pattern.fullmatch(p.name)):
+        try:
+            if time.time() - _last_written(leftover) <= STALE_TEMPORARY_S:
+                continue
+        except FileNotFoundError:  # renamed into place or removed by its writer since the listing
+            continue
+        log.info("removing %s, left by a write of %s that did not finish", leftover, path.name)
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+        removed.append(leftover)
+    return removed
+
+
+def _last_written(path: Path) -> float:
+    """The newest modification time of ``path`` and, for a folder, of everything in it (a file
+    being written into a folder changes its own time, not the folder's)."""
+    times = [path.lstat().st_mtime]
+    for folder, folders, files in os.walk(path):  # no walk for a file; a folder gone meanwhile is skipped
+        for name in folders + files:
+            with contextlib.suppress(FileNotFoundError):
+                times.append(os.lstat(os.path.join(folder, name)).st_mtime)
+    return max(times)
+
+
+def current_umask() -> int:
+    """The process's umask (there is no call that only reads it: it is set and set back)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def give_default_permissions(folder: str | Path) -> None:
+    """``folder`` and everything in it with the modes ``mkdir`` and ``open`` give (0o777 and 0o666
+    less the umask: 0755 and 0644 under the usual 022). ``mkdtemp`` makes a folder 0700, and some
+    writers (safetensors) make files 0600: right for a temporary name, not for the published output."""
+    mask = current_umask()
+    for root, _, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
 def write_json(path: str | Path, payload: Any, indent: int = 2) -> Path:

@@ -17,10 +17,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from lp_fx.errors import LayerParallelError
 from lp_fx.files import read_bytes, write_json
 
 Pair = tuple[int, int]
+
+PAIRING_MODES = ("lp", "block")  # both layers run, their updates summed: what placement and fine-tuning handle
+SKIP_MODES = ("prune", "merge")  # the second layer of the pair is removed
+MODES = PAIRING_MODES + SKIP_MODES
 
 PLAN_VERSION = 1  # what make_plan writes; a plan file without a version is read as version 1
 RANGE = re.compile(r"^(\d+):(\d+)$")
@@ -44,15 +51,31 @@ class Shuffle:
 # ------------------------------------------------------------------------------------ layer pairs
 
 
-def is_int(x: Any) -> bool:
-    """An integer that is not a bool."""
-    return isinstance(x, int) and not isinstance(x, bool)
+def integer(value: Any) -> int | None:
+    """``value`` as an int when it is integer-like: an int, a numpy integer, or an integer array or
+    tensor of one element; else None (a bool is not an integer here, nor is a float)."""
+    if isinstance(value, (np.generic, np.ndarray, torch.Tensor)):
+        size = value.numel() if isinstance(value, torch.Tensor) else value.size
+        if size != 1:
+            return None
+        value = value.item()
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def listed(value: Any) -> Any:
+    """An array or tensor of one or more dimensions as nested lists (its elements as Python
+    numbers); anything else as it is."""
+    if isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim > 0:
+        return value.tolist()
+    return value
 
 
 def check_range(start: Any, end: Any) -> tuple[int, int]:
     """``(start, end)`` of the paper's contiguous range, checked without making its pairs."""
-    if not is_int(start) or not is_int(end):
+    integers = integer(start), integer(end)
+    if None in integers:
         raise LayerParallelError(f"'start' and 'end' must both be integers (got start={start!r}, end={end!r})")
+    start, end = integers
     if start < 0 or end <= start:
         raise LayerParallelError(f"need 0 <= start < end (got start={start}, end={end})")
     delta = end - start
@@ -71,14 +94,25 @@ def pairs_from_range(start: Any, end: Any) -> tuple[Pair, ...]:
 
 
 def validate_pairs(pairs: Any) -> tuple[Pair, ...]:
-    """Check a list of ``(i, i + 1)`` pairs: consecutive, non-negative, no layer used twice."""
+    """Check a list of ``(i, i + 1)`` pairs (an ``(n, 2)`` integer array or tensor too): consecutive,
+    non-negative, no layer used twice; sorted."""
+    return apart(pairs_in_order(pairs))
+
+
+def pairs_in_order(pairs: Any) -> list[Pair]:
+    """``pairs`` as ``(i, i + 1)`` tuples of ints in the order given, each checked on its own."""
+    pairs = listed(pairs)
     if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
         raise LayerParallelError(f"'pairs' must be a list of (i, i + 1) layer indices, got {pairs!r}")
     checked: list[Pair] = []
-    for p in pairs:
-        if isinstance(p, (str, bytes)) or not isinstance(p, Sequence) or len(p) != 2 or not all(map(is_int, p)):
-            raise LayerParallelError(f"each pair must be two layer indices (i, i + 1), got {p!r}")
-        a, b = int(p[0]), int(p[1])
+    for given in pairs:
+        p = listed(given)
+        indices = [] if isinstance(p, (str, bytes)) or not isinstance(p, Sequence) else [integer(i) for i in p]
+        if len(indices) != 2 or None in indices:
+            raise LayerParallelError(
+                f"'pairs': each pair must be two layer indices (i, i + 1), integers, got {given!r}"
+            )
+        a, b = indices
         if a < 0:
             raise LayerParallelError(f"pair {(a, b)}: layer indices must be >= 0")
         if b != a + 1:
@@ -86,11 +120,16 @@ def validate_pairs(pairs: Any) -> tuple[Pair, ...]:
                 f"pair {(a, b)} is not two consecutive layers: valid pairs look like (i, i + 1), e.g. {(a, a + 1)}"
             )
         checked.append((a, b))
-    checked.sort()
-    for (a0, b0), (a1, b1) in zip(checked, checked[1:]):
+    return checked
+
+
+def apart(pairs: Sequence[Pair]) -> tuple[Pair, ...]:
+    """``pairs`` sorted, refused when two of them share a layer."""
+    ordered = sorted(pairs)
+    for (a0, b0), (a1, b1) in zip(ordered, ordered[1:]):
         if a1 <= b0:
             raise LayerParallelError(f"pairs {(a0, b0)} and {(a1, b1)} overlap: each layer can be in one pair only")
-    return tuple(checked)
+    return tuple(ordered)
 
 
 def out_of_range(what: str, num_layers: int) -> LayerParallelError:
@@ -107,6 +146,13 @@ class PlanError(LayerParallelError):
     """A plan file that cannot be used (unreadable, malformed, of another version, or for another model)."""
 
 
+PLAN_KEYS = ("version", "model", "num_layers", "pairs", "modes", "objective", "calibration", "search", "candidates",
+             "steps")
+"""The keys of a plan file: those ``lp-fx plan`` writes (every version; the first had no ``search``).
+Pairing reads ``num_layers``, ``pairs`` and ``modes``; any other key is refused, as a misspelt one
+(``"mode"``) would otherwise be ignored."""
+
+
 def load_plan(path: str | Path) -> dict:
     """Read a plan file: ``{"version"?: 1, "pairs": [[i, i+1], …], "num_layers": N, "modes"?: [...], …}``."""
     path = Path(path)
@@ -117,17 +163,28 @@ def load_plan(path: str | Path) -> dict:
         plan = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise PlanError(f"plan file {path} is not valid JSON: {error}") from None
-    if not isinstance(plan, dict) or not isinstance(plan.get("pairs"), list):
+    if not isinstance(plan, dict):
+        raise PlanError(f"plan file {path}: expected an object with a 'pairs' list")
+    unknown = sorted(set(plan) - set(PLAN_KEYS))
+    if unknown:
+        raise PlanError(
+            f"plan file {path}: unknown key(s) {', '.join(map(repr, unknown))}; "
+            f"a plan's keys are {', '.join(PLAN_KEYS)}"
+        )
+    if not isinstance(plan.get("pairs"), list):
         raise PlanError(f"plan file {path}: expected an object with a 'pairs' list")
     version = plan.get("version", PLAN_VERSION)
     if version != PLAN_VERSION:
         raise PlanError(f"plan file {path} has version {version!r}; this lp_fx reads version {PLAN_VERSION}: "
                         "make the plan again with this `lp-fx plan`")
-    if not isinstance(plan.get("num_layers"), int):
-        raise PlanError(f"plan file {path}: missing 'num_layers' (the layer count it was made for)")
+    if integer(plan.get("num_layers")) is None:
+        raise PlanError(f"plan file {path}: missing 'num_layers' (the layer count it was made for, an integer)")
     modes = plan.get("modes")
-    if modes is not None and len(modes) != len(plan["pairs"]):
-        raise PlanError(f"plan file {path}: 'modes' needs one entry per pair")
+    if modes is not None and (not isinstance(modes, list) or len(modes) != len(plan["pairs"])):
+        raise PlanError(
+            f"plan file {path}: 'modes' must be a list of one mode per pair ({len(plan['pairs'])} pairs), "
+            f"each one of {', '.join(map(repr, MODES))}; got {modes!r}"
+        )
     return plan
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lp_fx.tools.export.fold import Source
+from lp_fx.tools.export.write import export
 from tests.helpers.bpe import bpe_model, save_bpe_tokenizer
 from tests.helpers.models import hf_model
 from tests.helpers.words import WORDS
@@ -80,4 +82,13 @@ def bpe_model_dir(tmp_path_factory, bpe_dir) -> Path:
     for item in bpe_dir.iterdir():
         shutil.copy(item, path)
     bpe_model().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def gguf_path(tmp_path_factory) -> Path:
+    """A tiny Llama with a byte-level BPE tokenizer, written as a GGUF by our exporter."""
+    root = tmp_path_factory.mktemp("gguf")
+    path = root / "tiny.gguf"
+    export(bpe_model(), [], [], path, Source("tiny", save_bpe_tokenizer(root / "bpe")))
     return path

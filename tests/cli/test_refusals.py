@@ -20,6 +20,7 @@ from lp_fx.tools.evaluation import scoring as evaluate
 from lp_fx.tools.cli import common as options
 
 from tests.helpers.models import hf_model
+from tests.helpers.words import WORDS
 
 NOISE = ("Failed to load", "register_constant", "_pytree", "Detected no triton")
 
@@ -146,7 +147,7 @@ def test_bench_refuses_bad_numbers_before_starting(
 
 @pytest.mark.parametrize(
     ("command", "option", "work"),
-    [(["bench"], "--json", "subprocess.call"), (["export", "--pairs", "baseline"], "--out", "lp_fx.tools.cli.export.load_model")],
+    [(["bench"], "--json", "subprocess.call"), (["export", "--pairs", "baseline"], "--out", "lp_fx.tools.models.load_model")],
     ids=["bench", "export"],
 )
 def test_bench_and_export_refuse_an_unwritable_destination_before_the_work(
@@ -194,6 +195,42 @@ def test_a_plan_that_does_not_fit_the_model_is_refused_before_the_baseline(
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(plan))
     assert message in refused_eval("--pairs", str(path))
+
+
+@pytest.mark.parametrize(
+    ("plan", "message"),
+    [
+        ({"num_layers": 4, "pairs": [[0, 1]], "modes": 5},
+         "'modes' must be a list of one mode per pair (1 pairs), each one of 'lp', 'block', 'prune', 'merge'; got 5"),
+        ({"num_layers": 4, "pairs": [[0, 1]], "mode": "block"}, "unknown key(s) 'mode'; a plan's keys are version, "
+         "model, num_layers, pairs, modes, objective, calibration, search, candidates, steps"),
+    ],
+    ids=["modes-int", "unknown-key"],
+)
+@pytest.mark.parametrize("command", ["eval", "export", "finetune"])
+def test_a_malformed_plan_file_is_refused_in_one_line_by_every_command(
+    model_dir: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+    command: str, plan: dict, message: str,
+) -> None:
+    """The refusal is the last line (``export`` shows the weight-loading bar before it)."""
+    for work in ("lp_fx.tools.evaluation.scoring.run_eval", "lp_fx.tools.cli.export.export",
+                 "lp_fx.tools.training.finetune.finetune"):
+        monkeypatch.setattr(work, lambda *a, **k: pytest.fail("work began"))
+    path, train, out = tmp_path / "plan.json", tmp_path / "train.txt", tmp_path / "out"
+    path.write_text(json.dumps(plan))
+    train.write_text(" ".join(WORDS * 20))
+    args = {
+        "eval": ["eval", *_common(model_dir, data_dir), "--tasks", "wikitext", "--pairs", str(path), "--out", str(out)],
+        "export": ["export", "--model", str(model_dir), "--plan", str(path), "--out", str(out)],
+        "finetune": ["finetune", *_common(model_dir, data_dir), "--plan", str(path), "--train-data", str(train),
+                     "--out", str(out)],
+    }[command]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"lp-fx {command}: error: plan file {path}: {message}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json", "train.txt"]
+    assert json.loads(path.read_text()) == plan
 
 
 def _checkpoint_of(model: torch.nn.Module, directory: Path, pairs: list[list[int]]) -> Path:
@@ -247,6 +284,22 @@ def test_a_refusal_creates_no_results_folder(
     out = tmp_path / "new" / "eval.json"
     _refused(["eval", *_common(model_dir, data_dir), "--tasks", "wikitext", "--pairs", "4-5", "--out", str(out)], capsys)
     assert not (tmp_path / "new").exists()
+
+
+def test_a_reason_given_on_several_lines_is_refused_on_one(
+    model_dir: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lp_fx.tools import models
+
+    def tokenizer_error(*args: object, **kwargs: object) -> None:  # as transformers words a tokenizer it cannot build
+        raise ValueError("Couldn't instantiate the backend tokenizer from one of: \n(1) a `tokenizers` library "
+                         "serialization file, \n(2) a slow tokenizer instance to convert or \n\nYou need sentencepiece")
+
+    monkeypatch.setattr(models, "load_model", tokenizer_error)
+    err = _refused(["eval", *_common(model_dir, data_dir), "--tasks", "wikitext", "--out", str(tmp_path / "e.json")],
+                   capsys)
+    assert err == ("lp-fx eval: error: Couldn't instantiate the backend tokenizer from one of: (1) a `tokenizers` "
+                   "library serialization file, (2) a slow tokenizer instance to convert or You need sentencepiece")
 
 
 # ------------------------------------------------------------------------- the data directory (item 12)

@@ -26,6 +26,7 @@ from lp_fx.checkpoint import layer_parameter_names, layer_stack_of, load_finetun
 from lp_fx.checkpoint_files import (
     CURRENT, LEGACY_FORMAT, PAIRING, RECORD, TENSORS, CheckpointError, checkpoint_folder, save_checkpoint,
 )
+from lp_fx.model_identity import model_identity
 
 from tests.helpers.models import VOCAB, hf_model
 from tests.helpers.checkpoints import TinyMoE
@@ -427,3 +428,153 @@ def test_unreadable_file_is_named_as_unreadable_not_missing_or_corrupt(ckpt, mon
     monkeypatch.undo()
     (ckpt / name).resolve().chmod(0o644)
     assert snapshot(ckpt) == files
+
+
+# ------------------------------------------------- issue 32 item 4: the model a checkpoint was trained from
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_a_checkpoint_is_refused_by_another_architecture_of_the_same_sizes(ckpt, arch):
+    model = hf_model(arch)
+    refused_untouched(model, ckpt, f"made for another model: class 'LlamaForCausalLM', this model is a "
+                                   f"'{type(model).__name__}'$")
+
+
+def test_a_checkpoint_is_refused_by_other_weights_of_its_class_naming_both_and_loads_into_its_own(ckpt, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    other = hf_model("llama")
+    torch.manual_seed(1)
+    other = type(other)(other.config).eval()  # the same config, other weights
+    refused_untouched(other, ckpt, "fine-tuned from other weights")
+    with pytest.raises(CheckpointError) as refused:
+        load_finetuned(other, ckpt)
+    recorded = json.loads((ckpt / PAIRING).read_text())["model"]["weights"]
+    assert recorded in str(refused.value) and model_identity(other)["weights"] in str(refused.value)
+    assert "load it into the model it was fine-tuned from" in str(refused.value)
+    hf_model("llama").save_pretrained(tmp_path / "base")  # its own weights, read again from disk
+    assert load_finetuned(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), ckpt)["pairs"] == [(1, 2)]
+
+
+def test_a_checkpoint_written_before_its_base_weights_were_recorded_loads_with_a_warning(ckpt, lp_warnings):
+    edit_pairing(ckpt, lambda pairing: pairing["model"].pop("weights", None))
+    other = hf_model("llama")
+    torch.manual_seed(1)
+    assert load_finetuned(type(other)(other.config), ckpt)["pairs"] == [(1, 2)]
+    assert "records no fingerprint of the weights it was fine-tuned from" in lp_warnings.text
+
+
+def test_cli_eval_refuses_a_checkpoint_of_another_class_of_the_same_sizes_in_one_line(model_dir, data_dir, tmp_path, capsys):
+    model = hf_model("mistral")  # the tensors of a Llama: they would load
+    names = layer_parameter_names(model, "model.layers", [1, 2])
+    out = tmp_path / "mistral"
+    save_checkpoint(out, unique_tensors(model, names), pairing_record(model, [(1, 2)], ["lp"]), {"step": 1})
+    code = cli.main(["eval", "--model", str(model_dir), "--data-dir", str(data_dir), "--window", "16", "--no-progress",
+                     "--tasks", "wikitext", "--checkpoint", str(out), "--out", str(tmp_path / "eval.json")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "class 'MistralForCausalLM', this model is a 'LlamaForCausalLM'" in err
+    assert not (tmp_path / "eval.json").exists()
+
+
+# ----------------------------------------------------- issue 32 item 7: a checkpoint copied without its links
+
+
+def copied_without_links(source: Path, target: Path) -> Path:
+    """``source`` as ``rsync -r`` without ``-l`` copies it: folders and files, no symbolic links."""
+    return Path(shutil.copytree(source, target, ignore=lambda folder, names: [
+        name for name in names if (Path(folder) / name).is_symlink()]))
+
+
+def test_a_checkpoint_copied_without_its_links_loads_its_one_complete_version(trained_dir, tmp_path, lp_warnings):
+    copy = copied_without_links(trained_dir, tmp_path / "copy")
+    [version] = [entry.name for entry in copy.iterdir()]
+    (copy / "ckpt-step000001-halfwritten").mkdir()  # a save interrupted before its files were all there
+    (copy / "ckpt-step000001-halfwritten" / PAIRING).write_text("{}")
+    expected, loaded = hf_model("llama"), hf_model("llama")
+    load_finetuned(expected, trained_dir)
+    assert load_finetuned(loaded, copy)["pairs"] == [(1, 2)]
+    assert same_state(state_of(loaded), state_of(expected))
+    assert f"has no current link (copied without symlinks?): loading its one complete checkpoint {version}" in lp_warnings.text
+
+
+def test_a_copy_without_links_holding_several_complete_versions_names_them_and_loads_the_one_given(trained_dir, tmp_path):
+    copy = copied_without_links(trained_dir, tmp_path / "copy")
+    [version] = [entry.name for entry in copy.iterdir()]
+    shutil.copytree(copy / version, copy / "ckpt-step000001-earlier")
+    refused_untouched(hf_model("llama"), copy, f"has no current link .* and 2 complete checkpoints: ckpt-step000001-earlier, "
+                                               f"{version}; give one of them as the checkpoint directory")
+    assert load_finetuned(hf_model("llama"), copy / version)["pairs"] == [(1, 2)]
+
+
+# --------------------------------------------------- issue 32 item 10: one fine-tuning run per directory
+
+
+def test_a_second_finetune_into_a_folder_a_running_one_holds_is_refused_before_loading_the_model(
+    model_dir, data_dir, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "ckpt"
+    train = tmp_path / "train.txt"
+    train.write_text(" ".join(["the cat sat on a mat and the dog ran far away"] * 40))
+    args = ["finetune", "--model", str(model_dir), "--data-dir", str(data_dir), "--window", "16", "--no-progress",
+            "--pairs", "1:3", "--train-data", str(train), "--steps", "1", "--batch", "2", "--seq-len", "16",
+            "--eval-windows", "1", "--out", str(out)]
+    working = ("import sys, time; from lp_fx.tools import cli; from lp_fx.tools.commands import options; "
+               "options.load = lambda *a: (print('working', flush=True), time.sleep(120)); "  # a long run, cheaply
+               "sys.exit(cli.main(sys.argv[1:]))")
+    first = subprocess.Popen([sys.executable, "-c", working, *args], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "working", "the first run ended before its work"
+        files = snapshot(out)
+        monkeypatch.setattr("lp_fx.tools.models.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+        capsys.readouterr()
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert f"{out} is held by another fine-tuning run (process {first.pid})" in err
+        assert snapshot(out) == files
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+
+
+def test_a_folder_held_by_a_killed_run_is_free_and_a_held_folder_is_left_as_it_was(tmp_path):
+    from lp_fx.checkpoint_files import LOCK, hold_checkpoint_dir
+
+    out = tmp_path / "ckpt"
+    holding = ("import sys, time; from lp_fx.checkpoint import hold_checkpoint_dir\n"
+               "with hold_checkpoint_dir(sys.argv[1]):\n    print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", holding, str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(CheckpointError, match=f"held by another fine-tuning run \\(process {holder.pid}\\)"):
+            with hold_checkpoint_dir(out):
+                pass
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    assert [entry.name for entry in out.iterdir()] == [LOCK]  # left by the killed run: it holds nothing
+    with hold_checkpoint_dir(out):
+        save_checkpoint(out, {}, pairing_record(hf_model("llama"), [], []), {"step": 1})
+    assert LOCK not in {entry.name for entry in out.iterdir()} and (out / PAIRING).is_file()
+    with hold_checkpoint_dir(tmp_path / "new" / "refused"):
+        pass  # a run refused after it took the folder: the folders it made are gone
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_an_interrupted_plot_leaves_the_earlier_loss_png_whole(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    path = tmp_path / "loss.png"
+    path.write_bytes(b"the earlier plot")
+    record = {"args": {"loss": "distill", "pairing": "1:3"}, "wall_s": 1.0, "heldout": [],
+              "loss": [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.4}]}
+
+    def interrupted(self, target, **kwargs):
+        Path(target).write_bytes(b"\x89PNG half")
+        raise KeyboardInterrupt("interrupted while plotting")
+
+    monkeypatch.setattr(Figure, "savefig", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ft.plot_record(record, path)
+    assert [entry.name for entry in tmp_path.iterdir()] == ["loss.png"] and path.read_bytes() == b"the earlier plot"

@@ -1,10 +1,14 @@
 """Bad input gives a clear message naming what is valid, and never a wrong result."""
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from lp_fx import LayerParallel, LayerParallelError
+from lp_fx.config import Shuffle
 
 from tests.helpers.models import VOCAB, Block, GPTConfig, hf_model, tiny_hand_written
 from tests.helpers.reference import eager_pairing
@@ -34,6 +38,59 @@ def ids(seed=0):
     ],
 )
 def test_bad_options_are_refused_with_what_is_valid(options, message):
+    with pytest.raises(LayerParallelError, match=message):
+        LayerParallel(options)
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [np.array([[2, 3]]), torch.tensor([[2, 3]]), [(np.int64(2), np.int32(3))], [np.array([2, 3])],
+     [(torch.tensor(2), torch.tensor([3]))], [(np.array(2), np.array([[3]]))]],
+    ids=["numpy-array", "tensor", "numpy-ints", "numpy-row", "one-element-tensors", "one-element-arrays"],
+)
+def test_integer_like_pairs_are_taken_as_python_ints(pairs):
+    config = LayerParallel(pairs=pairs, modes=["block"]).config
+    assert config.pairs == ((2, 3),) and config.modes == {(2, 3): "block"}
+    assert all(type(index) is int for index in config.pairs[0])
+
+
+def test_integer_like_start_end_and_shuffle_are_taken_as_python_ints():
+    config = LayerParallel(start=np.int64(0), end=torch.tensor(2), shuffle={
+        "start": np.uint8(2), "end": torch.tensor([4]), "seed": np.array(7)}).config
+    assert config.span == (0, 2) and config.shuffle == Shuffle(2, 4, 7)
+    assert all(type(value) is int for value in (*config.span, config.shuffle.start, config.shuffle.seed))
+
+
+def test_a_numpy_pairs_array_compiles_the_pairing_a_list_does():
+    model = hf_model("llama")
+    lp = LayerParallel(pairs=np.array([[2, 3]]), inner="eager")
+    with torch.no_grad():
+        got = torch.compile(model, backend=lp)(ids(), use_cache=False).logits
+        with eager_pairing(model, [(2, 3)], "lp"):
+            expected = model(ids(), use_cache=False).logits
+    assert lp.reports[0].pairs_rewritten == [((2, 3), "lp")]
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"plan": 123}, r"plan must be the path of a plan file written by `lp-fx plan` \(a str or os\.PathLike\), got 123"),
+        ({"plan": ["x.json"]}, r"plan must be the path of a plan file .*got \['x.json'\]"),
+        ({"pairs": [(True, 2)]}, r"'pairs': each pair must be two layer indices \(i, i \+ 1\), integers, got \(True"),
+        ({"pairs": np.array([[2.0, 3.0]])}, "'pairs': each pair must be two layer indices"),
+        ({"pairs": torch.tensor([[True, False]])}, "'pairs': each pair must be two layer indices"),
+        ({"pairs": np.array([2, 3])}, r"'pairs': each pair must be two layer indices .*got 2"),
+        ({"pairs": [(torch.tensor([2, 3]), 3)]}, "'pairs': each pair must be two layer indices"),
+        ({"start": np.float64(0), "end": 2}, "'start' and 'end' must both be integers"),
+        ({"start": True, "end": 3}, "'start' and 'end' must both be integers"),
+        ({"start": torch.tensor([0, 2]), "end": 4}, "'start' and 'end' must both be integers"),
+        ({"shuffle": {"start": np.bool_(False), "end": 2}}, "shuffle start, end and seed must be integers"),
+    ],
+    ids=["plan-int", "plan-list", "pairs-bool", "pairs-float-array", "pairs-bool-tensor", "pairs-one-pair-array",
+         "pairs-two-element-tensor", "start-float", "start-bool", "start-two-elements", "shuffle-bool"],
+)
+def test_values_that_are_not_integers_or_a_plan_path_are_refused_naming_the_option(options, message):
     with pytest.raises(LayerParallelError, match=message):
         LayerParallel(options)
 
@@ -103,7 +160,7 @@ def test_pair_split_by_graph_break_warns_and_is_left_alone(lp_warnings):
         lp = LayerParallel(pairs=[(1, 2)], inner="eager")
         got = torch.compile(model, backend=lp)(ids())
     assert torch.allclose(got, expected, atol=1e-5)
-    where = f"test_bad_input.py:{BrokenGPT.forward.__code__.co_firstlineno + 4} in forward"
+    where = f"{Path(__file__).name}:{BrokenGPT.forward.__code__.co_firstlineno + 4} in forward"
     assert f"split by a graph break at {where} (Call to `torch._dynamo.graph_break()`): layer 1 in this graph, layer 2 not" in lp_warnings.text
     assert f"split by a graph break at {where} (Call to `torch._dynamo.graph_break()`): layer 2 in this graph, layer 1 not" in lp_warnings.text
     assert len(lp.reports) == 2

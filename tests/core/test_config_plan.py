@@ -66,3 +66,20 @@ def test_plan_for_another_model_is_refused(tmp_path):
     lp = LayerParallel(plan=write_plan(tmp_path, 30, [[0, 1]]), inner="eager")
     with pytest.raises(Exception, match="plan was made for a model with 30 layers, but model.layers has 4"):
         torch.compile(model, backend=lp)(torch.zeros(1, 4, dtype=torch.long), use_cache=False)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"modes": 5}, r"'modes' must be a list of one mode per pair \(1 pairs\), each one of 'lp', 'block'.*; got 5"),
+        ({"modes": "block"}, "'modes' must be a list of one mode per pair"),
+        ({"mode": "block"}, r"unknown key\(s\) 'mode'; a plan's keys are version, model, num_layers, pairs, modes, "),
+        ({"num_layers": True}, "missing 'num_layers'"),
+    ],
+    ids=["modes-int", "modes-str", "unknown-key", "num-layers-bool"],
+)
+def test_a_malformed_plan_file_is_refused_naming_what_is_valid(tmp_path, extra, message):
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"pairs": [[0, 1]], "num_layers": 4, **extra}))
+    with pytest.raises(LayerParallelError, match=message):
+        LayerParallel(plan=str(path))

@@ -271,6 +271,29 @@ def test_the_table_shows_standard_errors_and_survives_a_zero_baseline() -> None:
     assert rows["wikitext/ppl"].split()[2:] == ["10", "12", "(1.200)"]
 
 
+def test_the_lm_eval_command_refuses_bad_model_args_in_one_line_with_status_2(
+    model_dir: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As ``lp-fx-lm-eval --model lp_fx --model_args pretrained=...,pairs=2-4`` (lm-eval's full task
+    index is built first: one case, ~20 s). lm-eval's log handler, made once per process, keeps the
+    stream of the test that made it: this run logs only warnings and makes none."""
+    import lm_eval.utils
+
+    from lp_fx.tools.cli import lm_eval as lm_eval_cli
+
+    monkeypatch.setenv("LMEVAL_LOG_LEVEL", "WARNING")
+    monkeypatch.setattr(lm_eval.utils, "_LOGGING_CONFIGURED", True)
+    monkeypatch.setattr(sys, "argv", ["lp-fx-lm-eval"])
+    capsys.readouterr()
+    code = lm_eval_cli.main(["--model", "lp_fx", "--model_args", f"pretrained={model_dir},pairs=2-4",
+                             "--tasks", "lp_piqa", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        "lp-fx-lm-eval: error: pair (2, 4) is not two consecutive layers: valid pairs look like (i, i + 1), e.g. (2, 3)"
+    )
+
+
 def test_eval_command_python_api_and_lm_eval_command_line_agree(
     model_dir: Path, task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

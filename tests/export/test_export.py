@@ -5,6 +5,10 @@ every refusal comes before anything is written."""
 from __future__ import annotations
 
 import json
+import logging
+import os
+import stat
+import time
 from pathlib import Path
 
 import numpy as np
@@ -124,17 +128,72 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, bpe_dir):
 
 @pytest.mark.parametrize("mode", ["prune", "merge"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_hf_export_of_prune_and_merge_loads_and_equals_the_pass(tmp_path, arch, mode):
+def test_hf_export_of_prune_and_merge_loads_and_equals_the_pass(tmp_path, bpe_dir, arch, mode):
     from transformers import AutoModelForCausalLM
 
     model = tiny(arch)
     out = tmp_path / "hf"
-    ex.export(model, PAIRS, [mode, mode], out, Source("tiny"), fmt="hf")
+    ex.export(model, PAIRS, [mode, mode], out, Source("tiny", bpe_dir), fmt="hf")
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()
     assert loaded.config.num_hidden_layers == LAYERS - len(PAIRS)
     assert loaded.config.lp_fx_export == {"pairs": [list(p) for p in PAIRS], "modes": [mode, mode]}
     tokens = ids()
     assert (logits(loaded, tokens) - logits(lp_pass(model, mode=mode), tokens)).abs().max() <= 1e-4
+
+
+def test_hf_export_holds_the_tokenizer_with_its_chat_template_and_special_tokens(tmp_path, bpe_dir):
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "hf"
+    ex.export(bpe_model(), PAIRS, ["prune", "merge"], out, Source("tiny", bpe_dir), fmt="hf")
+    source, exported = (AutoTokenizer.from_pretrained(path) for path in (bpe_dir, out))
+    text = "the cat sat on the mat"
+    assert exported(text).input_ids == source(text).input_ids and len(exported) == len(source)
+    assert exported.chat_template == source.chat_template and "messages" in exported.chat_template
+    assert (exported.eos_token, exported.bos_token) == (source.eos_token, source.bos_token) == ("<|endoftext|>",) * 2
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_hf_export_folder_has_the_permissions_mkdir_and_open_give(tmp_path, bpe_dir, umask):
+    out = tmp_path / "hf"
+    previous = os.umask(umask)
+    try:
+        ex.export(bpe_model(), PAIRS, ["prune", "prune"], out, Source("tiny", bpe_dir), fmt="hf")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    files = {path.name: stat.S_IMODE(path.stat().st_mode) for path in out.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= files.keys()
+    assert files == dict.fromkeys(files, 0o666 & ~umask)
+
+
+def test_an_export_removes_what_killed_exports_of_its_output_left(tmp_path, bpe_dir, caplog):
+    """A SIGKILLed export leaves its temporary file (GGUF) or folder (hf) beside the output: the next
+    export of that output removes those untouched for over an hour, and nothing else."""
+    def leftover(name, folder=False, old=True, file_written_now=False):
+        path = tmp_path / name
+        file = path / "model.safetensors" if folder else path
+        file.parent.mkdir(exist_ok=True)
+        file.write_bytes(b"partial")
+        hours_ago = time.time() - 2 * 3600
+        for item in {path, file} if old else ():
+            if not (item == file and file_written_now):
+                os.utime(item, (hours_ago, hours_ago))
+        return path
+
+    killed = [leftover(".m.gguf.k1ll3d_a.tmp"), leftover(".m.gguf.k1ll3d_b.tmp", folder=True)]
+    kept = [
+        leftover(".m.gguf.wr1t1ng0.tmp", old=False),  # being written by a running export
+        leftover(".m.gguf.wr1t1ng1.tmp", folder=True, file_written_now=True),  # a file in it is being written
+        leftover(".m.a1b2c3d4.tmp"),  # another output's (m, not m.gguf)
+        leftover(".m.gguf.x.tmp"),  # not a name mkstemp makes
+        leftover("m.gguf.k1ll3d_c.tmp"),  # not hidden: not a temporary name
+    ]
+    caplog.set_level(logging.INFO, logger="lp_fx")
+    ex.export(bpe_model(), PAIRS, ["lp", "lp"], tmp_path / "m.gguf", Source("tiny", bpe_dir))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.gguf", *(p.name for p in kept)])
+    removed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("removing")]
+    assert len(removed) == 2 and all(any(p.name in m for m in removed) for p in killed)
 
 
 # ----------------------------------------------------------------------------------------- refusals
@@ -178,6 +237,7 @@ def test_layers_of_different_shapes_are_refused(tmp_path, bpe_dir):
     ("mistral", ["lp"], {}, "sliding-window attention"),
     ("gemma", ["lp"], {}, "model type 'gemma' has no GGUF writer here"),
     ("llama", ["lp"], {"tokenizer": None}, "no tokenizer to copy"),
+    ("llama", ["prune"], {"fmt": "hf", "tokenizer": None}, "no tokenizer to copy: an hf export holds its model's"),
 ])
 def test_outputs_that_cannot_hold_the_export_are_refused(tmp_path, bpe_dir, arch, modes, kwargs, match):
     refused(tmp_path, tiny(arch), [(1, 2)], modes, match, **{"tokenizer": bpe_dir, **kwargs})
@@ -347,6 +407,104 @@ def test_cli_takes_the_pairing_of_a_checkpoint_and_refuses_another(tmp_path, bpe
     assert cli.main([*common, "--pairs", "1-2", "--out", str(tmp_path / "b.gguf")]) == 2
     assert "was trained for pairs [(3, 4)] modes ['lp'], not 1-2 [(1, 2)]" in capsys.readouterr().err
     assert not (tmp_path / "b.gguf").exists()
+
+
+def folder_contents(folder: Path) -> dict[str, bytes | str]:
+    """Every file's bytes and every link's target under ``folder``, by relative path."""
+    return {str(p.relative_to(folder)): os.readlink(p) if p.is_symlink() else p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_symlink() or p.is_file()}
+
+
+@pytest.fixture
+def sources(tmp_path) -> dict[str, str]:
+    """An lp and a block checkpoint (fine-tuning's modes) for pair (3, 4), and plans with and without modes."""
+    from lp_fx.checkpoint import layer_parameter_names, pairing_record, save_checkpoint, unique_tensors
+
+    model = bpe_model()
+    trained = unique_tensors(model, layer_parameter_names(model, "model.layers", [3, 4]))
+    for mode in ("lp", "block"):
+        save_checkpoint(tmp_path / f"ckpt_{mode}", trained, pairing_record(model, [(3, 4)], [mode]), {"step": 1})
+    (tmp_path / "plan_modes.json").write_text(json.dumps({"num_layers": LAYERS, "pairs": [[3, 4]], "modes": ["prune"]}))
+    (tmp_path / "plan_plain.json").write_text(json.dumps({"num_layers": LAYERS, "pairs": [[3, 4]]}))
+    return {name: str(tmp_path / name) for name in ("ckpt_lp", "ckpt_block", "plan_modes.json", "plan_plain.json")}
+
+
+FIXES_MODES = "a checkpoint's pairing fixes its modes (lp); drop --mode"
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--checkpoint", "ckpt_lp", "--mode", "prune"], FIXES_MODES),
+    (["--checkpoint", "ckpt_lp", "--mode", "lp"], FIXES_MODES),
+    (["--checkpoint", "ckpt_lp", "--pairs", "3-4", "--mode", "prune"], FIXES_MODES),
+    (["--checkpoint", "ckpt_lp", "--plan", "plan_plain.json", "--mode", "prune"], FIXES_MODES),
+    (["--plan", "plan_modes.json", "--mode", "lp"], "the plan gives each pair its mode (prune); drop --mode"),
+    (["--checkpoint", "ckpt_lp", "--plan", "plan_modes.json"], "was trained for pairs [(3, 4)] modes ['lp'], not plan_modes"),
+    (["--checkpoint", "ckpt_block", "--pairs", "3-4"], "pair (3, 4) has mode 'block', which is not one layer"),
+])
+def test_cli_refuses_a_mode_or_pairing_other_than_the_checkpoint_or_plan_fixes(tmp_path, bpe_model_dir, sources, capsys,
+                                                                               extra, message):
+    from lp_fx.tools import cli
+
+    extra = [sources.get(arg, arg) for arg in extra]
+    before = folder_contents(tmp_path)
+    out = tmp_path / "out" / "m.gguf"
+    assert cli.main(["export", "--model", str(bpe_model_dir), *extra, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("lp-fx export: error: ") and message in last, err
+    assert folder_contents(tmp_path) == before  # nothing written, checkpoints and plans as they were
+
+
+@pytest.mark.parametrize(("extra", "modes"), [
+    (["--checkpoint", "ckpt_lp"], ["lp"]),
+    (["--checkpoint", "ckpt_lp", "--pairs", "3-4"], ["lp"]),
+    (["--checkpoint", "ckpt_lp", "--plan", "plan_plain.json"], ["lp"]),
+    (["--plan", "plan_modes.json"], ["prune"]),
+    (["--plan", "plan_plain.json", "--mode", "merge"], ["merge"]),
+    (["--plan", "plan_plain.json"], ["lp"]),
+    (["--pairs", "3-4", "--mode", "merge"], ["merge"]),
+    (["--pairs", "3-4"], ["lp"]),
+])
+def test_cli_exports_each_pair_in_the_mode_its_source_gives(tmp_path, bpe_model_dir, sources, extra, modes):
+    from lp_fx.tools import cli
+
+    out = tmp_path / "m.gguf"
+    assert cli.main(["export", "--model", str(bpe_model_dir), *[sources.get(a, a) for a in extra], "--out", str(out)]) == 0
+    fields = read(out)[0]
+    assert json.loads(fields["lp_fx.pairing"]) == {"pairs": [[3, 4]], "modes": modes}
+    assert fields["general.architecture"] == ("deci" if modes == ["lp"] else "llama")
+
+
+def test_cli_hf_export_is_a_model_that_lp_fx_eval_runs(tmp_path, model_dir, data_dir, capsys):
+    from transformers import AutoTokenizer
+
+    from lp_fx.tools import cli
+
+    out = tmp_path / "pruned"
+    assert cli.main(["export", "--model", str(model_dir), "--pairs", "1-2", "--mode", "prune", "--format", "hf",
+                     "--out", str(out)]) == 0
+    source, exported = (AutoTokenizer.from_pretrained(path) for path in (model_dir, out))
+    assert exported("the cat sat .").input_ids == source("the cat sat .").input_ids
+    assert (exported.eos_token, exported.unk_token) == (source.eos_token, source.unk_token)
+    results = tmp_path / "eval.json"
+    assert cli.main(["eval", "--model", str(out), "--data-dir", str(data_dir), "--tasks", "wikitext", "--window", "16",
+                     "--no-progress", "--out", str(results)]) == 0, capsys.readouterr().err
+    assert json.loads(results.read_text())["num_layers"] == 3
+
+
+def test_cli_eval_of_a_deci_export_says_it_runs_in_llama_cpp(tmp_path, bpe_dir, data_dir, capsys, monkeypatch):
+    from lp_fx.tools import cli
+
+    monkeypatch.setenv("LP_FX_CACHE", str(tmp_path / "cache"))
+    wide = tmp_path / "wide.gguf"
+    ex.export(bpe_model(), PAIRS, ["lp", "lp"], wide, Source("tiny", bpe_dir))
+    results = tmp_path / "eval.json"
+    assert cli.main(["eval", "--model", str(wide), "--data-dir", str(data_dir), "--tasks", "wikitext",
+                     "--out", str(results)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lp-fx eval: error: "), err
+    assert "runs in llama.cpp (`lp-fx bench --llamacpp`), not in transformers" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wide.gguf"]  # no results, no converted copy
 
 
 def test_bench_llamacpp_refuses_a_dtype_without_its_unpaired_export(tmp_path, bpe_dir, capsys):

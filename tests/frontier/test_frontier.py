@@ -7,8 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from lp_fx.tools import cli, models
+from lp_fx.tools.evaluation import scoring as evaluate
 from lp_fx.tools.evaluation.compiled import compile_pairing
 from lp_fx.tools.frontier import run as frontier
 from lp_fx.tools.frontier import report as frontier_report
@@ -18,6 +20,8 @@ from lp_fx.tools.planning import scorers as plan_scorers
 from lp_fx.tools.frontier import gated, points, results
 from lp_fx.tools.frontier.options import FrontierOptions
 from lp_fx.pairing import Pairing
+from lp_fx.model_identity import model_identity
+from lp_fx.tools.planning.options import SearchOptions
 
 from tests.helpers.words import WORDS
 from tests.helpers.models import hf_model
@@ -94,7 +98,7 @@ def test_frontier_measures_every_variant_and_writes_table_and_plot(
 def _check_against_plain_compiles(model_dir: Path, data: Path, result: dict, points: list[dict]) -> None:
     """The perplexities of points scored on the gated graph equal each pairing's own plain compile."""
     loaded = models.load_model(str(model_dir), progress=False)
-    runner = frontier.Frontier(loaded.model, loaded.tokenizer, loaded.name, data, FrontierOptions(**result["options"]),
+    runner = frontier.Frontier(loaded.model, loaded.tokenizer, loaded.name, data, FrontierOptions.from_json(result["options"]),
                                Path("unused.json"), result, progress=False)
     for point in points:
         pairing = Pairing("plain", tuple(map(tuple, point["pairing"]["pairs"])),
@@ -194,7 +198,7 @@ def test_resume_refuses_a_json_made_with_other_options(
 ) -> None:
     out = tmp_path / "run.json"
     options = FrontierOptions(model=six_layers.name, num_layers=6, contiguous_start=0, window=16, ppl_windows=3)
-    out.write_text(json.dumps(results.new_result(options)))
+    out.write_text(json.dumps(results.new_result(options, model_identity(hf_model("llama", layers=6)))))
     args = _args(six_layers, frontier_data, out, "--budgets", "2", "--tasks", "none", "--resume")
     assert cli.main(args) == 2
     error = capsys.readouterr().err
@@ -249,13 +253,58 @@ def test_cli_refuses_bad_budgets_and_tasks_before_any_work(
 def test_a_record_made_before_an_option_existed_resumes_with_its_default(tmp_path: Path) -> None:
     out = tmp_path / "run.json"
     options = FrontierOptions(model="tiny", num_layers=6, contiguous_start=0, finetune_steps=100)
-    old = results.new_result(options)
+    old = results.new_result(options, TINY)
     del old["options"]["finetune_train"]  # written before --finetune-train existed: it trained the paired layers
     out.write_text(json.dumps(old))
-    assert results.resume_result(out, options)["options"] == old["options"]
+    assert results.resume_result(out, options, TINY)["options"] == old["options"]
     with pytest.raises(ValueError, match="finetune_train: 'paired' -> 'all'"):
         results.resume_result(out, FrontierOptions(model="tiny", num_layers=6, contiguous_start=0, finetune_steps=100,
-                                                    finetune_train="all"))
+                                                    finetune_train="all"), TINY)
+
+
+TINY = {"class": "LlamaForCausalLM", "weights": "0123456789abcdef"}  # an identity, as model_identity gives one
+
+
+def _options_of_args(model: Path) -> FrontierOptions:
+    """The options ``_args(model, ...) + --budgets 2 --tasks none`` runs with."""
+    return FrontierOptions(
+        model=model.name, num_layers=6, contiguous_start=0, window=16, ppl_windows=2, tasks=(), inner="eager",
+        search=SearchOptions(modes=("lp",), calib_windows=2, screen_windows=1), finetune_steps=100, speed_inner="eager",
+        speed_tokens=3, speed_rounds=1,
+    )
+
+
+def test_resume_refuses_another_model_under_the_same_folder_name_naming_both(
+    six_layers: Path, frontier_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    other = tmp_path / "b" / six_layers.name  # b/model against a/model: the same config and name, other weights
+    shutil.copytree(six_layers, other)
+    torch.manual_seed(1)
+    model = hf_model("llama", layers=6)
+    type(model)(model.config).save_pretrained(other)
+    out = tmp_path / "run.json"
+    measured_on = model_identity(model)
+    out.write_text(json.dumps(results.new_result(_options_of_args(six_layers), measured_on)))
+    files = out.read_bytes()
+    capsys.readouterr()  # the model's saving
+    assert cli.main(_args(other, frontier_data, out, "--budgets", "2", "--tasks", "none", "--resume")) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1, error
+    assert f"was measured on another model (LlamaForCausalLM with weights {measured_on['weights']}), this one is a " \
+           "LlamaForCausalLM with weights " in error and "resume with the model it was measured on" in error
+    assert out.read_bytes() == files and sorted(p.name for p in tmp_path.iterdir()) == ["b", "run.json"]
+
+
+def test_a_record_made_before_the_model_identity_resumes_with_a_warning_and_records_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "run.json"
+    options = FrontierOptions(model="tiny", num_layers=6, contiguous_start=0)
+    old = results.new_result(options, TINY)
+    del old["model_identity"]
+    out.write_text(json.dumps(old))
+    assert results.resume_result(out, options, TINY)["model_identity"] == TINY
+    assert "does not record the identity of its model" in caplog.text
 
 
 def _point(variant: str, delta: int, ppl: float, acc: float | None, fuse: float | None) -> dict:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lp_fx import GatedLayerParallel
+from lp_fx.config import config_from_options
 from lp_fx.pairing import Pairing, PlanError, check_plan, load_plan, save_plan
 from lp_fx.gates import OFF
 from lp_fx.tools.evaluation import scoring as evaluate
@@ -19,6 +20,7 @@ from lp_fx.tools.planning.lazy_gates import LazyGatedGraph
 from tests.helpers.models import VOCAB, hf_model, tiny_hand_written
 
 BASE_PPL = 10.0
+REPO = Path(__file__).resolve().parent.parent
 
 
 def additive(single: dict, clash: dict) -> planner.Measure:
@@ -163,6 +165,19 @@ def test_plan_round_trip_and_foreign_plan_refused(tmp_path: Path) -> None:
         check_plan(loaded, 30, path)
     pairing = Pairing.from_plan(loaded, "p")
     assert [list(p) for p in pairing.pairs] == loaded["pairs"]
+
+
+COMMITTED_PLANS = sorted((REPO / "docs" / "results").glob("plan_*.json")) + sorted(
+    (REPO / "docs" / "results").glob("*_plans/*.json"))
+
+
+@pytest.mark.parametrize("path", COMMITTED_PLANS, ids=lambda path: path.name)
+def test_every_committed_plan_still_loads_with_its_pairs_and_modes(path: Path) -> None:
+    """The plans ``lp-fx plan`` and ``lp-fx frontier`` wrote (the first version had no 'search')."""
+    plan = load_plan(path)
+    config = config_from_options(plan=str(path))
+    assert config.plan_num_layers == plan["num_layers"] and plan["modes"]
+    assert config.modes == {tuple(pair): mode for pair, mode in zip(plan["pairs"], plan["modes"])}
 
 
 def test_bad_plan_files(tmp_path: Path) -> None:

@@ -8,22 +8,13 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
 import torch
 
 from lp_fx.tools import models
 from lp_fx.tools.export.fold import Source
 from lp_fx.tools.export.write import export
-
 from tests.helpers.bpe import bpe_model, save_bpe_tokenizer
 from tests.helpers.model_files import assert_same_model, direct
-@pytest.fixture(scope="module")
-def gguf_path(tmp_path_factory) -> Path:
-    """A tiny Llama with a byte-level BPE tokenizer, written as a GGUF by our exporter."""
-    root = tmp_path_factory.mktemp("gguf")
-    path = root / "tiny.gguf"
-    export(bpe_model(), [], [], path, Source("tiny", save_bpe_tokenizer(root / "bpe")))
-    return path
 
 
 def test_a_gguf_is_converted_once_then_loaded_from_its_folder_as_the_same_model(gguf_path, tmp_path, monkeypatch, caplog):

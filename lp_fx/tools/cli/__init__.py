@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from typing import Callable, Sequence
 
-from lp_fx.tools import data
 from lp_fx.tools.cli import bench, eval, export, finetune, frontier, plan, sweep
+from lp_fx.tools.console import ERRORS, refuse
 from lp_fx.tools.options import OneLineParser
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     eval.register, sweep.register, plan.register, finetune.register, bench.register, export.register, frontier.register,
 ]
-ERRORS = (data.DataError, OSError, ValueError)  # LayerParallelError is a ValueError; OSError: a path unreadable
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +42,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.func(args)
     except ERRORS as error:
-        print(f"lp-fx {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return refuse(f"lp-fx {args.command}", error)
     return 0

@@ -12,12 +12,11 @@ import torch
 
 from lp_fx.checkpoint import load_finetuned
 from lp_fx.config import INNER_COMPILERS, PAIRING_MODES
-from lp_fx.tools import data
+from lp_fx.tools import data, models
 from lp_fx.tools.evaluation import retention
 from lp_fx.tools.options import add_options, int_at_least, option
 from lp_fx.tools.console import say
 from lp_fx.tools.evaluation.scoring import EvalSpec
-from lp_fx.tools.models import load_model
 from lp_fx.files import write_json
 from lp_fx.files import check_files_writable as writable  # each command checks its --out with it
 
@@ -87,7 +86,7 @@ def spec_record(spec: EvalSpec) -> dict:
 def load(args: argparse.Namespace) -> tuple[object, Path]:
     """The model and the data directory; ``--window`` checked against the model's positions."""
     data_dir = data.resolve_data_dir(args.data_dir)  # fail on a bad data dir before loading
-    loaded = load_model(args.model, progress=not args.no_progress)
+    loaded = models.load_model(args.model, progress=not args.no_progress)
     positions = getattr(loaded.model.config, "max_position_embeddings", None)
     if positions is not None and args.window > positions:
         raise ValueError(

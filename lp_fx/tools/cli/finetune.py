@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from dataclasses import dataclass
 import re
@@ -11,7 +12,7 @@ from typing import Any
 
 import torch
 
-from lp_fx.checkpoint import check_checkpoint_dir
+from lp_fx.checkpoint import check_checkpoint_dir, hold_checkpoint_dir
 from lp_fx.pairing import RANGE, Pairing
 from lp_fx.tools import data
 from lp_fx.tools.cli import common as options
@@ -151,11 +152,21 @@ def _layer_list(spec: str | None) -> tuple[int, ...] | None:
 
 
 def run(args: argparse.Namespace) -> None:
+    """Check what can be checked without the model, hold ``--out`` (rank 0: the rank that writes
+    there; a run holding it already is refused), then train."""
     out = check_checkpoint_dir(args.out, overwrite=args.overwrite)  # before any work: a run must be able to save
     data_dir = data.resolve_data_dir(args.data_dir)
     sources = training_texts(args, out, data_dir)
     data.check_batch_shares(len(sources), args.batch)
     mesh = _init_mesh(args.mesh)
+    rank0 = mesh is None or torch.distributed.get_rank() == 0
+    with hold_checkpoint_dir(out) if rank0 else contextlib.nullcontext():
+        _train(args, out, data_dir, sources, mesh, rank0)
+
+
+def _train(
+    args: argparse.Namespace, out: Path, data_dir: Path, sources: list[FileText | SelfText], mesh: str | None, rank0: bool
+) -> None:
     loaded, _ = options.load(args)
     check_checkpoint_dir(out, loaded.model, args.overwrite)  # another model's checkpoint: known once loaded
     pairing = Pairing.parse(args.plan or args.pairs, loaded.num_layers)
@@ -165,7 +176,6 @@ def run(args: argparse.Namespace) -> None:
         seq_len=args.seq_len, seed=args.seed, warmup=args.warmup, clip=args.clip,
         eval_every=args.eval_every, save_every=args.save_every, inner=args.inner,
     )
-    rank0 = mesh is None or torch.distributed.get_rank() == 0
     train = mixed([source.token_ids(loaded, mesh, rank0 and not args.no_progress) for source in sources])
     heldout = evaluate.wikitext_windows(loaded.tokenizer, data_dir, args.window, "all", args.eval_windows)
     if rank0:

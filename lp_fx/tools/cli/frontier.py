@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from lp_fx.files import atomic_write
+from lp_fx.model_identity import model_identity
 from lp_fx.tools.cli import common as options
 from lp_fx.tools.cli.common import add_command, RESULTS, new_file, writable
 from lp_fx.tools.console import say
@@ -128,7 +129,8 @@ def run(args: argparse.Namespace) -> None:
         finetune_train=args.finetune_train, speed_inner=args.speed_inner,
         speed_tokens=args.speed_tokens, speed_rounds=args.speed_rounds, llamacpp=args.llamacpp,
     )
-    result = results.resume_result(out, settings) if args.resume else results.new_result(settings)
+    identity = model_identity(loaded.model)
+    result = results.resume_result(out, settings, identity) if args.resume else results.new_result(settings, identity)
     say(f"model {loaded.name} ({loaded.num_layers} layers): budgets Δ={list(budgets)}, contiguous ranges from layer "
         f"{start}, variants {', '.join(variants)}, tasks {', '.join(tasks) or 'none'}, fine-tuning "
         f"{args.finetune_steps} steps ({args.finetune_train}); "

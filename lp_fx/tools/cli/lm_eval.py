@@ -10,6 +10,7 @@ their data directory: ``--metadata '{"data_dir": "DIR"}'``, else ``$LP_FX_DATA``
         --tasks lp_fx --device cpu --batch_size 8
 
 Every other lm-eval task (``--tasks hellaswag``) runs as lm-eval runs it, with its downloads.
+Bad arguments (``--model_args bogus=1``) are refused on one line with exit status 2, as ``lp-fx`` does.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
+from lp_fx.tools.console import ERRORS, refuse
 from lp_fx.tools.evaluation.lm_eval_tasks import TASKS_DIR
 
 
@@ -28,14 +30,19 @@ def harness_argv(argv: Sequence[str]) -> list[str]:
     return [*argv, "--include_path", str(TASKS_DIR)]
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Run lm-eval's command line (it reads ``sys.argv``) with lp_fx registered."""
-    import lp_fx.tools.evaluation.lm_eval_model  # noqa: F401  (registers --model lp_fx)
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run lm-eval's command line (it reads ``sys.argv``) with lp_fx registered; its exit status
+    (2: a refused argument, reported on one line)."""
+    import lp_fx.tools.evaluation.lm_eval_model  # noqa: F401  (lazy: registers --model lp_fx; imports lm-eval)
     from lm_eval.__main__ import cli_evaluate  # lazy: lm-eval's import takes seconds; only task scoring needs it
 
     sys.argv = [sys.argv[0], *harness_argv(sys.argv[1:] if argv is None else argv)]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except ERRORS as error:
+        return refuse("lp-fx-lm-eval", error)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

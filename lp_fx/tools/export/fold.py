@@ -289,7 +289,8 @@ def layer_config(folded: Folded, shape: LayerShape) -> Any:
 @dataclass(frozen=True)
 class Source:
     """Where the model came from: a name for the metadata, and the tokenizer's files (a GGUF whose
-    ``tokenizer.*`` fields are copied, or a Hugging Face directory)."""
+    ``tokenizer.*`` fields are copied, or a Hugging Face directory; an hf export saves the tokenizer
+    transformers loads from either)."""
 
     name: str
     tokenizer: Path | None = None

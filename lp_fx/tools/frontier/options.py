@@ -36,6 +36,18 @@ class FrontierOptions:
         return as_json({**own, **search_record(self.search)})
 
     @classmethod
+    def from_json(cls, record: dict) -> FrontierOptions:
+        """The options a JSON records (:meth:`to_json`'s inverse)."""
+        own = {key: tuple(value) if isinstance(value, list) else value for key, value in record.items()
+               if key not in SEARCH_NAMES}
+        margin = record.get("race_margin", SearchOptions.race_margin)
+        search = SearchOptions(modes=tuple(record.get("plan_modes", SearchOptions.modes)), no_race=margin is None,
+                               race_margin=SearchOptions.race_margin if margin is None else margin,
+                               **{name: record[name] for name in ("calib_windows", "screen_windows", "refine", "passes")
+                                  if name in record})
+        return cls(**own, search=search)
+
+    @classmethod
     def defaults_json(cls) -> dict:
         """Each option's default, as JSON (the model and its layers have none)."""
         own = {f.name: f.default for f in fields(cls) if f.default is not MISSING}
@@ -46,6 +58,9 @@ def search_record(search: SearchOptions) -> dict[str, Any]:
     """The planner's options under the names a frontier JSON gives them."""
     return {"plan_modes": search.modes, "calib_windows": search.calib_windows, "screen_windows": search.screen_windows,
             "refine": search.refine, "passes": search.passes, "race_margin": search.margin}
+
+
+SEARCH_NAMES = tuple(search_record(SearchOptions()))
 
 
 def as_json(options: dict) -> dict:

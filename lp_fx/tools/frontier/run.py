@@ -26,7 +26,10 @@ checked: its calibration perplexity through the gated graph must equal its plain
 another ``inner`` compiler, and for fine-tuned points, each point is scored by its plain compile.
 
 The JSON is rewritten after every plan and every point, so an interrupted run keeps what it
-measured and ``resume`` goes on from there; a JSON made with other options is refused, naming the difference.
+measured and ``resume`` goes on from there; a JSON made with other options, or with another model
+(its class and weights fingerprint, :mod:`lp_fx.model_identity`: the name alone does not tell
+two folders called ``model`` apart), is refused, naming the difference. A JSON written before the
+model's identity was recorded resumes with a warning, and records this model's from then on.
 """
 
 from __future__ import annotations

@@ -45,10 +45,11 @@ from lp_fx.checkpoint import (
     unique_tensors,
 )
 from lp_fx.tools.data import MixedBatches, token_streams
-from lp_fx.tools.training.distributed import Ranks, resolve_mesh
+from lp_fx.files import atomic_write
 from lp_fx.pairing import Pair, Pairing, validate_pairs
 from lp_fx.tools.evaluation.compiled import check_rewritten, make_backend
 from lp_fx.tools.evaluation.scoring import perplexity
+from lp_fx.tools.training.distributed import Ranks, resolve_mesh
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +237,7 @@ def finetune(
     out_dir = check_checkpoint_dir(out_dir, model, overwrite)
     torch.manual_seed(config.seed)
     check_layers(model, config)
+    pairing = pairing_record(model, config.pairs, config.pair_modes)  # before training: the base weights
     batches = MixedBatches(token_streams(train_ids), config.seq_len, config.batch, config.seed)
     names = choose_trainable(model, config)
     params = [p for name, p in model.named_parameters() if p.requires_grad]
@@ -246,7 +248,6 @@ def finetune(
         ranks = None
     optimizer, schedule = _optimizer(params, config)
     state = TrainState(config, extra=dict(extra_args or {}))
-    pairing = pairing_record(model, config.pairs, config.pair_modes)
     _log_start(names, params, config)
     model.train(False)  # dropout off: the student must match the teacher when nothing is paired
     _measure_heldout(student, heldout, state, progress)
@@ -351,7 +352,7 @@ def _save(model: nn.Module, names: Sequence[str], pairing: dict, state: TrainSta
 
 
 def plot_record(record: dict[str, Any], path: str | Path) -> None:
-    """Training loss per step and held-out perplexity, one PNG."""
+    """Training loss per step and held-out perplexity, one PNG, written whole or not at all."""
     import matplotlib  # lazy: matplotlib's import takes seconds; only a plot needs it
 
     matplotlib.use("Agg")
@@ -369,5 +370,5 @@ def plot_record(record: dict[str, Any], path: str | Path) -> None:
         ppl_axis.set_ylabel("held-out perplexity (WikiText-2 test)", color="tab:red")
     loss_axis.set_title(f"fine-tuning {record['args'].get('pairing', '')}: {record['wall_s']:.0f} s")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
