@@ -107,7 +107,7 @@ def bench(args: argparse.Namespace) -> None:
 
 
 def _bench_llamacpp(args: argparse.Namespace) -> None:
-    result = llamacpp.bench(args.llamacpp, args.threads, args.tokens, args.rounds, args.prompt, args.flash_attn)
+    result = llamacpp.time_ggufs(args.llamacpp, args.threads, args.tokens, args.rounds, args.prompt, args.flash_attn)
     say(f"llama.cpp, {args.threads} threads, flash attention {'on' if args.flash_attn else 'off'}, "
         f"{args.tokens} tokens after the prompt, {args.rounds} rounds interleaved, "
         "batch 1; median decode tokens/s, median per-round ratio to the unpaired export of the same dtype")

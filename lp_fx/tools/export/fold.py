@@ -106,7 +106,7 @@ class Folded:
 # ------------------------------------------------------------------------------------- checks
 
 
-def check_pairing(model: nn.Module, pairs: Sequence[Pair], modes: Sequence[str]) -> None:
+def check_foldable(model: nn.Module, pairs: Sequence[Pair], modes: Sequence[str]) -> None:
     """Raise :class:`ExportError` naming the pair and layer when the pairing cannot be folded."""
     if len(pairs) != len(modes):
         raise ExportError(f"{len(pairs)} pairs but {len(modes)} modes")
@@ -181,7 +181,7 @@ def _wide_layer_problem(model: nn.Module, a: nn.Module, b: nn.Module, i: int, j:
 
 def fold(model: nn.Module, pairs: Sequence[Pair], modes: Sequence[str]) -> Folded:
     """``model`` with ``pairs`` folded in, each in its mode (``lp``, ``prune`` or ``merge``)."""
-    check_pairing(model, pairs, modes)
+    check_foldable(model, pairs, modes)
     stack, count = layer_stack_of(model)
     config = model.config
     state = model.state_dict()

@@ -25,7 +25,7 @@ from lp_fx.tools.evaluation.scoring import wikitext_windows
 from lp_fx.tools.export.fold import Source
 from lp_fx.tools.export.write import export
 from lp_fx.tools.models import load_model, resolve_model_path
-from lp_fx.tools.speed.llamacpp import greedy, open_gguf, perplexity
+from lp_fx.tools.speed.llamacpp import gguf_perplexity, greedy, open_gguf
 from lp_fx.tools.speed.timing import PROMPT
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def check(model_spec: str, specs: Sequence[str], dtypes: Sequence[str], windows:
                 path = Path(tmp) / f"{dtype}.gguf"
                 export(loaded.model, pairing.pairs, modes, path, source, "gguf", dtype)
                 llm = open_gguf(path, threads, n_ctx=max(window, ids.shape[1] + tokens), f32_cache=True)
-                ppl = perplexity(llm, text)
+                ppl = gguf_perplexity(llm, text)
                 got = greedy(llm, ids[0].tolist(), tokens)
                 matched = next((i for i, (a, b) in enumerate(zip(got, row["pass_greedy"])) if a != b), tokens)
                 row["llamacpp"][dtype] = {"ppl": ppl, "rel_diff": ppl / row["pass_ppl"] - 1,

@@ -18,7 +18,7 @@ from torch import nn
 from lp_fx.checkpoint import load_finetuned
 from lp_fx.files import check_folder_writable, give_default_permissions, remove_stale_temporaries
 from lp_fx.pairing import Pair
-from lp_fx.tools.export.fold import ExportError, Folded, Source, build_model, check_pairing, fold
+from lp_fx.tools.export.fold import ExportError, Folded, Source, build_model, check_foldable, fold
 from lp_fx.tools.export.gguf_writer import check_gguf, write_gguf
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def export(
     (the temporary names that killed exports of ``out`` left are removed first).
     """
     out = Path(out)
-    check_pairing(model, pairs, modes)
+    check_foldable(model, pairs, modes)
     check_output("lp" in modes, fmt, dtype, out)
     if fmt == "gguf":
         check_gguf(model.config, source)

@@ -13,7 +13,7 @@ seconds are recorded, so this shows).
 
 llama.cpp (:class:`LlamaCppBench`): an ``lp`` pairing is exported as a GGUF
 (:func:`lp_fx.tools.export.write.export`), timed against the unpaired export (made once per run) with
-:func:`lp_fx.tools.speed.llamacpp.bench`, and removed.
+:func:`lp_fx.tools.speed.llamacpp.time_ggufs`, and removed.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ class LlamaCppBench:
         base = self._export(model, BASELINE, f"unpaired_{self.dtype}")
         paired = self._export(model, pairing, f"paired_{self.dtype}")
         try:
-            result = llamacpp.bench([str(base), str(paired)], self.threads, self.tokens, self.rounds)
+            result = llamacpp.time_ggufs([str(base), str(paired)], self.threads, self.tokens, self.rounds)
         finally:
             paired.unlink(missing_ok=True)
         speeds = {Path(m["path"]).stem: m["tokens_per_s"] for m in result["models"]}

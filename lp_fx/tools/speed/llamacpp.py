@@ -1,6 +1,6 @@
 """Exported GGUFs in llama.cpp (``llama-cpp-python``, the optional ``llamacpp`` extra): logits,
 perplexity, greedy tokens and decode speed. ``lp-fx bench --llamacpp GGUF...`` times decoding
-(:func:`bench`); :mod:`lp_fx.tools.export.llamacpp_check` checks that an export computes what the pass does.
+(:func:`time_ggufs`); :mod:`lp_fx.tools.export.llamacpp_check` checks that an export computes what the pass does.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def logits(llm: Any, ids: Sequence[int]) -> np.ndarray:
     return np.array(llm.scores[: len(ids)])
 
 
-def perplexity(llm: Any, windows: torch.Tensor) -> float:
+def gguf_perplexity(llm: Any, windows: torch.Tensor) -> float:
     """exp(mean next-token NLL) over the windows, as :func:`lp_fx.tools.evaluation.scoring.perplexity` counts it."""
     total = 0.0
     for row in windows:
@@ -104,7 +104,7 @@ def describe(path: str | Path) -> Timed:
     return Timed(str(path), dtype, pairing["pairs"], int(fields[f"{arch}.block_count"]))
 
 
-def bench(paths: Sequence[str], threads: int, tokens: int, rounds: int, prompt: str = PROMPT,
+def time_ggufs(paths: Sequence[str], threads: int, tokens: int, rounds: int, prompt: str = PROMPT,
           flash_attn: bool = False) -> dict:
     """Decode tokens/s of each GGUF, interleaved round after round; each paired export's ratio to
     the unpaired export of the same dtype (median of per-round ratios)."""

@@ -58,7 +58,7 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def measure(model: torch.nn.Module, ids: torch.Tensor, todo: list[Variant], tokens: int, rounds: int) -> dict:
+def time_variants(model: torch.nn.Module, ids: torch.Tensor, todo: list[Variant], tokens: int, rounds: int) -> dict:
     """Compile and warm up every variant, then time them interleaved; returns rank 0's texts.
     The single-device variant runs on rank 0 alone; the ranks meet after every variant."""
     rank = torch.distributed.get_rank()
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> None:
     todo = variants(args.start, args.end, args.modes, args.inner, not args.no_single)
     hidden = loaded.model.config.hidden_size
     latency = [all_reduce_ms(hidden)]
-    texts = measure(loaded.model, ids, todo, args.tokens, args.rounds)
+    texts = time_variants(loaded.model, ids, todo, args.tokens, args.rounds)
     latency.append(all_reduce_ms(hidden))
     if rank == 0:
         delta = args.end - args.start
