@@ -347,26 +347,6 @@ def test_cli_finetune_refuses_a_non_empty_out_before_loading_the_model(tmp_path,
 # ----------------------------------------------------------------- item 6: the pass's layer finder
 
 
-class Expert(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(16, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
-
-
-class MoELayer(nn.Module):
-    def __init__(self, experts: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(16)
-        self.experts = nn.ModuleList(Expert() for _ in range(experts))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm(x)
-        return x + sum(expert(h) for expert in self.experts) / len(self.experts)
-
-
 def test_layer_stack_of_a_moe_model_is_its_layer_list_as_the_pass_finds_it():
     model = TinyMoE(2)
     assert layer_stack_of(model) == ("layers", 2)
@@ -519,7 +499,7 @@ def test_a_second_finetune_into_a_folder_a_running_one_holds_is_refused_before_l
     args = ["finetune", "--model", str(model_dir), "--data-dir", str(data_dir), "--window", "16", "--no-progress",
             "--pairs", "1:3", "--train-data", str(train), "--steps", "1", "--batch", "2", "--seq-len", "16",
             "--eval-windows", "1", "--out", str(out)]
-    working = ("import sys, time; from lp_fx.tools import cli; from lp_fx.tools.commands import options; "
+    working = ("import sys, time; from lp_fx.tools import cli; from lp_fx.tools.cli import common as options; "
                "options.load = lambda *a: (print('working', flush=True), time.sleep(120)); "  # a long run, cheaply
                "sys.exit(cli.main(sys.argv[1:]))")
     first = subprocess.Popen([sys.executable, "-c", working, *args], cwd=REPO, stdout=subprocess.PIPE, text=True)

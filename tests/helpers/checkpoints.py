@@ -22,6 +22,26 @@ def save_forever(directory: str) -> None:
         print(step, flush=True)
 
 
+class Expert(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class MoELayer(nn.Module):
+    def __init__(self, experts: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(16)
+        self.experts = nn.ModuleList(Expert() for _ in range(experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        return x + sum(expert(h) for expert in self.experts) / len(self.experts)
+
+
 class TinyMoE(nn.Module):
     """Hand-written MoE: each layer's experts list (6) is longer than the layer list."""
 
