@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # `lp-fx gpu-check` in one command (issue 36): on CUDA when present, else on the CPU, the pass's
-# correctness against its eager reference (bf16, fp32) and decode speed at batch 1 and 8 (unpaired,
+# correctness against its eager reference (bf16 and fp32) and decode speed at batch 1 and 8 (unpaired,
 # paired, paired + fuse, CUDA graphs on CUDA), writing gpu_check.json and gpu_check.md under --out
 # after each phase. Installs nothing.
 #
-#   bash scripts/gpu_check.sh --quick --out DIR      # bf16 correctness + batch-1 speed
+#   bash scripts/gpu_check.sh --quick --out DIR      # one dtype (bf16 on CUDA, fp32 on a CPU), batch 1
 #   bash scripts/gpu_check.sh --out DIR              # everything (more options: lp-fx gpu-check --help)
 #
 # Here (scripts/setup.sh done) it runs as is. On a lent GPU machine (bare: no network, its own torch

@@ -37,7 +37,7 @@ from lp_fx.tools.reference import eager_pairing
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # in the order they are measured
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 BATCHES = (1, 8)
 # Largest logit difference to the eager reference, relative to the largest reference logit, that
 # passes: fp32 rounding, and bf16 rounding (Inductor keeps fused intermediates in fp32, eager rounds
@@ -76,10 +76,16 @@ def device_of(name: str) -> torch.device:
     return torch.device(name)
 
 
-def phases(args: argparse.Namespace) -> list[tuple[str, Callable[[Run], str | None]]]:
+def dtypes_in_order(args: argparse.Namespace, device: torch.device) -> list[str]:
+    """``--dtypes``, else bf16 first on CUDA (the GPU's serving dtype) and fp32 first on a CPU (most
+    have no bf16 units: this project's AVX2 VM emulates bf16, many times slower than fp32)."""
+    return args.dtypes or (["bf16", "fp32"] if device.type == "cuda" else ["fp32", "bf16"])
+
+
+def phases(args: argparse.Namespace, dtypes: list[str]) -> list[tuple[str, Callable[[Run], str | None]]]:
     """``(name, work)`` after the load, in run order; ``--quick``: the first dtype, batch 1, no llama.cpp."""
     out: list[tuple[str, Callable[[Run], str | None]]] = []
-    for dtype in args.dtypes[:1] if args.quick else args.dtypes:
+    for dtype in dtypes[:1] if args.quick else dtypes:
         out.append((f"correctness {dtype}", lambda run, dtype=dtype: correctness(run, dtype)))
         for batch in BATCHES[:1] if args.quick else BATCHES:
             out.append((f"speed {dtype} batch {batch}", lambda run, dtype=dtype, batch=batch: speed(run, dtype, batch)))
@@ -147,10 +153,12 @@ def correctness(run: Run, dtype: str) -> None:
     windows = run.windows.to(run.device)
     switch = evaluate.PairingSwitch(model, run.args.inner)
     for pairing in run.pairings:
-        switch.set_pairing(pairing)
+        began = time.monotonic()
+        switch.set_pairing(pairing)  # the compile, but the first: Dynamo traces at the first call
         row = {"dtype": dtype, "pairing": pairing.name, **compare(model, switch.logits, pairing, windows)}
-        row["ok"] = row["relative_diff"] <= TOLERANCE[dtype]
+        row.update(ok=row["relative_diff"] <= TOLERANCE[dtype], seconds=round(time.monotonic() - began, 1))
         run.record["correctness"].append(row)
+        write_outputs(run)  # a phase of several compiles: each row is kept as soon as it is measured
         log.info("correctness %s %s: %s", dtype, pairing.name, row)
     torch._dynamo.reset()
     wrong = [row["pairing"] for row in run.record["correctness"] if row["dtype"] == dtype and not row["ok"]]
@@ -174,15 +182,13 @@ def compare(model: torch.nn.Module, paired: evaluate.LogitsFn, pairing: Pairing,
         diffs.append((logits.float() - expected[len(diffs)].float()).abs().max().item())
         return logits
 
-    began = time.monotonic()
     with eager_pairing(model, pairing.pairs, pairing.modes or "lp"):
         eager = evaluate.perplexity(reference, windows, progress=False)
     got = evaluate.perplexity(compiled, windows, progress=False)
     scale = max(logits.float().abs().max().item() for logits in expected)
     return {"pairs": [list(pair) for pair in pairing.pairs], "modes": list(pairing.modes or ()),
             "max_abs_diff": max(diffs), "max_abs_logit": scale, "relative_diff": max(diffs) / scale,
-            "ppl_eager": eager.ppl, "ppl_compiled": got.ppl, "ppl_relative_diff": got.ppl / eager.ppl - 1,
-            "seconds": round(time.monotonic() - began, 1)}
+            "ppl_eager": eager.ppl, "ppl_compiled": got.ppl, "ppl_relative_diff": got.ppl / eager.ppl - 1}
 
 
 def speed(run: Run, dtype: str, batch: int) -> None:
@@ -278,11 +284,11 @@ def markdown(record: dict) -> str:
                   f"pairing, {record['windows']} "
                   f"WikiText-2 windows of {record['window']} tokens; relative = max |Δ logit| / max |logit|, "
                   f"tolerance {record['tolerance']}.", "",
-                  "| dtype | pairing | max \\|Δ logit\\| | relative | ppl eager | ppl compiled | ppl diff | ok |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+                  "| dtype | pairing | max \\|Δ logit\\| | relative | ppl eager | ppl compiled | ppl diff | ok | s |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
         lines += [f"| {r['dtype']} | {r['pairing']} | {r['max_abs_diff']:.3g} | {r['relative_diff']:.2e} | "
                   f"{r['ppl_eager']:.4f} | {r['ppl_compiled']:.4f} | {100 * r['ppl_relative_diff']:+.3f} % | "
-                  f"{'yes' if r['ok'] else '**NO**'} |" for r in record["correctness"]]
+                  f"{'yes' if r['ok'] else '**NO**'} | {r['seconds']} |" for r in record["correctness"]]
     if record["speed"]:
         lines += ["", f"Decode speed: {record['speed'][0]['tokens']} new tokens, {record['speed'][0]['rounds']} rounds "
                   "interleaved, tokens/s of all sequences of the batch (median), ratio = median of per-round ratios "
@@ -315,7 +321,7 @@ def run(args: argparse.Namespace) -> None:
     state = Run(args, device, new_record(args, device))
     say(f"gpu-check on {state.record['device']}, writing {Path(args.out) / JSON_NAME} and {TABLE_NAME} after each phase")
     run_phase(state, "load", load, refused=(ValueError, OSError))  # the model, data and pairings, or a refusal
-    failed = [name for name, work in phases(args) if not run_phase(state, name, work)]
+    failed = [name for name, work in phases(args, dtypes_in_order(args, device)) if not run_phase(state, name, work)]
     say(markdown(state.record))
     if failed:
         raise SystemExit(f"lp-fx gpu-check: phases failed: {', '.join(failed)} (see {Path(args.out) / JSON_NAME})")
@@ -327,7 +333,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data-dir", default=None, help=f"data directory (default: ${data.DATA_VARIABLE}, else ../shared/data)")
     parser.add_argument("--out", default="lp-fx-results/gpu_check", help=f"folder for {JSON_NAME} and {TABLE_NAME}")
     parser.add_argument("--quick", action="store_true", help="the first of --dtypes only, batch 1 only, no llama.cpp")
-    parser.add_argument("--dtypes", type=dtype_list, default=list(DTYPES), help="comma-separated, measured in this order")
+    parser.add_argument("--dtypes", type=dtype_list, default=None,
+                        help="comma-separated, measured in this order (default: bf16,fp32 on CUDA, fp32,bf16 on a CPU)")
     parser.add_argument("--inner", default="inductor", choices=INNER_COMPILERS,
                         help="compiler behind the backend (CUDA graphs on CUDA with inductor only)")
     parser.add_argument("--random-weights", action="store_true",
