@@ -1,6 +1,5 @@
 """``lp-fx``: measure what pairing costs (``eval``), sweep Δ (``sweep``), choose pairs (``plan``),
-win it back (``finetune``), time it (``bench``), serve it anywhere (``export``), check a device
-(``gpu-check``).
+win it back (``finetune``), time it (``bench``), serve it anywhere (``export``).
 
 Each subcommand is one module that owns its arguments (``register``) and its run; a new
 subcommand is one more module in ``SUBCOMMANDS``.
@@ -13,7 +12,7 @@ import logging
 import sys
 from typing import Callable, Sequence
 
-from lp_fx.tools import bench, gpu_check
+from lp_fx.tools import bench
 from lp_fx.tools.arguments import OneLineParser
 from lp_fx.tools.console import ERRORS, refuse
 from lp_fx.tools.commands import eval as eval_command
@@ -25,7 +24,7 @@ from lp_fx.tools.commands import sweep as sweep_command
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     eval_command.register, sweep_command.register, plan_command.register, finetune_command.register, bench.register,
-    export_command.register, frontier_command.register, gpu_check.register,
+    export_command.register, frontier_command.register,
 ]
 
 

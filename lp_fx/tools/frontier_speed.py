@@ -37,12 +37,10 @@ log = logging.getLogger(__name__)
 UNPAIRED, PAIRED, FUSED = "unpaired", "paired", "paired + fuse"
 
 
-def unpaired_variant(inner: str, shared: dict | None = None) -> SingleVariant:
-    """The unpaired model: plain ``torch.compile`` for Inductor, else (or with ``shared`` backend
-    options, such as ``cudagraphs``) the backend with no pairs in front of ``inner``."""
-    if inner == "inductor" and shared is None:
-        return SingleVariant(UNPAIRED, None)
-    return SingleVariant(UNPAIRED, {**(shared or {}), "inner": inner})
+def unpaired_variant(inner: str) -> SingleVariant:
+    """The unpaired model: plain ``torch.compile`` for Inductor, else the backend with no pairs in
+    front of ``inner``."""
+    return SingleVariant(UNPAIRED, None if inner == "inductor" else {"inner": inner})
 
 
 def paired_variants(pairing: Pairing, backend_options: dict, inner: str) -> dict[str, SingleVariant]:
@@ -62,10 +60,6 @@ class SpeedBench:
     tokens: int = 32
     rounds: int = 5
     llamacpp: "LlamaCppBench | None" = None
-    batch: int = 1  # sequences decoded together (copies of the prompt)
-    # Backend options of every variant, the unpaired one included (it is then the backend with no
-    # pairs, so every row is compiled alike): ``{"cudagraphs": True}`` on CUDA. None: none.
-    shared: dict | None = None
 
     def measure(self, model: torch.nn.Module, pairings: Sequence[tuple[Pairing, dict]]) -> list[dict]:
         """For each ``(pairing, backend options)``: ``{"speed": …}`` and, for an all-``lp`` pairing
@@ -83,9 +77,9 @@ class SpeedBench:
         names = [pairing.name for pairing, _ in pairings]
         if len(set(names)) < len(names):  # the variants are named after their pairings
             raise ValueError(f"pairings timed together need distinct names, got {names}")
-        ids = self.tokenizer(PROMPT, return_tensors="pt").input_ids.to(model.device).repeat(self.batch, 1)
-        unpaired = unpaired_variant(self.inner, self.shared)
-        own = [paired_variants(pairing, {**(self.shared or {}), **options}, self.inner) for pairing, options in pairings]
+        ids = self.tokenizer(PROMPT, return_tensors="pt").input_ids
+        unpaired = unpaired_variant(self.inner)
+        own = [paired_variants(pairing, options, self.inner) for pairing, options in pairings]
         todo = [unpaired, *(variant for kinds in own for variant in kinds.values())]
         pairing_of = {variant.name: pairing for (pairing, _), kinds in zip(pairings, own) for variant in kinds.values()}
         stamps = [time.monotonic()]  # one after each variant: its compile, in its one warm-up generation
@@ -97,10 +91,9 @@ class SpeedBench:
 
         with torch._dynamo.config.patch(automatic_dynamic_shapes=False, cache_size_limit=64):
             torch._dynamo.reset()
-            # The generation that compiles, and with CUDA graphs one more (they record on the first
-            # calls after the compile); each variant is then warm when its rounds start.
-            warm_ups = 2 if (self.shared or {}).get("cudagraphs") else 1
-            compiled = compile_and_warm_up(model, todo, ids, self.tokens, note, warm_ups=warm_ups, decode_only=True,
+            # One warm-up: the generation that compiles (on CPU nothing records on first calls, unlike
+            # CUDA graphs); each variant is then warm when its rounds start.
+            compiled = compile_and_warm_up(model, todo, ids, self.tokens, note, warm_ups=1, decode_only=True,
                                            after_each=lambda: stamps.append(time.monotonic()))
             time_interleaved(compiled, todo, ids, self.tokens, self.rounds)
             torch._dynamo.reset()
@@ -112,7 +105,7 @@ class SpeedBench:
             mine = {UNPAIRED: unpaired, **kinds}
             record = {
                 "inner": self.inner, "compiled": "decode step (prompt eager)", "tokens": self.tokens,
-                "rounds": self.rounds, "prompt": PROMPT, "batch": self.batch, "shared_options": self.shared,
+                "rounds": self.rounds, "prompt": PROMPT,
                 "ratio": {kind: ratio_to_first(v, unpaired) for kind, v in kinds.items()},
                 "tokens_per_s": {kind: v.tokens_per_s for kind, v in mine.items()},
                 "median_tokens_per_s": {kind: statistics.median(v.tokens_per_s) for kind, v in mine.items()},
