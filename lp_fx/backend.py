@@ -22,7 +22,7 @@ from .fx_utils import copy_graph_module
 from .gates import GATE_VALUES, OFF, gate_pairs
 from .passes import find_stack, run_passes
 from .report import GraphReport
-from .state import GraphState, inputs_to_trace, wrap_call
+from .state import GraphState, fixed, inputs_to_trace, wrap_call
 from .weights import WeightStore
 
 logger = logging.getLogger("lp_fx")
@@ -121,7 +121,7 @@ class GatedLayerParallel:
         gate_pairs(state.gm, stack, self.modes)
         report.notes.append(f"gated: pairs (0, 1) .. ({len(stack) - 2}, {len(stack) - 1}) in {', '.join(self.modes)}")
         logger.debug("%s", report.summary())
-        state.appended.append(self.gates)
+        state.appended.append(fixed(self.gates))
         return wrap_call(compile_inner(state.gm, inputs_to_trace(state), self.config.inner), state)
 
 

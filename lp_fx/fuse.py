@@ -18,10 +18,12 @@ latency, not by their width, so one ``bmm`` over two inputs costs about what one
 Inductor's own ``batch_linear`` pre-grad fusion does the same grouping but stacks the weights with
 ``torch.stack`` on every call, which reads and writes every weight once more per token.
 
-The buffers are built when a graph is compiled and held by the backend object (shared by the
-prefill and decode graphs). In-place changes of the parameters (``load_state_dict``, an optimizer)
-write into the buffer and are seen; a parameter given a new tensor (``param.data = t``) is copied
-back into the buffer before the next call. ``fuse`` is for inference: with gradients enabled it is
+The buffers are held by the backend object (shared by the prefill and decode graphs), one set per
+model: each call passes the buffers made from the parameters that call passes (built at the first
+call of a model, when Dynamo reuses the graph for a second model of the same class), so a model
+never reads or writes another model's weights. In-place changes of the parameters
+(``load_state_dict``, an optimizer) write into the buffer and are seen; a parameter given a new
+tensor (``param.data = t``) is copied back into the buffer before the next call. ``fuse`` is for inference: with gradients enabled it is
 refused (the buffer is not the parameter autograd would differentiate; :func:`lp_fx.passes.inference_only`).
 
 A group is left unfused, with the reason in the report, when the two layers' projections differ
@@ -45,6 +47,7 @@ from .config import Pair
 from .find_layers import Layer, LayerStack, example_value, shape_key
 from .fx_utils import LINEAR, append_input, depends_on, placeholder_positions, stable_topological_sort
 from .merge import layer_parameters
+from .state import Provider
 from .weights import WeightStore
 
 GEMM_TARGETS = (LINEAR, torch.addmm, torch.mm, torch.bmm, torch.baddbmm, torch.matmul, operator.matmul)
@@ -72,8 +75,8 @@ class FuseResult:
 
     fused: list[tuple[Pair, int]] = field(default_factory=list)
     skipped: list[tuple[Pair, str]] = field(default_factory=list)
-    checks: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (input position, view it must be)
-    buffers: list[torch.Tensor] = field(default_factory=list)  # read by placeholders appended to the graph
+    fused_inputs: list[int] = field(default_factory=list)  # input positions of the parameters fused
+    buffers: list[Provider] = field(default_factory=list)  # what the placeholders appended to the graph read
     # input position -> Dynamo's fake of a fused parameter, to trace with: the parameter itself is
     # a view of a buffer now, whose storage offset Dynamo's shape environment has not seen
     traced: dict[int, Any] = field(default_factory=dict)
@@ -89,13 +92,13 @@ def fuse_pairs(
         a, b = stack.layers[pair[0]], stack.layers[pair[1]]
         groups, why = _groups(gm, example_inputs, positions, a, b)
         for group in groups:
-            result.checks += _fuse_group(gm, example_inputs, positions, group, store, result)
+            result.fused_inputs += _fuse_group(gm, example_inputs, positions, group, store, result)
         if groups:
             result.fused.append((pair, len(groups)))
         if why:
             result.skipped.append((pair, why))
     placeholders = list(positions)
-    result.traced = {i: example_value(placeholders[i]) for i, _ in result.checks}
+    result.traced = {i: example_value(placeholders[i]) for i in result.fused_inputs}
     if result.fused:
         stable_topological_sort(gm.graph)
         gm.graph.lint()
@@ -194,21 +197,20 @@ aten = torch.ops.aten
 def _fuse_group(
     gm: fx.GraphModule, example_inputs: Sequence[Any], positions: dict[fx.Node, int], group: Group, store: WeightStore,
     result: FuseResult,
-) -> list[tuple[int, torch.Tensor]]:
-    """Replace one group by ``bmm(stack(x_A, x_B), W)`` and slices; returns (position, view) per parameter."""
+) -> list[int]:
+    """Replace one group by ``bmm(stack(x_A, x_B), W)`` and slices; returns the input positions of
+    the parameters fused."""
     graph = gm.graph
     transposed = group[0][0].transposed
     members = [[proj for proj, _ in group], [proj for _, proj in group]]
-    weights, views = store.stacked(
-        tuple([example_inputs[positions[p.weight]] for p in branch] for branch in members), transposed
-    )
-    checks = [(positions[p.weight], v) for p, v in zip([*members[0], *members[1]], views)]
+    weight_inputs = [[positions[p.weight] for p in branch] for branch in members]
+    weights = _stacked_inputs(store, example_inputs, weight_inputs, transposed)
+    fused = [*weight_inputs[0], *weight_inputs[1]]
     biases = None
     if group[0][0].bias is not None:
-        biases, bias_views = store.stacked(
-            tuple([example_inputs[positions[p.bias]] for p in branch] for branch in members), transposed=False
-        )
-        checks += [(positions[p.bias], v) for p, v in zip([*members[0], *members[1]], bias_views)]
+        bias_inputs = [[positions[p.bias] for p in branch] for branch in members]
+        biases = _stacked_inputs(store, example_inputs, bias_inputs, transposed=False)
+        fused += [*bias_inputs[0], *bias_inputs[1]]
     x_a, x_b = group[0][0].input, group[0][1].input
     anchor = max((x_a, x_b), key=_order(graph).__getitem__)
     # AOTAutograd caches a graph only if every tensor method is called on a node with Dynamo's fake value
@@ -236,7 +238,21 @@ def _fuse_group(
                 proj.node.replace_all_uses_with(out)
                 graph.erase_node(proj.node)
                 start += width
-    return checks
+    return fused
+
+
+def _stacked_inputs(
+    store: WeightStore, example_inputs: Sequence[Any], branches: list[list[int]], transposed: bool
+) -> Provider:
+    """What the graph reads for one group: the buffer stacking the parameters the call passes at
+    the positions ``branches`` (A's, then B's), made once per model by ``store`` (now for the
+    model being compiled)."""
+
+    def buffer(args: Sequence[Any]) -> torch.Tensor:
+        return store.stacked(tuple([args[i] for i in branch] for branch in branches), transposed)[0]
+
+    buffer(example_inputs)
+    return buffer
 
 
 def _rows(graph: fx.Graph, x: fx.Node) -> fx.Node:
@@ -244,10 +260,10 @@ def _rows(graph: fx.Graph, x: fx.Node) -> fx.Node:
     return graph.call_method("reshape", (x, -1, _width(x)))
 
 
-def _buffer_node(gm: fx.GraphModule, tensor: torch.Tensor, result: FuseResult) -> fx.Node:
-    """The placeholder through which the graph reads ``tensor``, appended to its inputs (the caller
+def _buffer_node(gm: fx.GraphModule, buffer: Provider, result: FuseResult) -> fx.Node:
+    """The placeholder through which the graph reads ``buffer``, appended to its inputs (the caller
     passes the buffers, :func:`lp_fx.state.wrap_call`)."""
-    result.buffers.append(tensor)
+    result.buffers.append(buffer)
     return append_input(gm, f"lp_fx_fused_{len(result.buffers) - 1}", static=True)
 
 
@@ -257,19 +273,3 @@ def _order(graph: fx.Graph) -> dict[fx.Node, int]:
 
 def _width(node: fx.Node) -> int:
     return int(example_value(node).shape[-1])
-
-
-def view_check(checks: Sequence[tuple[int, torch.Tensor]]) -> Callable[[Sequence[Any]], None]:
-    """A check run on the call's inputs before each call (:func:`lp_fx.state.wrap_call`): each
-    fused parameter must still be a view of its buffer; one that was given a new tensor since
-    (``param.data = t``) is copied into the buffer and pointed back at it."""
-
-    def check(args: Sequence[Any]) -> None:
-        for i, view in checks:
-            param = args[i]
-            if param.data_ptr() != view.data_ptr():
-                with torch.no_grad():
-                    view.copy_(param.detach())
-                param.data = view
-
-    return check

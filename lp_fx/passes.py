@@ -15,12 +15,12 @@ import torch
 from . import choose, weights
 from .config import PAIRING_MODES
 from .find_layers import find_layers
-from .fuse import count_gemms, fuse_pairs, view_check
+from .fuse import count_gemms, fuse_pairs
 from .merge import merged_inputs
 from .observe import observed
 from .rewrite import lp_layers, rewrite_pairs
 from .shuffle import shuffle_layers
-from .state import GraphState, average_of_inputs, fixed
+from .state import GraphState, average_of_inputs, slice_of_input
 
 Pass = Callable[[GraphState], None]
 
@@ -105,8 +105,9 @@ def keep_own_weights(state: GraphState) -> None:
     its slices of the parameters, and the parameters it does not read are released."""
     if not state.config.free_weights or state.report.collectives is None:
         return
-    slices, state.report.released_bytes = weights.keep_own_weights(state.gm, state.example_inputs, state.weights)
-    state.replaced.update({i: fixed(t) for i, t in slices.items()})
+    release, shards, state.report.released_bytes = weights.keep_own_weights(state.gm, state.example_inputs, state.weights)
+    state.checks.append(release)
+    state.replaced.update({i: slice_of_input(state.weights, i, shard) for i, shard in shards.items()})
 
 
 def fuse(state: GraphState) -> None:
@@ -125,7 +126,6 @@ def fuse(state: GraphState) -> None:
     if result.buffers:
         state.traced.update(result.traced)
         state.appended += result.buffers
-        state.checks.append(view_check(result.checks))
 
 
 PASSES: tuple[Pass, ...] = (

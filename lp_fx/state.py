@@ -4,9 +4,15 @@ gives the compiled graph what the passes asked for (:func:`wrap_call`).
 A pass may change what the graph reads without changing its signature, in three ways: an input
 replaced at every call by what a :data:`Provider` makes of the call's inputs (a merged pair's
 averages, a rank's weight slices), an input traced with another fake than Dynamo's (a parameter
-that became a view of a fused buffer), and inputs appended after the graph's own (fused buffers,
-the gates). Checks run on the call's inputs before each call (a fused parameter still a view of
-its buffer).
+that became a view of a fused buffer), and inputs appended after the graph's own, also made by a
+provider at every call (fused buffers, the gates). Checks run on the call's inputs before each
+call (a rank releasing the weights it does not read).
+
+Everything a provider passes is made from the call's own inputs, never kept from the compile:
+Dynamo reuses one compiled graph for every model of the same class, so the parameters a call
+passes may be another model's than those the graph was compiled with, and each model must get
+its own averages, slices and buffers (held by :class:`~lp_fx.weights.WeightStore`, keyed by the
+parameters they were made from).
 """
 
 from __future__ import annotations
@@ -43,13 +49,20 @@ class GraphState:
     rewrites: list[PairRewrite] = field(default_factory=list)  # what the summed pairs left in the graph
     replaced: dict[int, Provider] = field(default_factory=dict)  # input position -> what to pass there
     traced: dict[int, Any] = field(default_factory=dict)  # input position -> the fake to trace with
-    appended: list[torch.Tensor] = field(default_factory=list)  # passed after the graph's own inputs
+    appended: list[Provider] = field(default_factory=list)  # what to pass after the graph's own inputs
     checks: list[Check] = field(default_factory=list)
 
 
 def fixed(tensor: torch.Tensor) -> Provider:
-    """Pass ``tensor`` (this rank's slice of a released parameter) whatever the call's inputs."""
+    """Pass ``tensor`` whatever the call's inputs (state of the backend object, not of a model:
+    the gates)."""
     return lambda args: tensor
+
+
+def slice_of_input(store: WeightStore, i: int, shard: tuple[int, int, int]) -> Provider:
+    """Pass this rank's slice ``(dim, start, size)`` of the call's input ``i`` (a parameter whose
+    storage is released once its slice is made), kept by ``store``."""
+    return lambda args: store.slice_of(args[i], *shard)
 
 
 def average_of_inputs(store: WeightStore, i: int, j: int) -> Provider:
@@ -65,7 +78,8 @@ def inputs_to_trace(state: GraphState) -> list[Any]:
     inputs = list(state.example_inputs)
     for i, value in {**state.traced, **static_fakes(state.example_inputs, now)}.items():
         inputs[i] = value
-    return [*inputs, *static_fakes(state.example_inputs, dict(enumerate(state.appended))).values()]
+    appended = {i: provide(state.example_inputs) for i, provide in enumerate(state.appended)}
+    return [*inputs, *static_fakes(state.example_inputs, appended).values()]
 
 
 def static_fakes(example_inputs: Sequence[Any], tensors: dict[int, torch.Tensor]) -> dict[int, Any]:
@@ -93,6 +107,6 @@ def wrap_call(compiled: Callable, state: GraphState) -> Callable:
         given = list(args)
         for i, provide in replaced.items():
             given[i] = provide(args)
-        return compiled(*given, *appended)
+        return compiled(*given, *(provide(args) for provide in appended))
 
     return call

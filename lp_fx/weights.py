@@ -25,7 +25,7 @@ copying the model (``copy.deepcopy``) crashes in torch, as it does for FSDP-shar
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,14 +81,16 @@ class WeightStore:
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """A buffer ``[2, rows, in]`` holding branch A's parameters (concatenated along rows) in
         slice 0 and B's in slice 1 (``[2, in, out]`` for one transposed weight per branch), made
-        once; the parameters become views of it, so their values are kept and not held twice
-        (see :mod:`lp_fx.fuse`). Returns the buffer and those views (A's, then B's)."""
+        once for these parameters; the parameters become views of it, so their values are kept and
+        not held twice (see :mod:`lp_fx.fuse`). A parameter given a new tensor since
+        (``param.data = t``) is copied into its view and pointed back at it. Returns the buffer
+        and those views (A's, then B's)."""
         params = [*branches[0], *branches[1]]
         held_by_first = self._fused.setdefault(params[0], {})
         key = tuple(id(p) for p in params)
-        held = held_by_first.get(key)
-        if held is not None and all(p.data_ptr() == v.data_ptr() for p, v in zip(params, held[1])):
-            return held
+        if key in held_by_first:
+            _point_back(params, held_by_first[key][1])
+            return held_by_first[key]
         with torch.no_grad():
             buffer = torch.stack([
                 branch[0].detach() if transposed else torch.cat([p.detach() for p in branch], dim=0)
@@ -124,6 +126,16 @@ class _Average:
     stamp: tuple  # what the two parameters were when ``tensor`` was computed from them
 
 
+def _point_back(params: Sequence[torch.Tensor], views: Sequence[torch.Tensor]) -> None:
+    """Each parameter that was given a new tensor (``param.data = t``) copied into its view of a
+    fused buffer and pointed back at it."""
+    for param, view in zip(params, views):
+        if param.data_ptr() != view.data_ptr():
+            with torch.no_grad():
+                view.copy_(param.detach())
+            param.data = view
+
+
 def _stamp(*tensors: torch.Tensor) -> tuple:
     """Where each tensor's data lives and how often it was written in place (None for inference
     tensors, which keep no version counter)."""
@@ -138,37 +150,61 @@ def _mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def keep_own_weights(
     gm: fx.GraphModule, example_inputs: Sequence[Any], store: WeightStore
-) -> tuple[dict[int, torch.Tensor], int]:
+) -> tuple[Callable[[Sequence[Any]], int], dict[int, tuple[int, int, int]], int]:
     """Make ``gm`` read each sliced parameter as its slice and release the parameters it no
-    longer reads; returns ``{input position: slice to pass there}`` and the bytes released.
+    longer reads. Returns the check to run before each call (the same for the parameters of each
+    model the graph is called with: Dynamo reuses it for every model of the class), ``{input
+    position: (dim, start, size)}`` of the slices to pass in place of parameters, and the bytes
+    released for the model compiled.
 
     A parameter read only through one ``narrow`` keeps its placeholder, which then receives the
     contiguous slice instead of the parameter (so the compiled graph keeps its signature and its
-    inputs' sources); the caller passes the slices in at call time.
+    inputs' sources); the caller passes the slices in at call time (:meth:`WeightStore.slice_of`).
     """
     placeholders = gm.graph.find_nodes(op="placeholder")
     params = [(i, n, v) for i, (n, v) in enumerate(zip(placeholders, example_inputs)) if isinstance(v, torch.nn.Parameter)]
-    slices = {}
+    shards, whole = {}, []
     for i, node, value in params:
-        shards = {u.meta.get("lp_fx_shard") for u in node.users}
-        if len(shards) == 1 and None not in shards:
-            slices[i] = store.slice_of(value, *shards.pop())
+        read_as = {u.meta.get("lp_fx_shard") for u in node.users}
+        if len(read_as) == 1 and None not in read_as:
+            shards[i] = read_as.pop()
             for narrow in list(node.users):
                 narrow.replace_all_uses_with(node)
                 gm.graph.erase_node(narrow)
-            node.meta["example_value"] = slices[i]
+            node.meta["example_value"] = store.slice_of(value, *shards[i])
         elif node.users:
-            _check_not_released(value, "the whole parameter")
+            whole.append(i)
     gm.graph.lint()
     gm.recompile()
-    read = {s._cdata for i, n, v in params if n.users and i not in slices for s in _storages(v)}
-    released = 0
-    for _, _, value in params:
-        for storage in _storages(value):
-            if storage._cdata not in read and storage.nbytes():
-                released += storage.nbytes()
-                storage.resize_(0)
-    return slices, released
+    release = _releasing_once_per_model([i for i, _, _ in params], shards, whole, store)
+    return release, shards, release(example_inputs)
+
+
+def _releasing_once_per_model(
+    params: list[int], shards: dict[int, tuple[int, int, int]], whole: list[int], store: WeightStore
+) -> Callable[[Sequence[Any]], int]:
+    """The check that, the first time a model's parameters are passed, makes their slices and
+    releases the storage of every parameter the graph does not read whole; returns the bytes released."""
+    seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+    def release(args: Sequence[Any]) -> int:
+        if not params or args[params[0]] in seen:
+            return 0
+        seen[args[params[0]]] = True
+        for i, shard in shards.items():
+            store.slice_of(args[i], *shard)
+        for i in whole:
+            _check_not_released(args[i], "the whole parameter")
+        read = {s._cdata for i in whole for s in _storages(args[i])}
+        released = 0
+        for i in params:
+            for storage in _storages(args[i]):
+                if storage._cdata not in read and storage.nbytes():
+                    released += storage.nbytes()
+                    storage.resize_(0)
+        return released
+
+    return release
 
 
 def refuse_gradients(option: str, example_inputs: Sequence[Any]) -> None:

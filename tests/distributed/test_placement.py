@@ -93,6 +93,15 @@ def test_free_weights_keeps_only_the_weights_a_rank_computes_with(ranks, weights
         assert "free_weights=True is for inference" in case["grad_error"]
 
 
+def test_free_weights_gives_each_model_of_one_class_its_own_slices(ranks):
+    """Dynamo reuses the first model's graph for the second: the slices passed are made from the
+    parameters of the model called, and the second model's unread weights are released too."""
+    for res in ranks:
+        case = res["free_weights_two_models"]
+        assert max(case["diffs"]) <= TOL, case["diffs"]
+        assert all(r < 0.6 * case["full_bytes"] for r in case["resident"]), case
+
+
 @pytest.mark.parametrize("tp", [True, False])
 def test_gradients_equal_single_device(ranks, tp):
     for res in ranks:

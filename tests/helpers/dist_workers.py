@@ -162,6 +162,20 @@ def free_weights_case(mesh, make_model: Callable[[], nn.Module] = tiny_llama) ->
             "grad_error": error_case(with_gradients)}
 
 
+def free_weights_two_models_case(mesh) -> dict:
+    """Two tiny Llamas (other weights) through one ``free_weights=True`` backend, called A, B, A:
+    Dynamo reuses A's graph for B, and each must still compute with its own weights' slices."""
+    seeds = (0, 1)
+    expected = [single_device_logits(functools.partial(tiny_llama, seed=s), (LLAMA_PAIR,), "lp") for s in seeds]
+    models = [tiny_llama(seed=s) for s in seeds]
+    placed = LayerParallel(pairs=[LLAMA_PAIR], inner="aot_eager", mesh=mesh, free_weights=True)
+    torch._dynamo.reset()
+    compiled = [torch.compile(m, backend=placed) for m in models]
+    with torch.no_grad():
+        diffs = [_diff(compiled[k](PROMPT, use_cache=False).logits, expected[k]) for k in (0, 1, 0)]
+    return {"diffs": diffs, "resident": [resident_bytes(m) for m in models], "full_bytes": resident_bytes(tiny_llama())}
+
+
 def gradient_case(mesh, tp: bool) -> float:
     """Largest gradient error: owned parameters summed over ranks, replicated ones per rank."""
     def grads(backend: LayerParallel) -> dict[str, torch.Tensor]:
@@ -238,6 +252,7 @@ def two_rank_cases(mesh: DeviceMesh) -> dict:
     results["generate"] = generate_case(mesh)
     results["free_weights"] = free_weights_case(mesh)
     results["free_weights_int8"] = free_weights_case(mesh, int8_llama)
+    results["free_weights_two_models"] = free_weights_two_models_case(mesh)
     results["llama_lp_tpTrue_inductor"] = logits_case(mesh, llama, [LLAMA_PAIR], "lp", True, inner="inductor")
     results["grad_tp"] = gradient_case(mesh, tp=True)
     results["grad_lp"] = gradient_case(mesh, tp=False)
