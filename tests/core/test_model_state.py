@@ -10,9 +10,9 @@ import torch
 
 from lp_fx import LayerParallel
 
-from .models import hf_model, init_scale
-from .reference import eager_pairing, merged_copy
-from .test_transforms import logits, random_ids
+from tests.helpers.models import hf_model, init_scale
+from tests.helpers.reference import eager_pairing, merged_copy
+from tests.helpers.runs import logits, random_ids
 
 PAIRS = [(1, 2)]
 
