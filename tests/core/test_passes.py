@@ -14,7 +14,7 @@ from lp_fx import LayerParallel, LayerParallelError
 from lp_fx.config import DEFAULTS, OPTION_NAMES, LPConfig, config_from_options
 from lp_fx.passes import PASSES, rewrite
 from lp_fx.report import GraphReport
-from lp_fx.state import GraphState, wrap_call
+from lp_fx.state import GraphState, fixed, wrap_call
 from lp_fx.weights import WeightStore
 
 from tests.helpers.reference import eager_order, eager_pairing
@@ -157,10 +157,10 @@ def test_the_call_wrapper_checks_then_replaces_then_appends():
     state = bare_state()
     state.checks.append(lambda args: seen.append(("check", list(args))))
     state.replaced[1] = lambda args: args[0] + args[1]
-    state.appended.append(100)
+    state.appended.append(lambda args: args[2] * 100)  # what to append is made from the call's own inputs
     call = wrap_call(lambda *args: seen.append(("call", list(args))), state)
-    state.appended.append(1000)  # what the passes set when the wrapper was made counts, not later changes
+    state.appended.append(fixed(1000))  # what the passes set when the wrapper was made counts, not later changes
     call(1, 2, 3)
-    assert seen == [("check", [1, 2, 3]), ("call", [1, 3, 3, 100])]
+    assert seen == [("check", [1, 2, 3]), ("call", [1, 3, 3, 300])]
     plain = lambda *args: args  # noqa: E731
     assert wrap_call(plain, bare_state()) is plain
