@@ -50,8 +50,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 
 def temporary_name(path: str | Path) -> re.Pattern:
-    """The names of ``path``'s temporary files and folders: ``.NAME.XXXXXXXX.tmp``, as :func:`atomic_write`
-    (``mkstemp``) and ``mkdtemp`` make them with that prefix and suffix (8 of ``[a-z0-9_]`` between)."""
+    """The names of ``path``'s temporary files and folders, ``.NAME.<8 random characters>.tmp``, as
+    :func:`atomic_write` (``mkstemp``) and ``mkdtemp`` make them with that prefix and suffix (8 of
+    ``[a-z0-9_]`` between)."""
     return re.compile(re.escape(f".{Path(path).name}.") + r"[a-z0-9_]{8}" + re.escape(".tmp"))
 
 
