@@ -1,5 +1,6 @@
 """The pass list and what it shares: options read from LPConfig, the layers found again after a
-pass changes them, the one inference-only rule, the one call wrapper; and the README says the same."""
+pass changes them, the one inference-only rule, the one call wrapper; and the README and the design
+page say the same."""
 
 import ast
 import re
@@ -20,11 +21,11 @@ from lp_fx.weights import WeightStore
 from tests.helpers.reference import eager_order, eager_pairing
 from tests.helpers.runs import logits, make, random_ids, shuffled_order
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+REPO = Path(__file__).resolve().parents[2]
 
 
-def readme_section(title: str) -> str:
-    text = README.read_text()
+def section(document: str, title: str) -> str:
+    text = (REPO / document).read_text()
     start = text.index(title)
     return text[start : text.index("\n##", start + len(title))]  # "# " alone starts comments in code blocks
 
@@ -58,7 +59,7 @@ def test_every_field_is_documented_where_it_is_declared():
 
 
 def test_readme_options_table_lists_the_options():
-    rows = [line for line in readme_section("## Using the backend").splitlines() if line.startswith("| `")]
+    rows = [line for line in section("README.md", "## Using the backend").splitlines() if line.startswith("| `")]
     listed = [name for row in rows for name in re.findall(r"`(\w+)`", row.split("|")[1])]
     assert listed == list(OPTION_NAMES)
 
@@ -66,9 +67,9 @@ def test_readme_options_table_lists_the_options():
 # ------------------------------------------------------------------------------- passes
 
 
-def test_readme_lists_the_passes_in_their_order():
-    section = readme_section("### What it does to the graph")
-    listed = re.findall(r"^\d+\. \*\*[^*]+\*\* \(`(\w+)`", section, flags=re.MULTILINE)
+def test_the_design_page_lists_the_passes_in_their_order():
+    described = section("docs/design.md", "## What it does to the graph")
+    listed = re.findall(r"^\d+\. \*\*[^*]+\*\* \(`(\w+)`", described, flags=re.MULTILINE)
     assert listed == [p.__name__ for p in PASSES]
 
 
