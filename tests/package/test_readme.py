@@ -4,10 +4,13 @@ and its results table is the record's, whose figures are the record's measuremen
 
 from __future__ import annotations
 
+import argparse
+import functools
 import re
 import shlex
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -71,6 +74,12 @@ def test_the_documents_quote_commands_of_every_tool():
     assert "python -m lp_fx.tools.cli.llamacpp_check " in quoted
 
 
+@functools.cache
+def _parser(build: Callable[[], argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    """One parser per command line (building the whole CLI's takes half a second)."""
+    return build()
+
+
 @pytest.mark.parametrize(("document", "command"), _cases())
 def test_every_quoted_command_parses(document: Path, command: str):
     start = next(prefix for prefix in sorted(PARSERS, key=len, reverse=True) if command.startswith(f"{prefix} "))
@@ -79,7 +88,7 @@ def test_every_quoted_command_parses(document: Path, command: str):
     if start == "python -m lp_fx.tools.cli.bench":
         words = ["bench", *words]
     try:
-        build().parse_args(words)
+        _parser(build).parse_args(words)
     except SystemExit as exit_:
         pytest.fail(f"{_name(document)}: `{command}` does not parse (exit {exit_.code})")
 
@@ -105,15 +114,22 @@ def anchors(document: Path) -> set[str]:
     return out
 
 
-def broken_links(document: Path) -> list[str]:
-    """Each relative link of the document (outside code blocks) whose file is missing, or whose
-    ``#anchor`` names no heading of the Markdown file it points at."""
-    broken = []
+def relative_links(document: Path) -> list[tuple[str, Path, str]]:
+    """Each relative link of the document outside code blocks: as written, the file it points at,
+    and its ``#anchor`` ("" for none)."""
+    out = []
     for target in LINK.findall(_prose(document)):
-        if target.startswith(("http://", "https://", "mailto:")):
-            continue
-        path, _, anchor = target.partition("#")
-        linked = (document.parent / path).resolve() if path else document
+        if not target.startswith(("http://", "https://", "mailto:")):
+            path, _, anchor = target.partition("#")
+            out.append((target, (document.parent / path).resolve() if path else document, anchor))
+    return out
+
+
+def broken_links(document: Path) -> list[str]:
+    """Each relative link of the document whose file is missing, or whose ``#anchor`` names no
+    heading of the Markdown file it points at."""
+    broken = []
+    for target, linked, anchor in relative_links(document):
         if not linked.exists():
             broken.append(f"{target}: no such file")
         elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
@@ -154,11 +170,7 @@ def test_every_page_of_docs_is_reached_from_the_readme():
         if document in reached:
             continue
         reached.add(document)
-        for target in LINK.findall(_prose(document)):
-            path = target.partition("#")[0]
-            linked = (document.parent / path).resolve() if path else document
-            if linked.suffix == ".md" and linked.exists():
-                todo.append(linked)
+        todo += [linked for _, linked, _ in relative_links(document) if linked.suffix == ".md" and linked.exists()]
     assert sorted(_name(d) for d in DOCUMENTS if d.resolve() not in reached) == []
 
 
