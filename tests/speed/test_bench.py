@@ -126,3 +126,23 @@ def test_decode_only_compiles_just_the_one_token_graph_and_generates_what_eager_
         assert torch.equal(out, eager)
     torch._dynamo.reset()
     assert graphs == {False: 2, True: 1}
+
+
+def test_generate_times_the_variants_own_compile_where_transformers_would_compile_the_forward():
+    """On CUDA with a static cache, transformers' ``generate`` compiles the forward itself
+    (``torch.compile(mode="reduce-overhead")``); its Dynamo then traces through the variant's compiled
+    forward and the layer_parallel backend never runs. Here that auto-compile is switched on for the
+    CPU (the compile config's ``_compile_all_devices``, an eager backend): the variant's backend must
+    still compile the decode step, with its pair rewritten."""
+    import torch
+    from transformers import CompileConfig
+
+    from tests.helpers.models import hf_model
+
+    model = hf_model("llama", layers=2)
+    auto = CompileConfig(backend="eager")
+    auto._compile_all_devices = True  # what a CUDA device does without it
+    model.generation_config.compile_config = auto
+    copy_, backend = compile_variant(model, {"inner": "eager", "pairs": [(0, 1)]}, decode_only=True)
+    generate(copy_, torch.tensor([[5, 6, 7, 8]]), 3)
+    assert [report.pairs_rewritten for report in backend.reports] == [[((0, 1), "lp")]]
