@@ -8,20 +8,16 @@ from dataclasses import dataclass
 import tempfile
 from pathlib import Path
 
-import torch
-
 from lp_fx.files import atomic_write
 from lp_fx.model_identity import model_identity
 from lp_fx.tools.cli import common as options
 from lp_fx.tools.cli.common import add_command, RESULTS, new_file, writable
 from lp_fx.tools.console import say
 from lp_fx.tools.evaluation import sweep
-from lp_fx.tools.export.fold import Source
 from lp_fx.tools.frontier import points, report, results
 from lp_fx.tools.frontier.options import FrontierOptions
 from lp_fx.tools.frontier.run import TASK_NAMES, Frontier
 from lp_fx.tools.frontier.speed import LlamaCppBench, SpeedBench
-from lp_fx.tools.models import resolve_model_path
 from lp_fx.config import INNER_COMPILERS
 from lp_fx.tools.cli.common import ModelArgs
 from lp_fx.tools.evaluation.options import TaskOptions
@@ -140,7 +136,8 @@ def run(args: argparse.Namespace) -> None:
     with contextlib.ExitStack() as stack:
         if args.speed_rounds:
             folder = Path(stack.enter_context(tempfile.TemporaryDirectory())) if args.llamacpp else None
-            llamacpp = _llamacpp_bench(args, folder, loaded.name) if folder else None
+            llamacpp = LlamaCppBench.of_model(args.model, loaded.name, folder, args.speed_tokens,
+                                              args.speed_rounds) if folder else None
             runner.speed = SpeedBench(loaded.tokenizer, args.speed_inner, args.speed_tokens,
                                                      args.speed_rounds, llamacpp)
         result = runner.run(budgets, variants)
@@ -151,11 +148,3 @@ def run(args: argparse.Namespace) -> None:
     say(f"wrote {table_path}")
     report.plot_frontier(result, new_file(plot_path), f"{loaded.name}: speed against quality per budget Δ")
     say(f"wrote {plot_path}")
-
-
-def _llamacpp_bench(args: argparse.Namespace, folder: Path, name: str):
-    """Exports into ``folder`` (a temporary one: an f32 GGUF is the model's size), timed in llama.cpp."""
-    directory, gguf_file = resolve_model_path(args.model)
-    source = Source(name, directory / gguf_file if gguf_file else directory)
-    return LlamaCppBench(folder, source, torch.get_num_threads(), args.speed_tokens,
-                         args.speed_rounds)

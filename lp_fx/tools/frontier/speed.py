@@ -30,7 +30,9 @@ import torch
 
 from lp_fx.pairing import BASELINE, Pairing
 from lp_fx.tools.evaluation.compiled import check_rewritten
+from lp_fx.tools.export.fold import Source
 from lp_fx.tools.export.write import export
+from lp_fx.tools.models import resolve_model_path
 from lp_fx.tools.speed import llamacpp
 from lp_fx.tools.speed.single import SingleVariant
 from lp_fx.tools.speed.timing import PROMPT, compile_and_warm_up, ratio_to_first, time_interleaved
@@ -40,10 +42,12 @@ log = logging.getLogger(__name__)
 UNPAIRED, PAIRED, FUSED = "unpaired", "paired", "paired + fuse"
 
 
-def unpaired_variant(inner: str) -> SingleVariant:
-    """The unpaired model: plain ``torch.compile`` for Inductor, else the backend with no pairs in
-    front of ``inner``."""
-    return SingleVariant(UNPAIRED, None if inner == "inductor" else {"inner": inner})
+def unpaired_variant(inner: str, shared: dict | None = None) -> SingleVariant:
+    """The unpaired model: plain ``torch.compile`` for Inductor, else (or with ``shared`` backend
+    options, such as ``cudagraphs``) the backend with no pairs in front of ``inner``."""
+    if inner == "inductor" and shared is None:
+        return SingleVariant(UNPAIRED, None)
+    return SingleVariant(UNPAIRED, {**(shared or {}), "inner": inner})
 
 
 def paired_variants(pairing: Pairing, backend_options: dict, inner: str) -> dict[str, SingleVariant]:
@@ -63,6 +67,11 @@ class SpeedBench:
     tokens: int = 32
     rounds: int = 5
     llamacpp: "LlamaCppBench | None" = None
+    batch: int = 1
+    """sequences decoded together (copies of the prompt)"""
+    shared: dict | None = None
+    """backend options of every variant, the unpaired one included (it is then the backend with no
+    pairs, so every row is compiled alike): ``{"cudagraphs": True}`` on CUDA; None: none"""
 
     def measure(self, model: torch.nn.Module, pairings: Sequence[tuple[Pairing, dict]]) -> list[dict]:
         """For each ``(pairing, backend options)``: ``{"speed": …}`` and, for an all-``lp`` pairing
@@ -80,9 +89,9 @@ class SpeedBench:
         names = [pairing.name for pairing, _ in pairings]
         if len(set(names)) < len(names):  # the variants are named after their pairings
             raise ValueError(f"pairings timed together need distinct names, got {names}")
-        ids = self.tokenizer(PROMPT, return_tensors="pt").input_ids
-        unpaired = unpaired_variant(self.inner)
-        own = [paired_variants(pairing, options, self.inner) for pairing, options in pairings]
+        ids = self.tokenizer(PROMPT, return_tensors="pt").input_ids.to(model.device).repeat(self.batch, 1)
+        unpaired = unpaired_variant(self.inner, self.shared)
+        own = [paired_variants(pairing, {**(self.shared or {}), **options}, self.inner) for pairing, options in pairings]
         todo = [unpaired, *(variant for kinds in own for variant in kinds.values())]
         pairing_of = {variant.name: pairing for (pairing, _), kinds in zip(pairings, own) for variant in kinds.values()}
         stamps = [time.monotonic()]  # one after each variant: its compile, in its one warm-up generation
@@ -94,9 +103,10 @@ class SpeedBench:
 
         with torch._dynamo.config.patch(automatic_dynamic_shapes=False, cache_size_limit=64):
             torch._dynamo.reset()
-            # One warm-up: the generation that compiles (on CPU nothing records on first calls, unlike
-            # CUDA graphs); each variant is then warm when its rounds start.
-            compiled = compile_and_warm_up(model, todo, ids, self.tokens, note, warm_ups=1, decode_only=True,
+            # The generation that compiles, and with CUDA graphs one more (they record on the first
+            # calls after the compile); each variant is then warm when its rounds start.
+            warm_ups = 2 if (self.shared or {}).get("cudagraphs") else 1
+            compiled = compile_and_warm_up(model, todo, ids, self.tokens, note, warm_ups=warm_ups, decode_only=True,
                                            after_each=lambda: stamps.append(time.monotonic()))
             time_interleaved(compiled, todo, ids, self.tokens, self.rounds)
             torch._dynamo.reset()
@@ -108,7 +118,7 @@ class SpeedBench:
             mine = {UNPAIRED: unpaired, **kinds}
             record = {
                 "inner": self.inner, "compiled": "decode step (prompt eager)", "tokens": self.tokens,
-                "rounds": self.rounds, "prompt": PROMPT,
+                "rounds": self.rounds, "prompt": PROMPT, "batch": self.batch, "shared_options": self.shared,
                 "ratio": {kind: ratio_to_first(v, unpaired) for kind, v in kinds.items()},
                 "tokens_per_s": {kind: v.tokens_per_s for kind, v in mine.items()},
                 "median_tokens_per_s": {kind: statistics.median(v.tokens_per_s) for kind, v in mine.items()},
@@ -126,11 +136,19 @@ class LlamaCppBench:
     """Exports timed in llama.cpp against the unpaired export, made once into ``folder``."""
 
     folder: Path
-    source: Any  # lp_fx.tools.export.fold.Source
+    source: Source
     threads: int
     tokens: int = 32
     rounds: int = 5
     dtype: str = "f32"
+
+    @classmethod
+    def of_model(cls, spec: str, name: str, folder: Path, tokens: int, rounds: int) -> LlamaCppBench:
+        """A bench of the model ``spec`` names (loaded as ``name``), its exports in ``folder`` (a
+        temporary one: an f32 GGUF is the model's size), on every thread torch uses."""
+        directory, gguf_file = resolve_model_path(spec)
+        return cls(folder, Source(name, directory / gguf_file if gguf_file else directory), torch.get_num_threads(),
+                   tokens, rounds)
 
     def _export(self, model: torch.nn.Module, pairing: Pairing, name: str) -> Path:
         path = self.folder / f"{name}.gguf"
