@@ -259,6 +259,20 @@ def load_model(spec: str = SMOLLM2, dtype: torch.dtype = torch.float32, progress
     return LoadedModel(model, tokenizer, name)
 
 
+def load_random_weights(directory: str | Path) -> LoadedModel:
+    """A Hugging Face folder's model with its weights drawn at random (seed 0), in eval mode, and its
+    tokenizer: the model's shape without its weight files (a folder of its config and tokenizer will do)."""
+    directory = Path(directory)
+    with _transformers_quiet(progress=False):
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # lazy: transformers' import takes seconds; `import lp_fx.tools` stays light
+
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).eval()
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    return LoadedModel(model, tokenizer, f"{directory.name} (random weights)")
+
+
 def quantize_weights(model: torch.nn.Module, precision: str) -> None:
     """Put ``model``'s weights in ``precision``, in place: ``fp32`` leaves them as loaded, ``int8``
     makes every linear a torchao ``Int8WeightOnlyConfig`` linear (torchao is imported only then)."""

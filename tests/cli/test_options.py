@@ -15,6 +15,7 @@ from lp_fx.tools.cli.eval import EvalArgs
 from lp_fx.tools.cli.export import ExportArgs
 from lp_fx.tools.cli.finetune import FinetuneArgs
 from lp_fx.tools.cli.frontier import FrontierArgs
+from lp_fx.tools.cli.gpu_check import GpuCheckArgs
 from lp_fx.tools.cli.llamacpp_check import CheckArgs, build_parser
 from lp_fx.tools.cli.plan import PlanArgs
 from lp_fx.tools.cli.sweep import SweepArgs
@@ -25,7 +26,7 @@ from lp_fx.tools.planning import search
 from lp_fx.tools.planning.options import SearchOptions
 
 COMMANDS = {"eval": EvalArgs, "sweep": SweepArgs, "plan": PlanArgs, "finetune": FinetuneArgs, "bench": BenchArgs,
-            "export": ExportArgs, "frontier": FrontierArgs}
+            "export": ExportArgs, "frontier": FrontierArgs, "gpu-check": GpuCheckArgs}
 
 
 def _subparser(command: str) -> argparse.ArgumentParser:

@@ -1,5 +1,6 @@
 """``lp-fx``: measure what pairing costs (``eval``), sweep Δ (``sweep``), choose pairs (``plan``),
-win it back (``finetune``), time it (``bench``), serve it anywhere (``export``).
+win it back (``finetune``), time it (``bench``), serve it anywhere (``export``), check a device
+(``gpu-check``).
 
 Each subcommand is one module of this folder that owns its arguments (``register``) and its run; a
 new subcommand is one more module in ``SUBCOMMANDS``. ``lp-fx-lm-eval`` is :mod:`.lm_eval`, and
@@ -12,12 +13,13 @@ import argparse
 import logging
 from typing import Callable, Sequence
 
-from lp_fx.tools.cli import bench, eval, export, finetune, frontier, plan, sweep
+from lp_fx.tools.cli import bench, eval, export, finetune, frontier, gpu_check, plan, sweep
 from lp_fx.tools.console import ERRORS, refuse
 from lp_fx.tools.options import OneLineParser
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     eval.register, sweep.register, plan.register, finetune.register, bench.register, export.register, frontier.register,
+    gpu_check.register,
 ]
 
 
