@@ -15,7 +15,7 @@ import ast
 import inspect
 import math
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import MISSING, Field, field, fields, is_dataclass
 from typing import Any
 
@@ -58,6 +58,19 @@ def finite_float(check: Callable[[float], bool], what: str) -> Callable[[str], f
 
 positive_float = finite_float(lambda value: value > 0, "a finite number > 0")
 non_negative_float = finite_float(lambda value: value >= 0, "a finite number >= 0")
+
+
+def names_from(valid: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
+    """An argparse ``type``: comma-separated names, each one of ``valid``, each once, in the order given."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+        if not names or set(names) - set(valid):
+            raise argparse.ArgumentTypeError(f"{text!r}: give some of {', '.join(valid)}")
+        return names
+
+    parse.__name__ = f"names from {', '.join(valid)}"
+    return parse
 
 
 def index_list(text: str) -> list[int]:

@@ -7,12 +7,14 @@ import contextlib
 import importlib.util
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from lp_fx.tools import cli
 from lp_fx.tools.device_check import phases, report
+from lp_fx.tools.device_check.options import FULL, QUICK, CheckOptions
 from tests.helpers.bpe import bpe_model
 
 
@@ -105,3 +107,21 @@ def test_a_plan_for_another_model_is_refused_before_anything_is_written(model_di
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lp-fx gpu-check: error:") and "30 layers" in err[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("device", "first", "other"), [("cpu", "fp32", "bf16"), ("cuda", "bf16", "fp32")])
+def test_the_full_run_times_the_first_dtype_at_batch_1_and_8_and_checks_the_other_after(device, first, other):
+    """bf16 is the GPU's serving dtype, fp32 a CPU's (most have no bf16 units); what --quick leaves out
+    is the second dtype and batch 8, and what it shortens only its sizes, given values winning."""
+    import torch
+
+    def names(options: CheckOptions) -> list[str]:
+        run = phases.Run("model", options, torch.device(device), record={})
+        return [name for name, _ in phases.phases(run)]
+
+    assert names(CheckOptions()) == [f"correctness {first}", f"speed {first} batch 1", f"speed {first} batch 8",
+                                     f"correctness {other}", "llama.cpp"]
+    assert names(CheckOptions(quick=True)) == [f"correctness {first}", f"speed {first} batch 1", "llama.cpp"]
+    assert names(CheckOptions(dtypes=("fp32",)))[:2] == ["correctness fp32", "speed fp32 batch 1"]
+    assert CheckOptions(quick=True, rounds=7).sizes() == replace(QUICK, rounds=7)
+    assert CheckOptions().sizes() == FULL and FULL.windows > QUICK.windows and FULL.tokens > QUICK.tokens

@@ -3,14 +3,13 @@ a full run and of ``--quick``."""
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, replace
 
 import torch
 
 from lp_fx.config import INNER_COMPILERS
 from lp_fx.tools.data import REPO_ROOT
-from lp_fx.tools.options import int_at_least, non_negative_int, option, positive_int
+from lp_fx.tools.options import int_at_least, names_from, non_negative_int, option, positive_int
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 PLAN = REPO_ROOT / "docs" / "results" / "plan_smollm2_7pairs.json"  # the planner's committed pairing
@@ -40,14 +39,6 @@ FULL = Sizes(window=512, windows=4, tokens=32, rounds=5, batches=(1, 8), dtype_c
 QUICK = Sizes(window=128, windows=2, tokens=16, rounds=3, batches=(1,), dtype_count=1)
 
 
-def parse_dtypes(text: str) -> tuple[str, ...]:
-    """Comma-separated names of :data:`DTYPES`, each once, in the order they are measured."""
-    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
-    if not names or set(names) - set(DTYPES):
-        raise argparse.ArgumentTypeError(f"{text!r} is not valid; give comma-separated names from {', '.join(DTYPES)}")
-    return names
-
-
 @dataclass(frozen=True)
 class CheckOptions:
     """What ``lp-fx gpu-check`` measures and where it writes (its model is the command's ``--model``)."""
@@ -61,8 +52,9 @@ class CheckOptions:
     of --window, --windows, --tokens, --rounds); every kind of row is still measured"""
     device: str = option("auto", choices=DEVICES)
     """auto: CUDA when present, else the CPU"""
-    dtypes: tuple[str, ...] | None = option(None, parse=parse_dtypes)
-    """comma-separated, measured in this order (default: bf16,fp32 on CUDA, fp32,bf16 on a CPU)"""
+    dtypes: tuple[str, ...] | None = option(None, parse=names_from(tuple(DTYPES)))
+    """comma-separated, checked in this order, speed timed in the first (default: bf16,fp32 on CUDA,
+    fp32,bf16 on a CPU)"""
     inner: str = option("inductor", choices=INNER_COMPILERS)
     """compiler behind the backend, for every row (CUDA graphs on CUDA with inductor only)"""
     random_weights: bool = option(False)

@@ -5,16 +5,18 @@ again after it (:mod:`lp_fx.tools.device_check.report`).
 - **load**: the model, the WikiText-2 windows and the pairings (unpaired, ``lp`` and ``block`` over
   ``start:end``, the plan), each checked against the model; a bad input is refused here, before
   anything is written.
-- **correctness**, per dtype: the pass compiled with ``inner`` (Dynamo traces the model once, each
-  pairing is compiled from that trace: :class:`~lp_fx.tools.evaluation.compiled.PairingSwitch`)
-  against the independent eager reference of the same pairing on the same device
-  (:mod:`lp_fx.tools.evaluation.reference`: patched layer forwards, no FX): the largest logit
-  difference and both perplexities; each row is written as soon as it is measured.
-- **speed**, per dtype and batch: the unpaired model, the ``lp`` pairing and the pairing fused, timed
-  interleaved (:class:`lp_fx.tools.frontier.speed.SpeedBench`), every variant through the backend
-  (the unpaired one with no pairs) so all are compiled alike. On CUDA the backend gets CUDA graphs
-  from its own ``cudagraphs`` option, which it passes to Inductor (``triton.cudagraphs``):
-  ``torch.compile``'s ``mode="reduce-overhead"`` cannot be given together with a backend's options.
+- **correctness**, per dtype (the first one's before the speed, the others' after it): the pass
+  compiled with ``inner`` (Dynamo traces the model once, each pairing is compiled from that trace:
+  :class:`~lp_fx.tools.evaluation.compiled.PairingSwitch`) against the independent eager reference
+  of the same pairing on the same device (:mod:`lp_fx.tools.evaluation.reference`: patched layer
+  forwards, no FX): the largest logit difference and both perplexities; each row is written as
+  soon as it is measured.
+- **speed**, in the first dtype, per batch: the unpaired model, the ``lp`` pairing and the pairing
+  fused, timed interleaved (:class:`lp_fx.tools.frontier.speed.SpeedBench`), every variant through
+  the backend (the unpaired one with no pairs) so all are compiled alike. On CUDA the backend gets
+  CUDA graphs from its own ``cudagraphs`` option, which it passes to Inductor
+  (``triton.cudagraphs``): ``torch.compile``'s ``mode="reduce-overhead"`` cannot be given together
+  with a backend's options.
 - **llama.cpp**: the ``lp`` export against the unpaired export, or one line saying why not.
 """
 
@@ -31,6 +33,7 @@ from pathlib import Path
 import torch
 from torch._dynamo.utils import counters
 
+from lp_fx.files import check_folder_writable
 from lp_fx.pairing import BASELINE, Pairing, check_range, load_plan, pairs_from_range
 from lp_fx.tools import data
 from lp_fx.tools.console import say
@@ -41,9 +44,9 @@ from lp_fx.tools.evaluation.compiled import LogitsFn, PairingSwitch, check_pairi
 from lp_fx.tools.evaluation.reference import eager_pairing
 from lp_fx.tools.frontier.speed import LlamaCppBench, SpeedBench
 from lp_fx.tools.models import LoadedModel, load_model, load_random_weights
-from lp_fx.files import check_folder_writable
 
 log = logging.getLogger(__name__)
+
 
 class CheckFailed(RuntimeError):
     """A compiled pairing that does not compute what its eager reference does."""
@@ -85,14 +88,16 @@ def device_of(name: str) -> torch.device:
 
 
 def phases(run: Run) -> list[tuple[str, Phase]]:
-    """``(name, work)`` of every phase after the load, in run order."""
-    out: list[tuple[str, Phase]] = []
-    for dtype in run.options.dtypes_on(run.device):
-        out.append((f"correctness {dtype}", lambda run, dtype=dtype: correctness(run, dtype)))
-        for batch in run.sizes.batches:
-            out.append((f"speed {dtype} batch {batch}", lambda run, dtype=dtype, batch=batch: speed(run, dtype, batch)))
-    out.append(("llama.cpp", llamacpp_speed))
-    return out
+    """``(name, work)`` of every phase after the load, in run order: the first dtype's correctness
+    and speed (the one timed: bf16 on CUDA, the serving dtype of the speed claim), the other dtypes'
+    correctness, llama.cpp."""
+    first, *others = run.options.dtypes_on(run.device)
+    return [
+        (f"correctness {first}", lambda run: correctness(run, first)),
+        *((f"speed {first} batch {batch}", lambda run, batch=batch: speed(run, first, batch)) for batch in run.sizes.batches),
+        *((f"correctness {dtype}", lambda run, dtype=dtype: correctness(run, dtype)) for dtype in others),
+        ("llama.cpp", llamacpp_speed),
+    ]
 
 
 def load(run: Run) -> None:

@@ -3,21 +3,13 @@ embeds them), :func:`lp_fx.tools.planning.search.make_plan` and the records they
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
 from lp_fx.config import PAIRING_MODES
-from lp_fx.tools.options import non_negative_float, non_negative_int, option, positive_int
+from lp_fx.tools.options import names_from, non_negative_float, non_negative_int, option, positive_int
 
 MODES = PAIRING_MODES  # the planner gates the modes in which both layers run
-
-
-def parse_modes(spec: str) -> tuple[str, ...]:
-    """Comma-separated pairing modes, each one of :data:`MODES`, each once."""
-    modes = tuple(dict.fromkeys(mode.strip() for mode in spec.split(",") if mode.strip()))
-    if not modes or set(modes) - set(MODES):
-        raise argparse.ArgumentTypeError(f"{spec!r}: give some of {', '.join(MODES)}")
-    return modes
+parse_modes = names_from(MODES)  # comma-separated pairing modes, each one of MODES, each once
 
 
 @dataclass(frozen=True)
