@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lp_fx.adapter import check_adapter_fits, checked_record, merge_adapter, read_adapter_config
 from lp_fx.config import PAIRING_MODES, LayerParallelError, config_from_options
 from lp_fx.find_layers import layer_lists
 from lp_fx.checkpoint_files import (
@@ -255,13 +256,23 @@ def load_finetuned(model: nn.Module, directory: str | Path) -> dict[str, Any]:
     ``torch.compile(model, backend="layer_parallel", options=load_finetuned(model, dir))``
     serves what was trained. Everything is checked before the first tensor is copied — the
     pairing against the model (the backend's rules, layers in range), the tensors against the
-    list in ``pairing.json`` (names, shapes, dtypes, sha256) and for finite values — and any
-    problem raises :class:`CheckpointError` naming the file, leaving ``model`` untouched.
+    list in ``pairing.json`` (names, shapes, dtypes, sha256) and for finite values, a LoRA
+    adapter's config against its record and its factors against the modules they adapt — and any
+    problem raises :class:`CheckpointError` naming the file, leaving ``model`` untouched. A LoRA
+    adapter is merged into the weights (:func:`lp_fx.adapter.merge_adapter`).
     """
     folder = checkpoint_folder(directory)
     pairing = read_pairing_in(folder)
     _check_same_model(model, pairing, folder)
+    adapter = None
+    if "adapter" in pairing:
+        adapter = checked_record(pairing, folder)
+        read_adapter_config(folder, adapter)
     tensors = read_tensors(folder, pairing)
+    if adapter is not None:
+        check_adapter_fits(model, tensors, adapter, folder)
+        merge_adapter(model, tensors, adapter)
+        return finetuned_options(pairing)
     _check_fits(model, tensors, folder)
     state = model.state_dict()
     with torch.no_grad():

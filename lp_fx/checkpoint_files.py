@@ -11,6 +11,11 @@ A checkpoint directory ``D`` holds one complete checkpoint in a folder of its ow
     D/pairing.json -> current/pairing.json           (and the two others: links, to read by hand;
                                                      pairing.json is also a plan file)
 
+A LoRA checkpoint (``lp-fx finetune --lora``) holds peft's two adapter files in place of
+``trained.safetensors``: ``adapter_model.safetensors`` (listed in ``pairing.json`` as the trained
+tensors are) and ``adapter_config.json``, linked from ``D`` too, so that ``D`` is also an adapter
+directory peft reads (:mod:`lp_fx.adapter`).
+
 Saving writes the three files into a new folder, fsyncs them and the folder, then switches
 ``D/current`` to it with one ``rename`` of a new link over the old one: the only step that changes
 what ``D`` holds, and rename is atomic. Interrupted before it, ``current`` still names the previous
@@ -57,7 +62,9 @@ log = logging.getLogger(__name__)
 TENSORS = "trained.safetensors"
 PAIRING = "pairing.json"
 RECORD = "train.json"
-FILES = (PAIRING, TENSORS, RECORD)
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_TENSORS = "adapter_model.safetensors"
+FILES = (PAIRING, TENSORS, RECORD, ADAPTER_CONFIG, ADAPTER_TENSORS)  # what D links to, when current has it
 CURRENT = "current"
 LOCK = ".lp_fx-finetune.lock"  # held by the run writing in the directory (hold_checkpoint_dir)
 FORMAT = "lp_fx.finetuned/2"
@@ -96,13 +103,15 @@ def save_checkpoint(
     tensors: Mapping[str, torch.Tensor],
     pairing: Mapping[str, Any],
     record: Mapping[str, Any],
+    adapter_config: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a complete checkpoint into ``directory`` all-or-nothing (see the module docstring);
-    return the folder that holds its files."""
+    return the folder that holds its files. With ``adapter_config`` (peft's, as JSON), ``tensors``
+    are a LoRA adapter's, written as peft writes them, and ``pairing`` records the adapter."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     pairing = {**pairing, "model": {**pairing["model"], "tensors": tensor_records(tensors)}}
-    folder = _write_version(directory, tensors, pairing, record)
+    folder = _write_version(directory, tensors, pairing, record, adapter_config)
     _replace_with_link(directory / CURRENT, folder.name)  # the commit
     _fsync_directory(directory)
     _link_files(directory)
@@ -111,9 +120,13 @@ def save_checkpoint(
 
 
 def _write_version(
-    directory: Path, tensors: Mapping[str, torch.Tensor], pairing: Mapping[str, Any], record: Mapping[str, Any]
+    directory: Path,
+    tensors: Mapping[str, torch.Tensor],
+    pairing: Mapping[str, Any],
+    record: Mapping[str, Any],
+    adapter_config: Mapping[str, Any] | None,
 ) -> Path:
-    """A new folder in ``directory`` with the three files, all on disk; nothing else is touched."""
+    """A new folder in ``directory`` with the checkpoint's files, all on disk; nothing else is touched."""
     from safetensors.torch import save_file  # lazy: only reading or writing a checkpoint needs safetensors
 
     step = int(record.get("step", 0) or 0)
@@ -121,8 +134,11 @@ def _write_version(
     try:
         folder.chmod(0o755)
         write_json(folder / PAIRING, pairing)
-        save_file(dict(tensors), str(folder / TENSORS), metadata={"format": FORMAT, "step": str(step)})
-        with open(folder / TENSORS, "rb") as handle:
+        if adapter_config is not None:
+            write_json(folder / ADAPTER_CONFIG, adapter_config)
+        tensor_file = folder / tensors_file(pairing)
+        save_file(dict(tensors), str(tensor_file), metadata={"format": "pt" if adapter_config else FORMAT, "step": str(step)})
+        with open(tensor_file, "rb") as handle:
             os.fsync(handle.fileno())
         write_json(folder / RECORD, record)
         _fsync_directory(folder)
@@ -152,12 +168,16 @@ def _replace_with_link(path: Path, target: str) -> None:
 
 
 def _link_files(directory: Path) -> None:
-    """``D/pairing.json -> current/pairing.json`` and the others (replacing a legacy checkpoint's
-    files, after ``current`` made them unused)."""
+    """``D/pairing.json -> current/pairing.json`` and the others ``current`` holds (replacing a
+    legacy checkpoint's files, after ``current`` made them unused); a link to a file ``current``
+    does not hold (a full checkpoint replaced by a LoRA one) is removed."""
     for name in FILES:
         target = f"{CURRENT}/{name}"
         path = directory / name
-        if not (path.is_symlink() and os.readlink(path) == target):
+        if not (directory / CURRENT / name).exists():
+            if path.is_symlink() and os.readlink(path) == target:
+                path.unlink()
+        elif not (path.is_symlink() and os.readlink(path) == target):
             _replace_with_link(path, target)
 
 
@@ -256,11 +276,21 @@ def checkpoint_folder(directory: str | Path) -> Path:
 
 
 def complete_versions(directory: Path) -> list[Path]:
-    """The checkpoint folders in ``directory`` that hold every file, by name."""
-    return sorted(
-        entry for entry in directory.iterdir()
-        if _VERSION.match(entry.name) and entry.is_dir() and all((entry / name).is_file() for name in FILES)
-    )
+    """The checkpoint folders in ``directory`` that hold every file, by name: the pairing, the
+    record, and the trained tensors or an adapter's two files."""
+    return sorted(entry for entry in directory.iterdir() if _VERSION.match(entry.name) and _is_complete(entry))
+
+
+def _is_complete(folder: Path) -> bool:
+    def has(*names: str) -> bool:
+        return all((folder / name).is_file() for name in names)
+
+    return folder.is_dir() and has(PAIRING, RECORD) and (has(TENSORS) or has(ADAPTER_CONFIG, ADAPTER_TENSORS))
+
+
+def tensors_file(pairing: Mapping[str, Any]) -> str:
+    """The file of a checkpoint's tensors: the adapter's for a LoRA checkpoint, else the trained ones."""
+    return ADAPTER_TENSORS if "adapter" in pairing else TENSORS
 
 
 def _only_version(directory: Path) -> Path:
@@ -317,7 +347,7 @@ def read_tensors(folder: Path, pairing: Mapping[str, Any]) -> dict[str, torch.Te
     from safetensors import SafetensorError  # lazy: only reading or writing a checkpoint needs safetensors
     from safetensors.torch import load  # lazy: only reading or writing a checkpoint needs safetensors
 
-    path = folder / TENSORS
+    path = folder / tensors_file(pairing)
     data = _read_bytes(path, "the checkpoint has no trained tensors")
     try:
         tensors = load(data)

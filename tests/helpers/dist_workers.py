@@ -278,7 +278,7 @@ def finetune_cases(mesh: DeviceMesh) -> dict:
 
 def finetune_gradients(train: str, mesh: DeviceMesh | None = None) -> dict[str, torch.Tensor]:
     """The gradients the optimizer sees in the first fine-tuning step (after the cross-rank sum)."""
-    from lp_fx.tools.training import finetune as ft
+    from lp_fx.tools.training import finetune as ft, losses
     from lp_fx.tools.training.distributed import Ranks
 
     torch._dynamo.reset()
@@ -286,7 +286,7 @@ def finetune_gradients(train: str, mesh: DeviceMesh | None = None) -> dict[str, 
     ft.choose_trainable(model, config)
     student, backend = ft.make_student(model, config, mesh)
     ids = finetune_tokens().view(4, 16)[:2]
-    ft.lm_loss(ft.logits_of(student, ids), ids).backward()
+    losses.lm_loss(losses.logits_of(student, ids), ids).backward()
     params = [p for p in model.parameters() if p.requires_grad]
     if mesh is not None:
         Ranks(mesh, backend).complete_gradients(params)

@@ -13,7 +13,7 @@ from lp_fx import LayerParallel
 from lp_fx.tools import cli
 from lp_fx.tools.training import self_text
 from lp_fx.tools.data import training_chunks
-from lp_fx.tools.training import finetune as ft
+from lp_fx.tools.training import finetune as ft, losses
 from lp_fx.tools.cli import finetune as finetune_command
 from lp_fx.tools.training.self_text import GenerationSettings, SelfTextError
 
@@ -154,7 +154,7 @@ def distill_loss_on(model, chunks: torch.Tensor) -> float:
     torch._dynamo.reset()
     student = torch.compile(model, backend=LayerParallel(pairs=[(1, 2)], inner="aot_eager"))
     with torch.no_grad():
-        return float(ft.distill_loss(ft.logits_of(student, chunks), ft.logits_of(hf_model("llama"), chunks)))
+        return float(losses.distill_loss(losses.logits_of(student, chunks), losses.logits_of(hf_model("llama"), chunks)))
 
 
 def test_the_student_loss_falls_on_the_self_generated_text(tmp_path):

@@ -26,6 +26,19 @@ from lp_fx.tools.training.finetune import LOSSES, TRAIN_SETS, FinetuneConfig
 from lp_fx.tools.training.texts import FileText, SelfText, mixed
 
 SELF_GROUP = "self-generated training text (--train-data self)"
+LORA_GROUP = "LoRA adapters (peft) in place of the weights (--lora RANK)"
+LORA_LR = 1e-3  # the default peak learning rate with --lora (adapters start at zero and are small)
+
+
+def module_names(text: str) -> tuple[str, ...]:
+    """An argparse ``type``: comma-separated names of linear layers, e.g. ``q_proj,v_proj``."""
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: give names of linear layers, e.g. q_proj,v_proj")
+    return names
+
+
+module_names.__name__ = "names of linear layers"
 
 
 @dataclass(frozen=True)
@@ -63,8 +76,8 @@ class FinetuneArgs(PairedModelArgs):
     --out)"""
     steps: int = option(FinetuneConfig.steps)
     """optimizer steps"""
-    lr: float = option(FinetuneConfig.lr)
-    """peak learning rate (AdamW)"""
+    lr: float | None = option(None, parse=positive_float)
+    """peak learning rate (AdamW; default 1e-4, or 1e-3 with --lora)"""
     batch: int = option(FinetuneConfig.batch)
     """sequences per step"""
     seq_len: int = option(FinetuneConfig.seq_len)
@@ -81,6 +94,13 @@ class FinetuneArgs(PairedModelArgs):
     """held-out windows from the WikiText-2 raw test split (never trained on)"""
     save_every: int = option(FinetuneConfig.save_every)
     """checkpoint every N steps (and at the end)"""
+    lora: int | None = option(None, parse=positive_int, metavar="RANK", group=LORA_GROUP)
+    """train LoRA adapters of this rank on the trained layers' linear layers instead of their weights; the
+    checkpoint holds them in peft's format and loading merges them into the weights"""
+    lora_alpha: float | None = option(None, parse=positive_float, group=LORA_GROUP)
+    """the adapters' scale is alpha / rank (default alpha: twice the rank)"""
+    lora_targets: tuple[str, ...] | None = option(None, parse=module_names, metavar="NAMES", group=LORA_GROUP)
+    """adapt only these linear layers of the trained layers, e.g. q_proj,v_proj (default: all of them)"""
     mesh: str | None = option(None, choices=("auto",))
     """auto: one rank per process under torchrun, each training the branch it computes"""
     out: str | None = option(None, metavar="DIR", required=True)
@@ -154,6 +174,10 @@ def _layer_list(spec: str | None) -> tuple[int, ...] | None:
 def run(args: argparse.Namespace) -> None:
     """Check what can be checked without the model, hold ``--out`` (rank 0: the rank that writes
     there; a run holding it already is refused), then train."""
+    if args.lora is None and (args.lora_alpha is not None or args.lora_targets is not None):
+        raise ValueError(f"--{'lora-alpha' if args.lora_alpha is not None else 'lora-targets'} is used only with --lora RANK")
+    if args.lora is not None and args.mesh is not None:
+        raise ValueError("--lora trains in one process: drop --mesh, or fine-tune the weights on the mesh")
     out = check_checkpoint_dir(args.out, overwrite=args.overwrite)  # before any work: a run must be able to save
     data_dir = data.resolve_data_dir(args.data_dir)
     sources = training_texts(args, out, data_dir)
@@ -172,9 +196,10 @@ def _train(
     pairing = Pairing.parse(args.plan or args.pairs, loaded.num_layers)
     config = finetune.FinetuneConfig(
         pairs=pairing.pairs, modes=pairing.modes, mode=args.mode, loss=args.loss, train=args.train,
-        train_layers=_layer_list(args.train_layers), steps=args.steps, lr=args.lr, batch=args.batch,
+        train_layers=_layer_list(args.train_layers), steps=args.steps, lr=_learning_rate(args), batch=args.batch,
         seq_len=args.seq_len, seed=args.seed, warmup=args.warmup, clip=args.clip,
         eval_every=args.eval_every, save_every=args.save_every, inner=args.inner,
+        lora_rank=args.lora, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
     )
     train = mixed([source.token_ids(loaded, mesh, rank0 and not args.no_progress) for source in sources])
     heldout = evaluate.wikitext_windows(loaded.tokenizer, data_dir, args.window, "all", args.eval_windows)
@@ -193,6 +218,12 @@ def _train(
             f"{record['step']} steps ({record['wall_s']:.0f} s); checkpoint in {out}")
         finetune.plot_record(record, out / "loss.png")
         say(f"wrote {out / 'loss.png'}")
+
+
+def _learning_rate(args: argparse.Namespace) -> float:
+    if args.lr is not None:
+        return args.lr
+    return LORA_LR if args.lora is not None else FinetuneConfig.lr
 
 
 def _init_mesh(mesh: str | None) -> str | None:

@@ -9,7 +9,10 @@ served. Two losses:
   copy of those tensors only and swapped in with ``torch.func.functional_call``: no second model.
 - ``lm``: next-token cross-entropy on the training text.
 
-By default only the parameters of the paired layers train (``requires_grad=False`` elsewhere).
+By default only the parameters of the paired layers train (``requires_grad=False`` elsewhere);
+with ``lora_rank``, low-rank adapters on those layers' linear layers train instead and the weights
+stay as they were (:mod:`lp_fx.tools.training.lora`; the teacher is then the model without its
+adapters, and the checkpoint holds the adapter in peft's format).
 AdamW with a linear warm-up and a cosine decay to a tenth of the rate, gradient clipping, a seed
 that fixes the data order and the initial state, held-out perplexity every ``eval_every`` steps,
 and an all-or-nothing checkpoint every ``save_every`` steps and at the end (``lp_fx.checkpoint``).
@@ -22,7 +25,6 @@ that every rank applies the single-device update (see :func:`lp_fx.tools.trainin
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -31,10 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from lp_fx.adapter import adapter_record
 from lp_fx.config import PAIRING_MODES, LayerParallelError, choice
 from lp_fx.checkpoint import (
     check_checkpoint_dir,
@@ -49,6 +51,8 @@ from lp_fx.files import atomic_write
 from lp_fx.pairing import Pair, Pairing, validate_pairs
 from lp_fx.tools.evaluation.compiled import check_rewritten, make_backend
 from lp_fx.tools.evaluation.scoring import perplexity
+from lp_fx.tools.training import lora
+from lp_fx.tools.training.losses import distill_loss, learning_rate_factor, lm_loss, logits_of
 from lp_fx.tools.training.distributed import Ranks, resolve_mesh
 
 log = logging.getLogger(__name__)
@@ -64,7 +68,10 @@ class FinetuneError(LayerParallelError):
 @dataclass(frozen=True)
 class FinetuneConfig:
     """What to train and how. ``train_layers`` overrides the layers that train (default: the
-    paired ones), e.g. to give the unpaired model the same fine-tuning as a control."""
+    paired ones), e.g. to give the unpaired model the same fine-tuning as a control. ``lora_rank``:
+    train LoRA adapters of that rank on those layers' linear layers (``lora_targets``: only those
+    named, e.g. ``("q_proj", "v_proj")``) instead of their weights; ``lora_alpha`` defaults to
+    twice the rank."""
 
     pairs: tuple[Pair, ...] = ()
     modes: tuple[str, ...] | None = None
@@ -83,6 +90,9 @@ class FinetuneConfig:
     eval_every: int = 25
     save_every: int = 25
     inner: str = "aot_eager"
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pairs", validate_pairs(self.pairs))
@@ -103,6 +113,12 @@ class FinetuneConfig:
             raise FinetuneError(f"lr must be > 0, got {self.lr!r}")
         if self.warmup is not None and not 0 <= self.warmup <= self.steps:
             raise FinetuneError(f"warmup must be between 0 and steps ({self.steps}), got {self.warmup}")
+        if self.lora_rank is not None and (not isinstance(self.lora_rank, int) or self.lora_rank < 1):
+            raise FinetuneError(f"lora rank must be a whole number >= 1, got {self.lora_rank!r}")
+        if self.lora_rank is None and (self.lora_alpha is not None or self.lora_targets is not None):
+            raise FinetuneError("lora alpha and lora targets are used only with a lora rank")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise FinetuneError(f"lora alpha must be > 0, got {self.lora_alpha!r}")
 
     @property
     def pair_modes(self) -> tuple[str, ...]:
@@ -116,43 +132,18 @@ class FinetuneConfig:
     def warmup_steps(self) -> int:
         return self.warmup if self.warmup is not None else max(1, self.steps // 10)
 
+    @property
+    def alpha(self) -> float:
+        """The LoRA scale's numerator: ``lora_alpha``, else twice the rank."""
+        return float(self.lora_alpha if self.lora_alpha is not None else 2 * (self.lora_rank or 0))
+
     def layers_to_train(self) -> tuple[int, ...]:
         if self.train_layers is not None:
             return tuple(sorted(self.train_layers))
         return tuple(i for pair in self.pairs for i in pair)
 
 
-# ------------------------------------------------------------------------------------------ loss
-
-
-def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || student) of the next-token distributions."""
-    vocab = student_logits.shape[-1]
-    student = F.log_softmax(student_logits.float().reshape(-1, vocab), dim=-1)
-    teacher = F.log_softmax(teacher_logits.float().reshape(-1, vocab), dim=-1)
-    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
-
-
-def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy."""
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-
-
-def learning_rate_factor(step: int, steps: int, warmup: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then a cosine from 1 down to 0.1 at the last step."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 # ---------------------------------------------------------------------------------- the trainer
-
-
-def logits_of(model: Callable, ids: torch.Tensor) -> torch.Tensor:
-    """Logits of a Hugging Face causal LM (or any model returning logits) for ``ids``."""
-    out = model(input_ids=ids, use_cache=False)
-    return out.logits if hasattr(out, "logits") else out
 
 
 @dataclass
@@ -193,7 +184,9 @@ def check_layers(model: nn.Module, config: FinetuneConfig) -> tuple[str, int]:
 def choose_trainable(model: nn.Module, config: FinetuneConfig) -> list[str]:
     """Set ``requires_grad`` for the parameters that train (and only those); return their names."""
     stack, _ = check_layers(model, config)
-    if config.train == "all":
+    if config.lora_rank is not None:
+        names = lora.adapter_parameter_names(model)
+    elif config.train == "all":
         names = [name for name, _ in model.named_parameters()]
     else:
         names = layer_parameter_names(model, stack, config.layers_to_train())
@@ -203,6 +196,16 @@ def choose_trainable(model: nn.Module, config: FinetuneConfig) -> list[str]:
     for name, param in model.named_parameters():
         param.requires_grad_(name in chosen)
     return names
+
+
+def add_lora(model: nn.Module, config: FinetuneConfig) -> dict[str, Any]:
+    """Inject the LoRA adapters ``config`` asks for (on every layer with ``train='all'``); their peft config."""
+    stack, count = check_layers(model, config)
+    layers = range(count) if config.train == "all" else config.layers_to_train()
+    targets = lora.lora_targets(model, stack, layers, config.lora_targets)
+    adapter = lora.add_adapters(model, targets, config.lora_rank, config.alpha)
+    log.info("LoRA rank %d, alpha %g on %d linear layers", config.lora_rank, config.alpha, len(targets))
+    return adapter
 
 
 def make_student(model: nn.Module, config: FinetuneConfig, mesh: Any = None) -> tuple[Callable, Any]:
@@ -238,10 +241,15 @@ def finetune(
     torch.manual_seed(config.seed)
     check_layers(model, config)
     pairing = pairing_record(model, config.pairs, config.pair_modes)  # before training: the base weights
+    if config.lora_rank is not None and mesh is not None:
+        raise FinetuneError("LoRA fine-tuning runs in one process: drop --mesh, or fine-tune the weights on the mesh")
+    adapter = add_lora(model, config) if config.lora_rank is not None else None
+    if adapter is not None:
+        pairing = {**pairing, "adapter": adapter_record(adapter)}
     batches = MixedBatches(token_streams(train_ids), config.seq_len, config.batch, config.seed)
     names = choose_trainable(model, config)
     params = [p for name, p in model.named_parameters() if p.requires_grad]
-    teacher = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad} if config.loss == "distill" else None
+    teacher = _teacher(model, adapter) if config.loss == "distill" else None
     student, backend = make_student(model, config, mesh)
     ranks = Ranks(resolve_mesh(mesh, model), backend) if mesh is not None else None
     if ranks is not None and ranks.world == 1:
@@ -267,11 +275,19 @@ def finetune(
         if heldout is not None and ((step + 1) % config.eval_every == 0 or last):
             _measure_heldout(student, heldout, state, progress)
         if (step + 1) % config.save_every == 0 or last:
-            _save(model, names, pairing, state, out_dir, ranks)
+            _save(model, names, pairing, state, out_dir, ranks, adapter)
     bar.close()
     for param in params:
         param.grad = None
     return state.to_json()
+
+
+def _teacher(model: nn.Module, adapter: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+    """What ``functional_call`` swaps in to compute the unpaired teacher: the original values of the
+    weights that train, or, with LoRA, zero ``lora_B`` factors (the model without its adapters)."""
+    if adapter is not None:
+        return lora.teacher_tensors(model)
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def _optimizer(params: Sequence[torch.Tensor], config: FinetuneConfig) -> tuple[torch.optim.Optimizer, Any]:
@@ -342,12 +358,21 @@ def _measure_heldout(student: Callable, heldout: torch.Tensor | None, state: Tra
     log.info("step %d: held-out perplexity %.3f", state.step, ppl)
 
 
-def _save(model: nn.Module, names: Sequence[str], pairing: dict, state: TrainState, out_dir: Path, ranks: Ranks | None) -> None:
+def _save(
+    model: nn.Module,
+    names: Sequence[str],
+    pairing: dict,
+    state: TrainState,
+    out_dir: Path,
+    ranks: Ranks | None,
+    adapter: dict[str, Any] | None,
+) -> None:
     if ranks is not None:
         ranks.gather_to_all(model, names)
         if ranks.rank != 0:
             return
-    save_checkpoint(out_dir, unique_tensors(model, names), pairing, state.to_json())
+    tensors = lora.adapter_tensors(model) if adapter is not None else unique_tensors(model, names)
+    save_checkpoint(out_dir, tensors, pairing, state.to_json(), adapter)
     log.info("step %d: checkpoint written to %s", state.step, out_dir)
 
 
