@@ -53,8 +53,11 @@ def markdown(record: dict) -> str:
     if record["speed"]:
         lines += speed_table(record)
     if "llamacpp" in record:
-        lines += ["", f"llama.cpp: exported {record['pairings'][1]['name']} vs exported unpaired: "
-                  f"{record['llamacpp']['ratio']:.3f}× ({record['llamacpp']})"]
+        bench = record["llamacpp"]
+        layers = " → ".join(map(str, bench.get("layers", [])))
+        lines += ["", f"llama.cpp: exported {record['pairings'][1]['name']} vs exported unpaired: {bench['ratio']:.3f}× "
+                  f"decode ({bench.get('dtype')}, {bench.get('threads')} threads, {bench.get('tokens')} tokens, "
+                  f"{bench.get('rounds')} rounds interleaved; {layers} layers)"]
     return "\n".join(lines) + "\n"
 
 
