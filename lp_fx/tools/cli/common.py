@@ -37,7 +37,8 @@ class ModelSpec:
     """The model a command reads (every command that reads one)."""
 
     model: str = option("smollm2")
-    """'smollm2' (the bundled SmolLM2-135M-Instruct GGUF), a .gguf file or a local HF model directory"""
+    """'smollm2' (the bundled SmolLM2-135M-Instruct GGUF), 'gemma3' (Gemma 3 270M, from the lp_fx[gemma3] extra), a
+    .gguf file or a local HF model directory"""
     verbose: bool = option(False, flags=("-v", "--verbose"))
     """log at INFO level"""
 

@@ -18,7 +18,7 @@ class CheckArgs:
     """The check's options."""
 
     model: str = option("smollm2")
-    """'smollm2', a .gguf file or a local HF model directory"""
+    """'smollm2', 'gemma3', a .gguf file or a local HF model directory"""
     pairs: list[str] = option(factory=list, action="append", metavar="SPEC")
     """a pairing (repeatable)"""
     plan: list[str] = option(factory=list, action="append", metavar="FILE")
