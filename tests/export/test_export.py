@@ -118,6 +118,27 @@ def test_a_fine_tuned_checkpoint_is_folded_in_first(tmp_path, bpe_dir):
     assert (logits(build_model(folded), tokens) - logits(lp_pass(model, [(1, 2)]), tokens)).abs().max() <= 1e-4
 
 
+def test_a_lora_checkpoint_is_merged_then_folded(tmp_path, bpe_dir):
+    import copy
+
+    from lp_fx.adapter import adapter_record
+    from lp_fx.checkpoint import pairing_record, save_checkpoint
+    from lp_fx.tools.training import lora
+
+    model = bpe_model()
+    adapted = copy.deepcopy(model)
+    config = lora.add_adapters(adapted, lora.lora_targets(adapted, "model.layers", [1, 2], None), rank=2, alpha=4.0)
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if ".lora_B." in name:
+                param.normal_(0, 0.05)
+    pairing = {**pairing_record(model, [(1, 2)], ["lp"]), "adapter": adapter_record(config)}
+    save_checkpoint(tmp_path / "ckpt", lora.adapter_tensors(adapted), pairing, {"step": 1}, config)
+    folded = ex.export(model, [(1, 2)], ["lp"], tmp_path / "m.gguf", Source("tiny", bpe_dir), checkpoint=tmp_path / "ckpt")
+    tokens = ids()  # the reference: peft computing the unmerged adapters inside the paired model
+    assert (logits(build_model(folded), tokens) - logits(lp_pass(adapted, [(1, 2)]), tokens)).abs().max() <= 1e-4
+
+
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, bpe_dir):
     refused(tmp_path, tiny("llama"), [(1, 2)], ["lp"], r"the tokenizer has \d+ tokens, more than the model's vocabulary \(128\)",
             tokenizer=bpe_dir)
