@@ -1,89 +1,118 @@
-"""SmolLM2-135M-Instruct, plain and with Layer Parallelism (Δ = 14: layers 14..27 in 7 pairs).
+"""SmolLM2-135M-Instruct three ways, each through ``torch.compile(..., backend=LayerParallel(...))``:
 
-Prints WikiText-2 perplexity (first 4096 tokens, 512-token windows), a greedy answer to a short
-prompt and the decode speed of that answer (tokens/s, best of --speed-runs generations after the
-compiling one) for both, each through ``torch.compile(..., backend=LayerParallel(...))``. On one
-CPU the pairs alone save no time (every weight is still read once per token); ``--fuse`` runs each
-pair's two GEMMs as one (see the README's "One device: fused pairs").
+1. baseline: the unpaired model (30 layers);
+2. the paper's recipe, untuned: layers 14..27 in 7 contiguous ``lp`` pairs (Δ = 14, depth 23);
+3. what this project recommends for SmolLM2: the planner's 7 pairs with their LoRA adapter, both
+   committed in ``examples/smollm2_lora/`` (made by ``lp-fx plan --num-pairs 7`` and
+   ``lp-fx finetune --plan ... --lora 16``; the README gives the commands and their time).
 
-    python examples/demo_smollm2.py [--start 14 --end 28] [--mode lp|block] [--inner inductor] [--fuse]
-    python examples/demo_smollm2.py --checkpoint DIR    # also: the pairing fine-tuned by `lp-fx finetune`
+Rows 2 and 3 run fused (``fuse=True``: each pair's GEMMs as one), as one device serves them. The
+decode steps run through the backend with Inductor behind it (``--inner``); perplexity and the
+prompt run through the same backend and pairing with the ``eager`` inner compiler, which compiles
+in seconds where Inductor's prefill graphs would take minutes. For each row: WikiText-2 perplexity (first ``--tokens`` tokens of the raw test split, 512-token windows) and its
+ratio to the baseline; decode tokens/s of ``--new-tokens`` greedy tokens, timed in ``--rounds``
+interleaved rounds, as the median per-round ratio to the baseline; and whether the greedy answer to
+"What is the capital of France?" names Paris.
+
+    python examples/demo_smollm2.py [--checkpoint DIR] [--start 14 --end 28] [--mode lp|block]
+                                    [--inner aot_eager|inductor] [--no-fuse] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import sys
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 import lp_fx
 from lp_fx import LayerParallel
 from lp_fx.config import INNER_COMPILERS, PAIRING_MODES, check_range
-from lp_fx.tools.options import OneLineParser, int_at_least, non_negative_int, positive_int
 from lp_fx.tools.data import DataError, load_wikitext, resolve_data_dir
 from lp_fx.tools.evaluation.scoring import make_windows, perplexity
 from lp_fx.tools.models import load_model
-from lp_fx.tools.speed.timing import generate
+from lp_fx.tools.options import OneLineParser, int_at_least, non_negative_int, positive_int
+from lp_fx.tools.speed.timing import (
+    decode_steps_through,
+    ratio_to_first,
+    static_graphs_per_variant,
+    time_interleaved,
+)
 
 PROMPT = "What is the capital of France?"
+RECOMMENDED = Path(__file__).resolve().parent / "smollm2_lora"
 
 
 def parse_args() -> argparse.Namespace:
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--start", type=non_negative_int, default=14)
-    p.add_argument("--end", type=positive_int, default=28)
-    p.add_argument("--mode", choices=PAIRING_MODES, default="lp")
-    p.add_argument("--inner", choices=INNER_COMPILERS, default="aot_eager",
-                   help="inner compiler after the rewrite (inductor: faster to run, ~1-2 min more to compile)")
-    p.add_argument("--tokens", type=int_at_least(512), default=4096,
+    p.add_argument("--checkpoint", default=str(RECOMMENDED), metavar="DIR",
+                   help="the recommended row's fine-tuned pairing (default: the committed examples/smollm2_lora)")
+    p.add_argument("--start", type=non_negative_int, default=14, help="the contiguous row's first paired layer")
+    p.add_argument("--end", type=positive_int, default=28, help="the contiguous row's end (exclusive)")
+    p.add_argument("--mode", choices=PAIRING_MODES, default="lp", help="the contiguous row's mode")
+    p.add_argument("--inner", choices=INNER_COMPILERS, default="inductor",
+                   help="inner compiler of the decode steps (perplexity and the prompt: eager, quick to compile)")
+    p.add_argument("--no-fuse", dest="fuse", action="store_false", help="run the pairs' GEMMs one by one")
+    p.add_argument("--tokens", type=int_at_least(512), default=2048,
                    help="WikiText-2 tokens to score, in 512-token windows (at least 512)")
-    p.add_argument("--new-tokens", type=positive_int, default=24)
-    p.add_argument("--speed-runs", type=positive_int, default=3,
-                   help="timed generations of --new-tokens tokens per configuration (the best is printed)")
-    p.add_argument("--fuse", action="store_true", help="fuse each pair's two branches into one GEMM per projection")
+    p.add_argument("--new-tokens", type=positive_int, default=24, help="greedy tokens per timed generation")
+    p.add_argument("--rounds", type=positive_int, default=5, help="interleaved timing rounds")
     p.add_argument("--data-dir", default=None, help="evaluation data (default: ../shared/data)")
-    p.add_argument("--checkpoint", default=None, metavar="DIR",
-                   help="a fine-tuned pairing from `lp-fx finetune`: shown after baseline and LP")
     return p.parse_args()
 
 
-@torch.no_grad()
+@dataclass
+class Row:
+    """One configuration of the demo and what it measured."""
+
+    name: str
+    options: dict
+    checkpoint: str | None = None
+    depth: int = 0
+    ppl: float = 0.0
+    answer: str = ""
+    tokens_per_s: list[float] = field(default_factory=list)
+
+
 def prompt_ids(tokenizer) -> torch.Tensor:
     text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
     return tokenizer(text, return_tensors="pt").input_ids
 
 
-def answer(model, tokenizer, new_tokens: int) -> str:
+def greedy_answer(model, tokenizer, new_tokens: int) -> str:
     ids = prompt_ids(tokenizer)
-    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, cache_implementation="static")
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, cache_implementation="static",
+                             disable_compile=True)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
-def decode_speed(model, tokenizer, new_tokens: int, runs: int) -> float:
-    """Decode tokens/s of greedy generation of exactly ``new_tokens`` tokens, the best of ``runs``
-    (the graphs are compiled by then: :func:`answer` ran first)."""
-    ids = prompt_ids(tokenizer)
-    return max(generate(model, ids, new_tokens)[1] for _ in range(runs))
-
-
-def run(name: str, loaded, backend: LayerParallel, windows: torch.Tensor, args: argparse.Namespace) -> dict:
-    model, plain_forward = loaded.model, loaded.model.forward
-    torch._dynamo.reset()
-    t0 = time.perf_counter()
-    model.forward = torch.compile(plain_forward, backend=backend)
-    try:
-        ppl = perplexity(lambda ids: model.forward(input_ids=ids, use_cache=False).logits, windows).ppl
-        text = answer(model, loaded.tokenizer, args.new_tokens)
-        speed = decode_speed(model, loaded.tokenizer, args.new_tokens, args.speed_runs)
-    finally:
-        model.forward = plain_forward
-    rewritten = sorted({p for r in backend.reports for p, _ in r.pairs_rewritten})
-    logging.info("%s: %d graphs compiled in %.0f s, pairs rewritten: %s", name, len(backend.reports),
-                 time.perf_counter() - t0, rewritten or "none")
-    return {"name": name, "ppl": ppl, "answer": text, "pairs": rewritten, "tokens_per_s": speed}
+def compiled_row(loaded, row: Row, args: argparse.Namespace, windows: torch.Tensor) -> torch.nn.Module:
+    """A copy of the model (with the row's checkpoint loaded) compiled for ``row``; its perplexity and
+    answer measured (which compiles its graphs)."""
+    started = time.perf_counter()
+    model = copy.deepcopy(loaded.model)
+    options = dict(row.options)
+    if row.checkpoint is not None:
+        options.update(lp_fx.load_finetuned(model, row.checkpoint))  # merges the LoRA adapter into the weights
+    fuse = args.fuse and options.get("pairs") != []
+    backend = LayerParallel(options, inner="eager", fuse=fuse)  # perplexity and the prompt
+    decode = LayerParallel(options, inner=args.inner, fuse=fuse)  # the decode steps, the ones timed
+    model.forward = decode_steps_through(torch.compile(model.forward, backend=decode),
+                                         torch.compile(model.forward, backend=backend))
+    row.ppl = perplexity(lambda ids: model.forward(input_ids=ids, use_cache=False).logits, windows, progress=False).ppl
+    row.answer = greedy_answer(model, loaded.tokenizer, args.new_tokens)
+    row.depth = loaded.num_layers - len({pair for r in backend.reports for pair, _ in r.pairs_rewritten})
+    fused = sorted({pair for r in decode.reports for pair, _ in r.pairs_fused})
+    logging.info("%s: compiled and measured in %.0f s; %d graphs (%d decode), pairs fused in decode: %s", row.name,
+                 time.perf_counter() - started, len(backend.reports) + len(decode.reports), len(decode.reports),
+                 fused or "none")
+    return model
 
 
 def main() -> int:
@@ -91,43 +120,56 @@ def main() -> int:
     args = parse_args()
     try:
         check_range(args.start, args.end)
-        data_dir = resolve_data_dir(args.data_dir)
-        demo(args, data_dir)
+        if not Path(args.checkpoint).is_dir():
+            raise ValueError(f"--checkpoint {args.checkpoint}: no such directory (a checkpoint of `lp-fx finetune`)")
+        demo(args, resolve_data_dir(args.data_dir))
     except (DataError, OSError, ValueError) as error:  # LayerParallelError is a ValueError
         print(f"demo_smollm2: error: {error}", file=sys.stderr)
         return 2
     return 0
 
 
-def demo(args: argparse.Namespace, data_dir) -> None:
+def demo(args: argparse.Namespace, data_dir: Path) -> None:
     loaded = load_model("smollm2")
     if args.end > loaded.num_layers:
         raise ValueError(f"--end {args.end} is past the last layer: SmolLM2-135M has {loaded.num_layers} layers")
     ids = loaded.tokenizer.encode(load_wikitext(data_dir), add_special_tokens=False)[: args.tokens]
     windows = make_windows(ids, 512)
-    layers = loaded.num_layers
     delta = args.end - args.start
-    lp_name = f"LP {args.mode} layers {args.start}..{args.end - 1} (Δ={delta}, depth {layers}→{layers - delta // 2})"
-    results = [
-        run("baseline", loaded, LayerParallel(pairs=[], inner=args.inner), windows, args),
-        run(lp_name, loaded, LayerParallel(start=args.start, end=args.end, mode=args.mode, inner=args.inner,
-                                           fuse=args.fuse), windows, args),
+    rows = [
+        Row("baseline (unpaired)", {"pairs": []}),
+        Row(f"paper: {args.start}:{args.end} {args.mode}, untuned", {"start": args.start, "end": args.end, "mode": args.mode}),
+        Row(f"recommended: planned + LoRA ({Path(args.checkpoint).name})", {}, checkpoint=args.checkpoint),
     ]
-    if args.checkpoint:
-        options = lp_fx.load_finetuned(loaded.model, args.checkpoint)  # loaded after the runs above
-        pairs = options.get("pairs")
-        name = f"LP fine-tuned ({len(pairs) if pairs is not None else 'plan'} pairs, {args.checkpoint})"
-        results.append(run(name, loaded, LayerParallel(options, inner=args.inner, fuse=args.fuse), windows, args))
-    base, base_speed = results[0]["ppl"], results[0]["tokens_per_s"]
-    print(f"\nSmolLM2-135M-Instruct, WikiText-2 raw test: {windows.shape[0]} windows × 512 tokens, inner={args.inner}"
-          f"{', fused pairs' if args.fuse else ''}; decode: {args.new_tokens} greedy tokens, best of {args.speed_runs}")
-    width = max(len(r["name"]) for r in results)
-    for r in results:
-        print(f"  {r['name']:<{width}}  perplexity {r['ppl']:8.3f}  ({r['ppl'] / base:5.3f}× baseline)   "
-              f"decode {r['tokens_per_s']:6.1f} tok/s ({r['tokens_per_s'] / base_speed:5.3f}× baseline)")
-    print(f"\nPrompt: {PROMPT}")
-    for r in results:
-        print(f"  {r['name']:<{width}}  {r['answer']!r}")
+    static_graphs_per_variant()
+    compiled = {row.name: compiled_row(loaded, row, args, windows) for row in rows}
+    prompt = prompt_ids(loaded.tokenizer)  # its graphs compiled by the answers above
+    time_interleaved(compiled, rows, prompt, args.new_tokens, args.rounds)
+    for row in rows[1:]:
+        logging.info("%s: decode tok/s per round %s, against the baseline's %s", row.name,
+                     [round(v, 1) for v in row.tokens_per_s], [round(v, 1) for v in rows[0].tokens_per_s])
+    print(report(rows, args, windows.shape[0], delta))
+
+
+def report(rows: list[Row], args: argparse.Namespace, windows: int, delta: int) -> str:
+    """The table: depth, perplexity, decode speed (ratios to the first row), and the answer."""
+    fuse = "pairs fused" if args.fuse else "pairs not fused"
+    lines = [
+        f"\nSmolLM2-135M-Instruct on the CPU ({torch.get_num_threads()} threads), decode through {args.inner}, {fuse}; "
+        f"Δ = {delta} in both paired rows.",
+        f"WikiText-2 raw test: {windows} windows × 512 tokens. Decode: {args.new_tokens} greedy tokens, median of "
+        f"{args.rounds} interleaved rounds.",
+        "",
+        f"{'configuration':<44}{'depth':>6}{'perplexity':>12}{'× base':>8}{'decode tok/s':>14}{'× base':>8}  Paris?",
+    ]
+    for row in rows:
+        speed = sorted(row.tokens_per_s)[len(row.tokens_per_s) // 2]
+        lines.append(
+            f"{row.name:<44}{row.depth:>6}{row.ppl:>12.2f}{row.ppl / rows[0].ppl:>8.3f}{speed:>14.1f}"
+            f"{ratio_to_first(row, rows[0]):>8.3f}  {'yes' if 'paris' in row.answer.lower() else 'no'}"
+        )
+    lines += ["", f"{PROMPT}"] + [f"  {row.name:<44}{row.answer!r}" for row in rows]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

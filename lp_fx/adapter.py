@@ -14,7 +14,6 @@ module needs no peft: the merge is the one formula, and a test checks it against
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 from lp_fx.checkpoint_files import ADAPTER_CONFIG, CheckpointError
-from lp_fx.files import read_bytes
+from lp_fx.files import read_json
 
 PEFT_PREFIX = "base_model.model."  # peft's name of the wrapped model in an adapter's tensor names
 FACTORS = ("lora_A", "lora_B")
@@ -65,13 +64,9 @@ def read_adapter_config(folder: Path, record: Mapping[str, Any]) -> dict[str, An
     """``adapter_config.json`` in a checkpoint's folder, checked against the adapter ``pairing.json``
     records (:func:`checked_record`): a LoRA adapter of that rank and alpha on exactly those modules."""
     path = folder / ADAPTER_CONFIG
-    text = read_bytes(path, AdapterError, missing=f"{path} is missing: the checkpoint's adapter is incomplete",
-                      folder=f"{path} is a directory, not a file: the checkpoint is damaged",
-                      unreadable=f"{path} cannot be read")
-    try:
-        config = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise AdapterError(f"{path} is not valid JSON ({error}): the adapter is damaged") from None
+    config = read_json(path, AdapterError, missing=f"{path} is missing: the checkpoint's adapter is incomplete",
+                       folder=f"{path} is a directory, not a file: the checkpoint is damaged",
+                       unreadable=f"{path} cannot be read", invalid=f"{path} is not valid JSON ({{reason}}): the adapter is damaged")
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         raise AdapterError(f"{path}: not a peft LoRA adapter config (peft_type 'LORA')")
     if config.get("use_rslora") or config.get("use_dora"):

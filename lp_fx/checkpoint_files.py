@@ -42,7 +42,6 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import re
@@ -55,7 +54,7 @@ from typing import Any
 import torch
 
 from lp_fx.errors import LayerParallelError
-from lp_fx.files import read_bytes, write_json
+from lp_fx.files import read_bytes, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -324,11 +323,9 @@ def read_pairing(directory: str | Path) -> dict[str, Any]:
 def read_pairing_in(folder: Path) -> dict[str, Any]:
     """``pairing.json`` in a checkpoint's own folder (:func:`checkpoint_folder`), checked."""
     path = folder / PAIRING
-    text = _read_bytes(path, "not a checkpoint written by `lp-fx finetune`")
-    try:
-        pairing = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON ({error}): the checkpoint is corrupt") from None
+    pairing = read_json(path, CheckpointError, missing=f"{path} is missing: not a checkpoint written by `lp-fx finetune`",
+                        folder=f"{path} is a directory, not a file: the checkpoint is damaged",
+                        unreadable=f"{path} cannot be read", invalid=f"{path} is not valid JSON ({{reason}}): the checkpoint is corrupt")
     if not isinstance(pairing, dict) or pairing.get("format") not in (FORMAT, LEGACY_FORMAT):
         raise CheckpointError(
             f"{path}: not an lp_fx fine-tuning checkpoint (expected format {FORMAT!r} or {LEGACY_FORMAT!r})"

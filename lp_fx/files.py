@@ -153,3 +153,13 @@ def read_bytes(path: Path, error: type[Exception], missing: str, folder: str, un
         raise error(folder) from None
     except OSError as reason:
         raise error(f"{unreadable}: {reason.strerror or reason}") from None
+
+
+def read_json(path: Path, error: type[Exception], missing: str, folder: str, unreadable: str, invalid: str) -> Any:
+    """The JSON value in ``path``, or one ``error``: as :func:`read_bytes`, and ``invalid`` (its
+    ``{reason}`` the parser's) when the bytes are not JSON."""
+    text = read_bytes(path, error, missing=missing, folder=folder, unreadable=unreadable)
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as reason:
+        raise error(invalid.format(reason=reason)) from None

@@ -9,7 +9,6 @@ graph arrives (:mod:`lp_fx.choose`).
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections.abc import Mapping, Sequence
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 
 from lp_fx.errors import LayerParallelError
-from lp_fx.files import read_bytes, write_json
+from lp_fx.files import read_json, write_json
 
 Pair = tuple[int, int]
 
@@ -156,13 +155,9 @@ Pairing reads ``num_layers``, ``pairs`` and ``modes``; any other key is refused,
 def load_plan(path: str | Path) -> dict:
     """Read a plan file: ``{"version"?: 1, "pairs": [[i, i+1], …], "num_layers": N, "modes"?: [...], …}``."""
     path = Path(path)
-    text = read_bytes(path, PlanError, missing=f"plan file {path} not found; make one with `lp-fx plan`",
-                      folder=f"plan file {path} is a directory; give the JSON file `lp-fx plan` wrote",
-                      unreadable=f"cannot read plan file {path}")
-    try:
-        plan = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise PlanError(f"plan file {path} is not valid JSON: {error}") from None
+    plan = read_json(path, PlanError, missing=f"plan file {path} not found; make one with `lp-fx plan`",
+                     folder=f"plan file {path} is a directory; give the JSON file `lp-fx plan` wrote",
+                     unreadable=f"cannot read plan file {path}", invalid=f"plan file {path} is not valid JSON: {{reason}}")
     if not isinstance(plan, dict):
         raise PlanError(f"plan file {path}: expected an object with a 'pairs' list")
     unknown = sorted(set(plan) - set(PLAN_KEYS))

@@ -15,6 +15,8 @@ DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo_smollm2.py"
         (["--tokens", "0"], "argument --tokens: 0 is not valid; give an integer >= 512"),
         (["--data-dir", "/nonexistent/lp_fx-data"], "data directory /nonexistent/lp_fx-data does not exist"),
         (["--start", "3", "--end", "4"], "end - start = 1 is odd"),
+        (["--rounds", "0"], "argument --rounds: 0 is not valid; give an integer >= 1"),
+        (["--checkpoint", "/nonexistent/ckpt"], "--checkpoint /nonexistent/ckpt: no such directory"),
     ],
 )
 def test_the_demo_refuses_a_bad_argument_in_one_line(argv, message):

@@ -21,7 +21,7 @@ from torch import nn
 
 from lp_fx.find_layers import find_layers
 from lp_fx.tools import cli
-from lp_fx.tools.training import finetune as ft
+from lp_fx.tools.training import finetune as ft, plot
 from lp_fx.checkpoint import layer_parameter_names, layer_stack_of, load_finetuned, pairing_record, unique_tensors
 from lp_fx.checkpoint_files import (
     CURRENT, LEGACY_FORMAT, PAIRING, RECORD, TENSORS, CheckpointError, checkpoint_folder, save_checkpoint,
@@ -556,5 +556,5 @@ def test_an_interrupted_plot_leaves_the_earlier_loss_png_whole(tmp_path, monkeyp
 
     monkeypatch.setattr(Figure, "savefig", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        ft.plot_record(record, path)
+        plot.plot_record(record, path)
     assert [entry.name for entry in tmp_path.iterdir()] == ["loss.png"] and path.read_bytes() == b"the earlier plot"

@@ -21,13 +21,12 @@ from lp_fx.tools.cli.common import add_command, PairedModelArgs
 from lp_fx.tools.console import say
 from lp_fx.tools.evaluation import scoring as evaluate
 from lp_fx.tools.options import option, positive_float, positive_int
-from lp_fx.tools.training import finetune, self_text
-from lp_fx.tools.training.finetune import LOSSES, TRAIN_SETS, FinetuneConfig
+from lp_fx.tools.training import finetune, plot, self_text
+from lp_fx.tools.training.finetune import LORA_LR, LOSSES, TRAIN_SETS, FinetuneConfig
 from lp_fx.tools.training.texts import FileText, SelfText, mixed
 
 SELF_GROUP = "self-generated training text (--train-data self)"
 LORA_GROUP = "LoRA adapters (peft) in place of the weights (--lora RANK)"
-LORA_LR = 1e-3  # the default peak learning rate with --lora (adapters start at zero and are small)
 
 
 def module_names(text: str) -> tuple[str, ...]:
@@ -216,7 +215,7 @@ def _train(
         points = record["heldout"]
         say(f"held-out perplexity: {points[0]['ppl']:.3f} before, {points[-1]['ppl']:.3f} after "
             f"{record['step']} steps ({record['wall_s']:.0f} s); checkpoint in {out}")
-        finetune.plot_record(record, out / "loss.png")
+        plot.plot_record(record, out / "loss.png")
         say(f"wrote {out / 'loss.png'}")
 
 

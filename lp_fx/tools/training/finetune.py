@@ -47,7 +47,6 @@ from lp_fx.checkpoint import (
     unique_tensors,
 )
 from lp_fx.tools.data import MixedBatches, token_streams
-from lp_fx.files import atomic_write
 from lp_fx.pairing import Pair, Pairing, validate_pairs
 from lp_fx.tools.evaluation.compiled import check_rewritten, make_backend
 from lp_fx.tools.evaluation.scoring import perplexity
@@ -58,6 +57,7 @@ from lp_fx.tools.training.distributed import Ranks, resolve_mesh
 log = logging.getLogger(__name__)
 
 LOSSES = ("distill", "lm")
+LORA_LR = 1e-3  # the default peak learning rate with LoRA (the adapters start at zero and are small)
 TRAIN_SETS = ("paired", "all")
 
 
@@ -198,8 +198,13 @@ def choose_trainable(model: nn.Module, config: FinetuneConfig) -> list[str]:
     return names
 
 
-def add_lora(model: nn.Module, config: FinetuneConfig) -> dict[str, Any]:
-    """Inject the LoRA adapters ``config`` asks for (on every layer with ``train='all'``); their peft config."""
+def add_lora(model: nn.Module, config: FinetuneConfig, mesh: Any = None) -> dict[str, Any] | None:
+    """Inject the LoRA adapters ``config`` asks for (on every layer with ``train='all'``); their peft
+    config (None without a LoRA rank)."""
+    if config.lora_rank is None:
+        return None
+    if mesh is not None:
+        raise FinetuneError("LoRA fine-tuning runs in one process: drop --mesh, or fine-tune the weights on the mesh")
     stack, count = check_layers(model, config)
     layers = range(count) if config.train == "all" else config.layers_to_train()
     targets = lora.lora_targets(model, stack, layers, config.lora_targets)
@@ -241,9 +246,7 @@ def finetune(
     torch.manual_seed(config.seed)
     check_layers(model, config)
     pairing = pairing_record(model, config.pairs, config.pair_modes)  # before training: the base weights
-    if config.lora_rank is not None and mesh is not None:
-        raise FinetuneError("LoRA fine-tuning runs in one process: drop --mesh, or fine-tune the weights on the mesh")
-    adapter = add_lora(model, config) if config.lora_rank is not None else None
+    adapter = add_lora(model, config, mesh)
     if adapter is not None:
         pairing = {**pairing, "adapter": adapter_record(adapter)}
     batches = MixedBatches(token_streams(train_ids), config.seq_len, config.batch, config.seed)
@@ -251,9 +254,7 @@ def finetune(
     params = [p for name, p in model.named_parameters() if p.requires_grad]
     teacher = _teacher(model, adapter) if config.loss == "distill" else None
     student, backend = make_student(model, config, mesh)
-    ranks = Ranks(resolve_mesh(mesh, model), backend) if mesh is not None else None
-    if ranks is not None and ranks.world == 1:
-        ranks = None
+    ranks = _ranks(mesh, model, backend)
     optimizer, schedule = _optimizer(params, config)
     state = TrainState(config, extra=dict(extra_args or {}))
     _log_start(names, params, config)
@@ -280,6 +281,12 @@ def finetune(
     for param in params:
         param.grad = None
     return state.to_json()
+
+
+def _ranks(mesh: Any, model: nn.Module, backend: Any) -> Ranks | None:
+    """The ranks that train together on ``mesh``; None on one device (or a mesh of one)."""
+    ranks = Ranks(resolve_mesh(mesh, model), backend) if mesh is not None else None
+    return ranks if ranks is not None and ranks.world > 1 else None
 
 
 def _teacher(model: nn.Module, adapter: dict[str, Any] | None) -> dict[str, torch.Tensor]:
@@ -374,26 +381,3 @@ def _save(
     tensors = lora.adapter_tensors(model) if adapter is not None else unique_tensors(model, names)
     save_checkpoint(out_dir, tensors, pairing, state.to_json(), adapter)
     log.info("step %d: checkpoint written to %s", state.step, out_dir)
-
-
-def plot_record(record: dict[str, Any], path: str | Path) -> None:
-    """Training loss per step and held-out perplexity, one PNG, written whole or not at all."""
-    import matplotlib  # lazy: matplotlib's import takes seconds; only a plot needs it
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # lazy: matplotlib's import takes seconds; only a plot needs it
-
-    fig, loss_axis = plt.subplots(figsize=(7, 4))
-    steps = [point["step"] for point in record["loss"]]
-    loss_axis.plot(steps, [point["loss"] for point in record["loss"]], color="tab:blue", lw=1)
-    loss_axis.set_xlabel("step")
-    loss_axis.set_ylabel(f"training loss ({record['args']['loss']})", color="tab:blue")
-    if record["heldout"]:
-        ppl_axis = loss_axis.twinx()
-        ppl_axis.plot([p["step"] for p in record["heldout"]], [p["ppl"] for p in record["heldout"]],
-                      "o-", color="tab:red")
-        ppl_axis.set_ylabel("held-out perplexity (WikiText-2 test)", color="tab:red")
-    loss_axis.set_title(f"fine-tuning {record['args'].get('pairing', '')}: {record['wall_s']:.0f} s")
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
