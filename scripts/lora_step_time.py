@@ -23,7 +23,7 @@ from lp_fx.pairing import Pairing
 from lp_fx.tools.data import load_training_text, resolve_data_dir
 from lp_fx.tools.models import load_model
 from lp_fx.tools.options import OneLineParser, int_at_least, positive_int
-from lp_fx.tools.training.finetune import LORA_LR, FinetuneConfig, finetune
+from lp_fx.tools.training.finetune import FinetuneConfig, finetune
 
 
 def step_seconds(model, ids, config: FinetuneConfig) -> list[float]:
@@ -49,7 +49,7 @@ def main() -> None:
     text = load_training_text(resolve_data_dir(args.data_dir) / "wikitext-2" / "train.txt")
     ids = loaded.tokenizer.encode(text, add_special_tokens=False)
     base = dict(pairs=pairing.pairs, modes=pairing.modes, steps=args.steps, save_every=args.steps)
-    configs = {"full": FinetuneConfig(**base), "lora": FinetuneConfig(**base, lora_rank=args.rank, lr=LORA_LR)}
+    configs = {"full": FinetuneConfig(**base), "lora": FinetuneConfig(**base, lora_rank=args.rank)}
     seconds: dict[str, list[list[float]]] = {name: [] for name in configs}
     for round_ in range(args.rounds):
         for name, config in configs.items():

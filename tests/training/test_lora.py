@@ -132,6 +132,15 @@ def test_unknown_target_names_the_valid_ones(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_rank_past_the_layers_dimensions_is_refused_before_training(tmp_path):
+    model = hf_model("llama")
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    with pytest.raises(LoraError, match=r"LoRA rank 100000 is not valid here: give a whole number from 1 to \d+"):
+        ft.finetune(model, tokens(64), config(lora_rank=100_000), tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
+    assert set(model.state_dict()) == set(before)  # no adapter injected
+
+
 def _copy_checkpoint(out: Path, to: Path) -> Path:
     for name in (PAIRING, RECORD, ADAPTER_CONFIG, ADAPTER_TENSORS):
         (to / name).write_bytes((out / name).read_bytes())

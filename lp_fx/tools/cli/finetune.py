@@ -22,7 +22,7 @@ from lp_fx.tools.console import say
 from lp_fx.tools.evaluation import scoring as evaluate
 from lp_fx.tools.options import option, positive_float, positive_int
 from lp_fx.tools.training import finetune, plot, self_text
-from lp_fx.tools.training.finetune import LORA_LR, LOSSES, TRAIN_SETS, FinetuneConfig
+from lp_fx.tools.training.finetune import LOSSES, TRAIN_SETS, FinetuneConfig
 from lp_fx.tools.training.texts import FileText, SelfText, mixed
 
 SELF_GROUP = "self-generated training text (--train-data self)"
@@ -195,7 +195,7 @@ def _train(
     pairing = Pairing.parse(args.plan or args.pairs, loaded.num_layers)
     config = finetune.FinetuneConfig(
         pairs=pairing.pairs, modes=pairing.modes, mode=args.mode, loss=args.loss, train=args.train,
-        train_layers=_layer_list(args.train_layers), steps=args.steps, lr=_learning_rate(args), batch=args.batch,
+        train_layers=_layer_list(args.train_layers), steps=args.steps, lr=args.lr, batch=args.batch,
         seq_len=args.seq_len, seed=args.seed, warmup=args.warmup, clip=args.clip,
         eval_every=args.eval_every, save_every=args.save_every, inner=args.inner,
         lora_rank=args.lora, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
@@ -217,12 +217,6 @@ def _train(
             f"{record['step']} steps ({record['wall_s']:.0f} s); checkpoint in {out}")
         plot.plot_record(record, out / "loss.png")
         say(f"wrote {out / 'loss.png'}")
-
-
-def _learning_rate(args: argparse.Namespace) -> float:
-    if args.lr is not None:
-        return args.lr
-    return LORA_LR if args.lora is not None else FinetuneConfig.lr
 
 
 def _init_mesh(mesh: str | None) -> str | None:

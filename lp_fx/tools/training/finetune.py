@@ -57,6 +57,7 @@ from lp_fx.tools.training.distributed import Ranks, resolve_mesh
 log = logging.getLogger(__name__)
 
 LOSSES = ("distill", "lm")
+FULL_LR = 1e-4  # the default peak learning rate when the weights train
 LORA_LR = 1e-3  # the default peak learning rate with LoRA (the adapters start at zero and are small)
 TRAIN_SETS = ("paired", "all")
 
@@ -80,7 +81,7 @@ class FinetuneConfig:
     train: str = "paired"
     train_layers: tuple[int, ...] | None = None
     steps: int = 100
-    lr: float = 1e-4
+    lr: float | None = None  # None: FULL_LR, or LORA_LR with a lora rank
     batch: int = 4
     seq_len: int = 256
     seed: int = 0
@@ -109,6 +110,8 @@ class FinetuneConfig:
                 raise FinetuneError(f"{name.replace('_', '-')} must be a whole number >= 1, got {value!r}")
         if self.seq_len < 2:
             raise FinetuneError(f"seq-len must be >= 2 (a token and the next one), got {self.seq_len}")
+        if self.lr is None:
+            object.__setattr__(self, "lr", LORA_LR if self.lora_rank is not None else FULL_LR)
         if not self.lr > 0:
             raise FinetuneError(f"lr must be > 0, got {self.lr!r}")
         if self.warmup is not None and not 0 <= self.warmup <= self.steps:

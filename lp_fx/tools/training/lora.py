@@ -53,8 +53,10 @@ def add_adapters(model: nn.Module, targets: Sequence[str], rank: int, alpha: flo
     zero, so the model computes as before); return the adapter's peft config as JSON."""
     from peft import LoraConfig, inject_adapter_in_model  # lazy: peft imports transformers; only --lora needs it
 
-    if rank < 1:
-        raise LoraError(f"LoRA rank {rank} is not valid; give a whole number >= 1")
+    largest = min(min(model.get_submodule(path).weight.shape) for path in targets)
+    if not 1 <= rank <= largest:
+        raise LoraError(f"LoRA rank {rank} is not valid here: give a whole number from 1 to {largest}, the smallest "
+                        "dimension of the adapted linear layers (a rank past it adds parameters and no capacity)")
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none",
                         task_type="CAUSAL_LM")
     inject_adapter_in_model(config, model)
