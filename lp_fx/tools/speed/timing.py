@@ -5,8 +5,9 @@ TP + LP over ranks, :mod:`lp_fx.tools.cli.bench`) and ``lp-fx bench --single`` (
 Each variant is a deep copy of the model whose forward is compiled its way, warmed up with the
 same generation it is timed on; then the variants run one after the other, round after round, so
 that noise from other load on the machine hits them alike, and each is compared with the first by
-the median of per-round ratios. Decode tokens/s is taken from the time between the first and the
-last generated token (prefill excluded).
+the median of per-round ratios. Decode tokens/s is one over the median time between consecutive
+generated tokens (prefill excluded): a stall of the machine during a few steps (another process
+taking a core) moves the mean step time of that generation but not its median.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class _TokenClock:
         pass
 
     def decode_tokens_per_s(self) -> float:
-        return (len(self.times) - 1) / (self.times[-1] - self.times[0])
+        """One over the median decode step time (see the module docstring)."""
+        return 1.0 / statistics.median(b - a for a, b in zip(self.times, self.times[1:]))
 
 
 def generate(model: torch.nn.Module, ids: torch.Tensor, tokens: int) -> tuple[torch.Tensor, float]:
@@ -108,11 +110,19 @@ def decode_steps_through(compiled: Callable, eager: Callable) -> Callable:
     prompt's KV cache then comes from the unpaired model, which changes the tokens generated but
     not the work of a decode step (``generate`` runs a fixed number of steps, the cache layout is
     the same), so the texts of such variants are not compared.
+
+    A decode step's tensors keep their shapes from step to step, but a cache may keep a Python int
+    that grows every step (Gemma 3's sliding-window layers count their tokens in one): with
+    :func:`static_graphs_per_variant`'s setting, each value would compile a graph of its own, so the
+    decode steps run with automatic dynamic shapes, which make such an int dynamic at its first change.
     """
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
-        return (compiled if ids is not None and ids.shape[-1] == 1 else eager)(*args, **kwargs)
+        if ids is None or ids.shape[-1] != 1:
+            return eager(*args, **kwargs)
+        with torch._dynamo.config.patch(automatic_dynamic_shapes=True):
+            return compiled(*args, **kwargs)
 
     return forward
 
@@ -168,10 +178,13 @@ def time_interleaved(
     after_each: Callable[[], None] = _nothing,
 ) -> dict[str, torch.Tensor]:
     """Time every compiled variant once per round, in turn, for ``rounds`` rounds (each speed is
-    appended to ``variant.tokens_per_s``); returns each variant's last generated ids."""
+    appended to ``variant.tokens_per_s``); returns each variant's last generated ids. Each round
+    starts one variant further along, so no variant always runs first (right after the last one's
+    weights went through the caches) or last."""
     texts = {}
-    for _ in range(rounds):
-        for variant in todo:
+    for round_ in range(rounds):
+        start = round_ % len(todo)
+        for variant in [*todo[start:], *todo[:start]]:
             if variant.name in compiled:
                 texts[variant.name], speed = generate(compiled[variant.name], ids, tokens)
                 variant.tokens_per_s.append(speed)
