@@ -274,9 +274,9 @@ def test_the_table_shows_standard_errors_and_survives_a_zero_baseline() -> None:
 def test_the_lm_eval_command_refuses_bad_model_args_in_one_line_with_status_2(
     model_dir: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """As ``lp-fx-lm-eval --model lp_fx --model_args pretrained=...,pairs=2-4`` (lm-eval's full task
-    index is built first: one case, ~20 s). lm-eval's log handler, made once per process, keeps the
-    stream of the test that made it: this run logs only warnings and makes none."""
+    """As ``lp-fx-lm-eval --model lp_fx --model_args pretrained=...,pairs=2-4``. lm-eval's log handler,
+    made once per process, keeps the stream of the test that made it: this run logs only warnings and
+    makes none."""
     import lm_eval.utils
 
     from lp_fx.tools.cli import lm_eval as lm_eval_cli
@@ -334,3 +334,33 @@ def test_eval_command_python_api_and_lm_eval_command_line_agree(
     written = json.loads(next(folder.rglob("results_*.json")).read_text())
     assert written["results"]["lp_piqa"]["acc_norm,none"] == paired["piqa"]["acc_norm"]
     assert written["config"]["pairing"]["pairs"] == [[1, 2]]
+
+
+@pytest.mark.parametrize(
+    ("argv", "local"),
+    [
+        (["--model", "lp_fx", "--tasks", "lp_piqa,lp_arc_easy"], True),
+        (["--model", "lp_fx", "--tasks=lp_fx"], True),
+        (["--model", "lp_fx", "--tasks", "lp_piqa,hellaswag"], False),  # lm-eval's own task: its index is needed
+        (["--model", "lp_fx", "--tasks", "lp_piqa", "--include_path", "elsewhere"], False),
+        (["--model", "lp_fx"], False),
+    ],
+)
+def test_lm_eval_command_asks_for_lm_evals_own_task_index_only_for_its_tasks(argv, local):
+    from lp_fx.tools.cli import lm_eval as lm_eval_cli
+
+    assert lm_eval_cli.only_local_tasks(argv) is local
+
+
+def test_without_lm_evals_own_tasks_a_task_manager_indexes_only_the_local_folder_and_only_inside():
+    """Building lm-eval's index of its own tasks takes ~20 s a run; local tasks do not need it."""
+    import lm_eval.tasks
+
+    from lp_fx.tools.cli import lm_eval as lm_eval_cli
+    from lp_fx.tools.evaluation.lm_eval_tasks import LOCAL_TASKS, TASKS_DIR, harness_name
+
+    default = lm_eval.tasks.TaskManager
+    with lm_eval_cli.task_index(local_only=True):
+        manager = lm_eval.tasks.TaskManager(include_path=str(TASKS_DIR))
+    assert isinstance(manager, default) and lm_eval.tasks.TaskManager is default
+    assert set(manager.all_tasks) == {harness_name(task) for task in LOCAL_TASKS} | {"lp_fx"}  # and their tag
