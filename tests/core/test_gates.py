@@ -38,8 +38,9 @@ def gated_logits(model, settings, inner="aot_eager", modes=("lp", "block")):
     return out, backend
 
 
-def plain_logits(model, pairs, modes, tmp_path, inner="aot_eager"):
-    """The pairing compiled plainly, per-pair modes through a plan file as a user gives them."""
+def plain_logits(model, pairs, modes, tmp_path, inner="eager"):
+    """The pairing compiled plainly, per-pair modes through a plan file as a user gives them (``eager``
+    behind it: the rewrite is what is compared, and tests/core/test_rewrite.py checks it through AOTAutograd)."""
     torch._dynamo.reset()
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"num_layers": 4, "pairs": [list(p) for p in pairs], "modes": list(modes)}))

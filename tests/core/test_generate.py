@@ -18,7 +18,7 @@ def test_static_cache_generation_matches_eager_reference(arch, mode):
     with eager_pairing(model, pairs, mode):
         expected = greedy(model, ids)
     plain = greedy(model, ids)
-    lp = LayerParallel(pairs=pairs, mode=mode, inner="aot_eager")
+    lp = LayerParallel(pairs=pairs, mode=mode, inner="aot_eager" if (arch, mode) == ("llama", "lp") else "eager")
     model.forward = torch.compile(model.forward, backend=lp)
     got = greedy(model, ids)
     assert got.shape[1] == ids.shape[1] + NEW_TOKENS

@@ -10,7 +10,12 @@ from tests.helpers.reference import eager_pairing
 
 HF_ARCHS = ["llama", "qwen2", "mistral", "gemma3", "gpt2"]
 HAND_WRITTEN = ["nanogpt", "titan"]
-PAIR_CHOICES = [[(1, 2)], [(0, 1), (2, 3)]]
+# Two adjacent pairs from the first layer to the last (the second reads the first's sum) on every
+# architecture; one pair between unpaired layers on one HF and one hand-written model.
+CASES = [(arch, [(0, 1), (2, 3)]) for arch in HF_ARCHS + HAND_WRITTEN] + [(arch, [(1, 2)]) for arch in ("llama", "nanogpt")]
+# AOTAutograd (what Inductor traces) behind these two; elsewhere the eager inner compiler, as the
+# rewrite compared is the same whichever compiler runs it.
+THROUGH_AOT = ("llama", "nanogpt")
 
 
 def make(arch):
@@ -22,9 +27,8 @@ def logits(model, ids):
     return out.logits if hasattr(out, "logits") else out
 
 
-@pytest.mark.parametrize("pairs", PAIR_CHOICES, ids=str)
 @pytest.mark.parametrize("mode", ["lp", "block"])
-@pytest.mark.parametrize("arch", HF_ARCHS + HAND_WRITTEN)
+@pytest.mark.parametrize(("arch", "pairs"), CASES, ids=str)
 def test_compiled_pairing_matches_eager_reference(arch, mode, pairs):
     model = make(arch)
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -32,7 +36,7 @@ def test_compiled_pairing_matches_eager_reference(arch, mode, pairs):
         plain = logits(model, ids)
         with eager_pairing(model, pairs, mode):
             expected = logits(model, ids)
-        lp = LayerParallel(pairs=pairs, mode=mode, inner="aot_eager")
+        lp = LayerParallel(pairs=pairs, mode=mode, inner="aot_eager" if arch in THROUGH_AOT else "eager")
         got = logits(torch.compile(model, backend=lp), ids)
     assert [p for p, _ in lp.reports[0].pairs_rewritten] == pairs
     assert not lp.reports[0].pairs_skipped

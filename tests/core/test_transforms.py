@@ -43,7 +43,7 @@ def test_compiled_transform_matches_eager_reference(arch, transform):
         plain = logits(model, ids)
         with edited_by_hand(model, transform) as reference:
             expected = logits(reference, ids)
-        lp = backend_for(transform, inner="aot_eager", strict=True)
+        lp = backend_for(transform, inner="aot_eager" if arch == "llama" else "eager", strict=True)
         got = logits(torch.compile(model, backend=lp), ids)
     report = lp.reports[0]
     if transform == "shuffle":
@@ -82,7 +82,7 @@ def test_shuffle_composes_with_pairs_outside_its_range(tmp_path):
         reference = merged_copy(model, [(0, 1)])
         with eager_pairing(reference, [(6, 7)], "lp"), eager_order(reference, order):
             expected = logits(reference, ids)
-        lp = LayerParallel(plan=str(plan), shuffle=shuffle, inner="aot_eager", strict=True)
+        lp = LayerParallel(plan=str(plan), shuffle=shuffle, inner="eager", strict=True)
         got = logits(torch.compile(model, backend=lp), ids)
     assert lp.reports[0].pairs_rewritten == [((0, 1), "merge"), ((6, 7), "lp")]
     assert lp.reports[0].shuffled == shuffled

@@ -89,7 +89,7 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
-def logits_case(mesh, make_model: Callable[[], nn.Module], pairs, mode: str, tp: bool, inner: str = "aot_eager") -> dict:
+def logits_case(mesh, make_model: Callable[[], nn.Module], pairs, mode: str, tp: bool, inner: str = "eager") -> dict:
     """Max |placed - single device| and the placed report's collectives and parameter bytes."""
     case = placed_case(mesh, make_model, pairs, mode, tp, inner)
     case["diff"] = _diff(case.pop("logits"), single_device_logits(make_model, tuple(pairs), mode))
@@ -108,7 +108,7 @@ def single_device_tokens(make_model: Callable[[], nn.Module] = tiny_llama) -> li
     return greedy_tokens(LayerParallel(pairs=[LLAMA_PAIR], inner="eager"), make_model)[0]
 
 
-def placed_case(mesh, make_model: Callable[[], nn.Module], pairs, mode: str, tp: bool, inner: str = "aot_eager") -> dict:
+def placed_case(mesh, make_model: Callable[[], nn.Module], pairs, mode: str, tp: bool, inner: str = "eager") -> dict:
     """This rank's logits and its report's collectives and parameter bytes."""
     model = make_model()
     placed = LayerParallel(pairs=pairs, mode=mode, inner=inner, mesh=mesh, tp=tp)
