@@ -252,3 +252,22 @@ def test_a_shuffle_the_graph_did_not_apply_is_refused() -> None:
     with pytest.raises(RuntimeError, match=r"not rewritten as asked: \[\('shuffle'"):
         serving.check_rewritten([GraphReport(index=0)], pairing, "lp")
     serving.check_rewritten([GraphReport(index=0, shuffled=Shuffle(0, 4, 1).order)], pairing, "lp")
+
+
+class _BosTokenizer:
+    """Words to ids; like Gemma's tokenizer, it starts a text with a <bos> (id 1) unless told not to."""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [1] * add_special_tokens + [len(word) + 1 for word in text.split()]
+
+
+def test_windows_start_as_the_tokenizer_starts_a_text(tmp_path: Path) -> None:
+    """Gemma 3 scores several times worse without the <bos> it always saw first; SmolLM2's tokenizer adds none."""
+    (tmp_path / "wikitext-2-raw").mkdir()
+    (tmp_path / "wikitext-2-raw" / "wiki.test.raw").write_text("a bb ccc dddd " * 6)
+    assert evaluate.text_prefix(_BosTokenizer()) == [1]
+    windows = evaluate.wikitext_windows(_BosTokenizer(), tmp_path, window=5)
+    assert windows.tolist() == [[1, 2, 3, 4, 5]] * 6
+    assert evaluate.make_windows([2, 3, 4, 5, 6], 3).tolist() == [[2, 3, 4]]  # no prefix: as before
+    with pytest.raises(ValueError, match="at most 2 tokens"):
+        evaluate.make_windows([7], 3, prefix=[1])

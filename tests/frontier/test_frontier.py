@@ -76,7 +76,9 @@ def test_frontier_measures_every_variant_and_writes_table_and_plot(
     assert contiguous["pairing"]["pairs"] == [[0, 1], [2, 3]] and contiguous["ideal_speedup"] == pytest.approx(1.5)
     assert len(planned["pairing"]["pairs"]) == 2 and planned["backend_options"]["plan"].endswith("delta_4.json")
     for point in (contiguous, planned):
-        assert set(point["speed"]["ratio"]) == {"paired", "paired + fuse"} and len(point["speed"]["tokens_per_s"]) == 3
+        assert set(point["speed"]["ratio"]) == {"paired", "paired + fuse"}
+        assert set(point["speed"]["tokens_per_s"]) == {"unpaired", "paired", "paired + fuse", "pruned"}
+        assert point["speed"]["ideal_measured"] > 0 and "layer_share" in point["speed"]
     # the budget's two pairings were timed in one run, against one unpaired copy
     assert contiguous["speed"]["tokens_per_s"]["unpaired"] == planned["speed"]["tokens_per_s"]["unpaired"]
     assert contiguous["speed"]["timed_with"] == [planned["pairing"]["name"]]
@@ -314,7 +316,7 @@ def _point(variant: str, delta: int, ppl: float, acc: float | None, fuse: float 
     if acc is not None:
         point["tasks"] = {"piqa": {"acc": acc, "acc_stderr": 0.02, "n": 500}}
     if fuse is not None:
-        point["speed"] = {"ratio": {"paired": 1.0, "paired + fuse": fuse}}
+        point["speed"] = {"ratio": {"paired": 1.0, "paired + fuse": fuse}, "ideal_measured": 1.2}
     return point
 
 
@@ -322,7 +324,8 @@ def test_table_gives_ratios_retention_with_its_error_and_the_ideal(tmp_path: Pat
     result = {"points": [_point("baseline", 0, 30.0, 0.5, None), _point("contiguous", 14, 60.0, 0.45, 1.25)]}
     table = frontier_report.frontier_table(result)
     row = table.splitlines()[-1]
-    assert "| 14 | 23 | 1.304× | contiguous |" in row and "60.00 (×2.000)" in row and "1.250×" in row
+    assert "| 14 | 23 | 1.304× | contiguous |" in row and "60.00 (×2.000)" in row
+    assert row.endswith("| 1.000× | 1.250× | 1.200× | – |")  # paired, fused, the ideal measured, llama.cpp
     # no per-item scores: 0.45/0.5, the error as if independent, sqrt(0.02**2 + (0.9 * 0.02)**2) / 0.5
     assert "0.900 ± 0.054 indep." in row
     frontier_report.plot_frontier(result, tmp_path / "tasks.png")
@@ -358,3 +361,16 @@ def test_pairings_timed_together_need_distinct_names() -> None:
     pairing = Pairing("14:16", [(14, 15)], ("lp",))
     with pytest.raises(ValueError, match="distinct names"):
         frontier_speed.SpeedBench(tokenizer=None).one_device(None, [(pairing, {}), (pairing, {})])
+
+
+def test_the_measured_ideal_is_the_pairs_pruned_and_gives_the_layers_share_of_a_step() -> None:
+    """Pruning k of L alike layers saves k layers' time: a step of h + L·l becomes h + (L − k)·l."""
+    head, layer, layers, pruned = 10.0, 2.0, 18, 4
+    ideal = (head + layers * layer) / (head + (layers - pruned) * layer)
+    assert frontier_speed.layer_share(ideal, layers, pruned) == pytest.approx(layers * layer / (head + layers * layer))
+    variants = frontier_speed.paired_variants(Pairing("p", ((2, 3), (5, 6)), ("lp", "block")), {"plan": "p.json"},
+                                              "eager", {"cudagraphs": True})
+    assert variants["pruned"].options == {"pairs": [(2, 3), (5, 6)], "modes": ["prune", "prune"], "cudagraphs": True,
+                                          "inner": "eager", "strict": True}
+    assert variants["paired + fuse"].options == {"cudagraphs": True, "plan": "p.json", "inner": "eager", "strict": True,
+                                                 "fuse": True}

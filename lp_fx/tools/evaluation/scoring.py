@@ -34,14 +34,26 @@ PPL_TEXTS: dict[str, Callable[[Path], str]] = {"wikitext": data.load_wikitext, "
 TASKS: tuple[str, ...] = (*PPL_TEXTS, *lm_eval_tasks.LOCAL_TASKS)
 
 
-def make_windows(token_ids: Sequence[int] | torch.Tensor, window: int) -> torch.Tensor:
-    """Non-overlapping windows ``(N, window)`` of the token stream; the remainder is dropped."""
+def make_windows(token_ids: Sequence[int] | torch.Tensor, window: int, prefix: Sequence[int] = ()) -> torch.Tensor:
+    """Non-overlapping windows ``(N, window)`` of the token stream, each ``prefix`` and then
+    ``window - len(prefix)`` tokens of the stream; the remainder is dropped."""
     ids = torch.as_tensor(token_ids, dtype=torch.long)
-    count = ids.numel() // window
+    size = window - len(prefix)
+    count = ids.numel() // size if size > 0 else 0
     if count == 0:
         raise ValueError(f"window {window}: the text has {ids.numel()} tokens, fewer than one window; "
-                         f"give a window of at most {ids.numel()} tokens")
-    return ids[: count * window].view(count, window)
+                         f"give a window of at most {ids.numel() + len(prefix)} tokens")
+    body = ids[: count * size].view(count, size)
+    return torch.cat([torch.as_tensor(prefix, dtype=torch.long).expand(count, -1), body], dim=1)
+
+
+def text_prefix(tokenizer: Any) -> list[int]:
+    """The ids ``tokenizer`` puts before a text of its own accord: Gemma's ``<bos>``, which Gemma
+    needs (without it its perplexity is several times higher); none for SmolLM2's tokenizer."""
+    plain = tokenizer.encode("the", add_special_tokens=False)
+    full = tokenizer.encode("the", add_special_tokens=True)
+    starts = [i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain]
+    return full[: starts[0]] if starts else []
 
 
 def split_windows(windows: torch.Tensor, split: str, count: int | None = None) -> torch.Tensor:
@@ -68,9 +80,10 @@ def wikitext_windows(
     tokenizer: object, data_dir: Path, window: int = 512, split: str = "all", count: int | None = None,
     text: str = "wikitext",
 ) -> torch.Tensor:
-    """A perplexity text (WikiText-2 raw test by default) tokenized once, cut into windows, one part selected."""
+    """A perplexity text (WikiText-2 raw test by default) tokenized once, cut into windows that each
+    start as the tokenizer starts a text (:func:`text_prefix`), one part selected."""
     ids = tokenizer.encode(PPL_TEXTS[text](data_dir), add_special_tokens=False)
-    return split_windows(make_windows(ids, window), split, count)
+    return split_windows(make_windows(ids, window, text_prefix(tokenizer)), split, count)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,9 @@ from pathlib import Path
 
 from lp_fx.tools.evaluation.retention import retention
 
+# The speed of the pairing's pairs pruned (depth L − Δ/2, none of a pair's extra work): the ideal as
+# measured, head and per-step overhead included (lp_fx.tools.frontier.speed.paired_variants).
+MEASURED_IDEAL = "ideal, measured"
 VARIANT_STYLE = {"contiguous": ("C0", "o"), "planned": ("C1", "s"), "finetuned": ("C2", "^")}
 # DESIGN.md §1 gives the paper's Llama results only as a range (no point per model): Llama 2 7B at
 # Δ = 14 and Llama 3.2 3B at Δ = 10, 1.05–1.20× tokens/s on 2×A100 against tensor parallelism,
@@ -37,7 +40,7 @@ class Row:
     retention: tuple[float, float] | None  # task retention (value, standard error), or None without tasks
     retention_paired: bool  # the error is paired over the items (else propagated as if independent)
     ppl_retention: float  # baseline / held-out WikiText-2 perplexity
-    speedup: dict[str, float]  # "paired", "paired + fuse", "llama.cpp" -> × unpaired
+    speedup: dict[str, float]  # "paired", "paired + fuse", MEASURED_IDEAL, "llama.cpp" -> × unpaired
 
 
 def mean_accuracy(tasks: dict) -> tuple[float, float] | None:
@@ -67,6 +70,8 @@ def rows(result: dict) -> list[Row]:
         acc = mean_accuracy(point.get("tasks", {}))
         retention, paired = _task_retention(point, base)
         speed = dict(point.get("speed", {}).get("ratio", {}))
+        if "ideal_measured" in point.get("speed", {}):
+            speed[MEASURED_IDEAL] = point["speed"]["ideal_measured"]
         if "llamacpp" in point:
             speed["llama.cpp"] = point["llamacpp"]["ratio"]
         if point["variant"] == "baseline":
@@ -104,15 +109,16 @@ def _speed_cell(speed: dict[str, float], key: str) -> str:
 
 
 def frontier_table(result: dict) -> str:
-    """Markdown: one row per point, with the ideal speedup L / (L − Δ/2) beside the measured ones."""
+    """Markdown: one row per point, with the ideal speedup L / (L − Δ/2) and the ideal as measured
+    (the pairs pruned: :data:`MEASURED_IDEAL`) beside the measured ones."""
     header = ["Δ", "L − Δ/2", "ideal", "variant", "pairs", "WikiText-2 held-out ppl", "LAMBADA-text ppl",
-              "mean acc ± se", "retention ± se", "paired", "paired + fuse", "llama.cpp"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * 3 + "---|---|" + "---:|" * 7]
+              "mean acc ± se", "retention ± se", "paired", "paired + fuse", MEASURED_IDEAL, "llama.cpp"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * 3 + "---|---|" + "---:|" * 8]
     for row in rows(result):
         cells = [str(row.delta), str(row.depth), f"{row.ideal:.3f}×", row.variant, row.pairs,
                  _ppl_cell(row.ppl["wikitext"]), _ppl_cell(row.ppl["lambada_text"]),
                  _error_cell(row.mean_acc), _error_cell(row.retention, not row.retention_paired),
-                 *(_speed_cell(row.speedup, key) for key in ("paired", "paired + fuse", "llama.cpp"))]
+                 *(_speed_cell(row.speedup, key) for key in ("paired", "paired + fuse", MEASURED_IDEAL, "llama.cpp"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -39,7 +39,7 @@ from lp_fx.tools.speed.timing import PROMPT, compile_and_warm_up, ratio_to_first
 
 log = logging.getLogger(__name__)
 
-UNPAIRED, PAIRED, FUSED = "unpaired", "paired", "paired + fuse"
+UNPAIRED, PAIRED, FUSED, PRUNED = "unpaired", "paired", "paired + fuse", "pruned"
 
 
 def unpaired_variant(inner: str, shared: dict | None = None) -> SingleVariant:
@@ -50,12 +50,30 @@ def unpaired_variant(inner: str, shared: dict | None = None) -> SingleVariant:
     return SingleVariant(UNPAIRED, {**(shared or {}), "inner": inner})
 
 
-def paired_variants(pairing: Pairing, backend_options: dict, inner: str) -> dict[str, SingleVariant]:
-    """The pairing and the pairing fused (by kind: :data:`PAIRED`, :data:`FUSED`), strict so that
-    nothing is silently left out; named after the pairing, so several pairings can be timed together."""
-    paired = {**backend_options, "inner": inner, "strict": True}
+def pruned(pairing: Pairing) -> Pairing:
+    """``pairing`` with one layer of each pair dropped (mode ``prune``)."""
+    return Pairing(pairing.name, pairing.pairs, ("prune",) * len(pairing.pairs))
+
+
+def paired_variants(pairing: Pairing, backend_options: dict, inner: str, shared: dict | None = None) -> dict[str, SingleVariant]:
+    """The pairing, the pairing fused and its pairs pruned (by kind: :data:`PAIRED`, :data:`FUSED`,
+    :data:`PRUNED`), strict so that nothing is silently left out; named after the pairing, so several
+    pairings can be timed together.
+
+    The pruned variant (one layer of each pair dropped) has the paired model's depth, L − Δ/2, and
+    none of a pair's extra work: its speed is the ideal a pairing can reach on one device, measured
+    with the model's own head, embeddings and per-step overhead, where L / (L − Δ/2) counts layers only."""
+    paired = {**(shared or {}), **backend_options, "inner": inner, "strict": True}
     return {PAIRED: SingleVariant(f"{pairing.name}: {PAIRED}", paired),
-            FUSED: SingleVariant(f"{pairing.name}: {FUSED}", {**paired, "fuse": True})}
+            FUSED: SingleVariant(f"{pairing.name}: {FUSED}", {**paired, "fuse": True}),
+            PRUNED: SingleVariant(f"{pairing.name}: {PRUNED}", pruned(pairing).to_options(**(shared or {}), inner=inner,
+                                                                                           strict=True))}
+
+
+def layer_share(ideal: float, num_layers: int, pruned_layers: int) -> float:
+    """The share of an unpaired decode step spent in its layers, from the pruned variant's speedup
+    ``ideal``: dropping ``pruned_layers`` of ``num_layers`` alike layers saves that many layers' time."""
+    return (1 - 1 / ideal) * num_layers / pruned_layers
 
 
 @dataclass
@@ -91,15 +109,19 @@ class SpeedBench:
             raise ValueError(f"pairings timed together need distinct names, got {names}")
         ids = self.tokenizer(PROMPT, return_tensors="pt").input_ids.to(model.device).repeat(self.batch, 1)
         unpaired = unpaired_variant(self.inner, self.shared)
-        own = [paired_variants(pairing, {**(self.shared or {}), **options}, self.inner) for pairing, options in pairings]
+        own = [paired_variants(pairing, options, self.inner, self.shared) for pairing, options in pairings]
         todo = [unpaired, *(variant for kinds in own for variant in kinds.values())]
-        pairing_of = {variant.name: pairing for (pairing, _), kinds in zip(pairings, own) for variant in kinds.values()}
+        pairing_of = {variant.name: pruned(pairing) if kind == PRUNED else pairing
+                      for (pairing, _), kinds in zip(pairings, own) for kind, variant in kinds.items()}
         stamps = [time.monotonic()]  # one after each variant: its compile, in its one warm-up generation
+
+        layers_found: dict[str, int] = {}  # variant name -> the decoder layers its backend found
 
         def note(variant: SingleVariant, copy_: torch.nn.Module, backend: Any) -> None:
             if variant is not unpaired:
                 check_rewritten(backend.reports, pairing_of[variant.name], "lp")
                 variant.graph_gemms = [report.gemms for report in backend.reports]
+                layers_found[variant.name] = len(backend.reports[-1].layers)
 
         with torch._dynamo.config.patch(automatic_dynamic_shapes=False, cache_size_limit=64):
             torch._dynamo.reset()
@@ -116,17 +138,21 @@ class SpeedBench:
         records = []
         for (pairing, _), kinds in zip(pairings, own):
             mine = {UNPAIRED: unpaired, **kinds}
+            ideal = ratio_to_first(kinds[PRUNED], unpaired)
             record = {
                 "inner": self.inner, "compiled": "decode step (prompt eager)", "tokens": self.tokens,
                 "rounds": self.rounds, "prompt": PROMPT, "batch": self.batch, "shared_options": self.shared,
-                "ratio": {kind: ratio_to_first(v, unpaired) for kind, v in kinds.items()},
+                "ratio": {kind: ratio_to_first(v, unpaired) for kind, v in kinds.items() if kind != PRUNED},
+                "ideal_measured": ideal,
+                "layer_share": layer_share(ideal, layers_found[kinds[PAIRED].name], len(pairing.pairs)),
                 "tokens_per_s": {kind: v.tokens_per_s for kind, v in mine.items()},
                 "median_tokens_per_s": {kind: statistics.median(v.tokens_per_s) for kind, v in mine.items()},
                 "compile_s": {kind: compile_s[v.name] for kind, v in mine.items()},
                 "gemms_per_graph": {kind: v.graph_gemms for kind, v in kinds.items()},
                 "timed_with": [other.name for other, _ in pairings if other is not pairing],
             }
-            log.info("speed %s: %s (compile %s s)", pairing.name, record["ratio"], record["compile_s"])
+            log.info("speed %s: %s, ideal %.3f (layers: %.0f %% of a step; compile %s s)", pairing.name, record["ratio"],
+                     ideal, 100 * record["layer_share"], record["compile_s"])
             records.append(record)
         return records
 
