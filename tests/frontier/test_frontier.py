@@ -374,3 +374,16 @@ def test_the_measured_ideal_is_the_pairs_pruned_and_gives_the_layers_share_of_a_
                                           "inner": "eager", "strict": True}
     assert variants["paired + fuse"].options == {"cudagraphs": True, "plan": "p.json", "inner": "eager", "strict": True,
                                                  "fuse": True}
+
+
+def test_a_gemma3_pairing_its_fused_and_pruned_copies_are_timed_with_one_decode_graph_each(model_dir: Path) -> None:
+    """Gemma 3's sliding-window cache counts its tokens in a Python int: each decode step compiled a
+    graph of its own before, so a speed run timed compiles."""
+    from transformers import AutoTokenizer
+
+    bench = frontier_speed.SpeedBench(AutoTokenizer.from_pretrained(model_dir), inner="eager", tokens=6, rounds=2)
+    pairing = Pairing("p", ((1, 2),), ("lp",))
+    [record] = bench.one_device(hf_model("gemma3", layers=4), [(pairing, pairing.to_options())])
+    assert set(record["tokens_per_s"]) == {"unpaired", "paired", "paired + fuse", "pruned"}
+    assert all(len(graphs) <= 2 for graphs in record["gemms_per_graph"].values()), record["gemms_per_graph"]
+    assert record["ideal_measured"] > 0
