@@ -1,0 +1,48 @@
+"""Decode speed of pairings on one device, as ``lp-fx frontier`` measures it, without its planning
+and scoring (issue 35): the unpaired model and, for each ``--pairing``, the pairing, the pairing
+fused and its pairs pruned (the ideal as measured: depth L − Δ/2 with the model's own head), all
+timed interleaved in the same rounds (:class:`lp_fx.tools.frontier.speed.SpeedBench`).
+
+    python scripts/pairing_speed.py --model gemma3 --pairing 6:14 --pairing docs/results/plan_gemma3_issue35.json \\
+        --out speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from lp_fx.files import write_json
+from lp_fx.pairing import Pairing
+from lp_fx.tools.frontier.points import ideal_speedup
+from lp_fx.tools.frontier.speed import SpeedBench
+from lp_fx.tools.models import load_model
+from lp_fx.tools.options import OneLineParser, int_at_least, positive_int
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="a named model (smollm2, gemma3), a GGUF file or an HF folder")
+    p.add_argument("--pairing", action="append", required=True,
+                   help="a range 6:14, pairs 9-10,11-12 or a plan file; repeat to time several in the same rounds")
+    p.add_argument("--tokens", type=int_at_least(2), default=32, help="greedy tokens per timed generation")
+    p.add_argument("--rounds", type=positive_int, default=5, help="interleaved timing rounds")
+    p.add_argument("--out", required=True, help="the JSON to write")
+    args = p.parse_args()
+    loaded = load_model(args.model, progress=False)
+    pairings = [Pairing.parse(spec, loaded.num_layers) for spec in args.pairing]
+    records = SpeedBench(loaded.tokenizer, tokens=args.tokens, rounds=args.rounds).one_device(
+        loaded.model, [(pairing, pairing.to_options()) for pairing in pairings])
+    for pairing, record in zip(pairings, records):
+        fused, ideal = record["ratio"]["paired + fuse"], record["ideal_measured"]
+        print(f"{pairing.name} (Δ = {2 * len(pairing.pairs)}): paired {record['ratio']['paired']:.3f}×, "
+              f"paired + fuse {fused:.3f}×; ideal L/(L − Δ/2) {ideal_speedup(loaded.num_layers, 2 * len(pairing.pairs)):.3f}×, "
+              f"measured (pairs pruned) {ideal:.3f}×: fused reaches {fused / ideal:.1%} of it; "
+              f"the layers take {record['layer_share']:.1%} of an unpaired step")
+    write_json(args.out, {"model": loaded.name, "layers": loaded.num_layers, "args": vars(args),
+                          "pairings": [dict(pairing.to_json(), speed=record) for pairing, record in zip(pairings, records)]})
+
+
+if __name__ == "__main__":
+    main()
