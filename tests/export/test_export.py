@@ -148,7 +148,7 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, bpe_dir):
 
 
 @pytest.mark.parametrize("mode", ["prune", "merge"])
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])  # Gemma 3: its sliding and global layers alternate here
 def test_hf_export_of_prune_and_merge_loads_and_equals_the_pass(tmp_path, bpe_dir, arch, mode):
     from transformers import AutoModelForCausalLM
 
