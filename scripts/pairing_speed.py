@@ -31,17 +31,20 @@ def main() -> None:
     p.add_argument("--out", required=True, help="the JSON to write")
     args = p.parse_args()
     loaded = load_model(args.model, progress=False)
-    pairings = [Pairing.parse(spec, loaded.num_layers) for spec in args.pairing]
+    try:
+        pairings = [Pairing.parse(spec, loaded.num_layers) for spec in args.pairing]
+    except (OSError, ValueError) as error:  # LayerParallelError is a ValueError
+        p.error(f"--pairing: {error}")
     records = SpeedBench(loaded.tokenizer, tokens=args.tokens, rounds=args.rounds).one_device(
         loaded.model, [(pairing, pairing.to_options()) for pairing in pairings])
     for pairing, record in zip(pairings, records):
+        delta = 2 * len(pairing.pairs)
         fused, ideal = record["ratio"]["paired + fuse"], record["ideal_measured"]
-        print(f"{pairing.name} (Δ = {2 * len(pairing.pairs)}): paired {record['ratio']['paired']:.3f}×, "
-              f"paired + fuse {fused:.3f}×; ideal L/(L − Δ/2) {ideal_speedup(loaded.num_layers, 2 * len(pairing.pairs)):.3f}×, "
-              f"measured (pairs pruned) {ideal:.3f}×: fused reaches {fused / ideal:.1%} of it; "
-              f"the layers take {record['layer_share']:.1%} of an unpaired step")
-    write_json(args.out, {"model": loaded.name, "layers": loaded.num_layers, "args": vars(args),
-                          "pairings": [dict(pairing.to_json(), speed=record) for pairing, record in zip(pairings, records)]})
+        print(f"{pairing.name} (Δ = {delta}): paired {record['ratio']['paired']:.3f}×, paired + fuse {fused:.3f}×; "
+              f"ideal L/(L − Δ/2) {ideal_speedup(loaded.num_layers, delta):.3f}×, measured (pairs pruned) {ideal:.3f}×: "
+              f"fused reaches {fused / ideal:.1%} of it; the layers take {record['layer_share']:.1%} of an unpaired step")
+    timed = [dict(pairing.to_json(), speed=record) for pairing, record in zip(pairings, records)]
+    write_json(args.out, {"model": loaded.name, "layers": loaded.num_layers, "args": vars(args), "pairings": timed})
 
 
 if __name__ == "__main__":

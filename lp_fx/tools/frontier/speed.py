@@ -55,7 +55,9 @@ def pruned(pairing: Pairing) -> Pairing:
     return Pairing(pairing.name, pairing.pairs, ("prune",) * len(pairing.pairs))
 
 
-def paired_variants(pairing: Pairing, backend_options: dict, inner: str, shared: dict | None = None) -> dict[str, SingleVariant]:
+def paired_variants(
+    pairing: Pairing, backend_options: dict, inner: str, shared: dict | None = None
+) -> dict[str, SingleVariant]:
     """The pairing, the pairing fused and its pairs pruned (by kind: :data:`PAIRED`, :data:`FUSED`,
     :data:`PRUNED`), strict so that nothing is silently left out; named after the pairing, so several
     pairings can be timed together.
