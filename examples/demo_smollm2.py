@@ -43,7 +43,7 @@ from lp_fx.tools.options import OneLineParser, int_at_least, non_negative_int, p
 from lp_fx.tools.speed.timing import (
     decode_steps_through,
     ratio_to_first,
-    static_graphs_per_variant,
+    room_for_variants,
     time_interleaved,
 )
 
@@ -148,7 +148,7 @@ def demo(args: argparse.Namespace, data_dir: Path) -> None:
         Row(f"paper: {args.start}:{args.end} {args.mode}, untuned", {"start": args.start, "end": args.end, "mode": args.mode}),
         Row(f"recommended: planned + LoRA ({Path(args.checkpoint).name})", {}, checkpoint=args.checkpoint),
     ]
-    static_graphs_per_variant()
+    room_for_variants()  # decode-only copies: automatic dynamic shapes stay on (decode_steps_through)
     compiled = {row.name: compiled_row(loaded, row, args, windows) for row in rows}
     prompt = prompt_ids(loaded.tokenizer)  # decode graphs compiled by the answers above; its prefill uncompiled
     time_interleaved(compiled, rows, prompt, args.new_tokens, args.rounds)

@@ -387,3 +387,9 @@ def test_a_gemma3_pairing_its_fused_and_pruned_copies_are_timed_with_one_decode_
     assert set(record["tokens_per_s"]) == {"unpaired", "paired", "paired + fuse", "pruned"}
     assert all(len(graphs) <= 2 for graphs in record["gemms_per_graph"].values()), record["gemms_per_graph"]
     assert record["ideal_measured"] > 0
+
+
+def test_a_pairing_without_pairs_is_refused_before_anything_is_compiled() -> None:
+    """Its pruned copy would be the unpaired model and its layers' share a division by zero, after the whole run."""
+    with pytest.raises(ValueError, match="'baseline' has no pairs"):
+        frontier_speed.SpeedBench(tokenizer=None).one_device(None, [(Pairing("baseline"), {})])

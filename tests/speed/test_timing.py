@@ -35,8 +35,8 @@ class Variant:
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_decode_steps_compile_once_even_where_the_cache_counts_tokens_in_a_python_int(arch):
-    """Gemma 3's sliding-window cache layers keep their length in a Python int: with every variant's
-    graphs static, each decode step compiled a graph of its own (and the timing timed compiles)."""
+    """Gemma 3's sliding-window cache layers keep their length in a Python int: with automatic dynamic
+    shapes off, each decode step compiled a graph of its own (and the timing timed compiles)."""
     import torch
 
     from lp_fx import LayerParallel
@@ -50,7 +50,7 @@ def test_decode_steps_compile_once_even_where_the_cache_counts_tokens_in_a_pytho
     backend = LayerParallel(pairs=[], inner="eager")
     settings = ("automatic_dynamic_shapes", "cache_size_limit", "accumulated_cache_size_limit")
     with torch._dynamo.config.patch({name: getattr(torch._dynamo.config, name) for name in settings}):
-        timing.static_graphs_per_variant()
+        timing.room_for_variants()
         model.forward = timing.decode_steps_through(torch.compile(model.forward, backend=backend), model.forward)
         got, _ = timing.generate(model, ids, 8)
     assert torch.equal(got, expected)

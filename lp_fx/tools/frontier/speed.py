@@ -109,6 +109,9 @@ class SpeedBench:
         names = [pairing.name for pairing, _ in pairings]
         if len(set(names)) < len(names):  # the variants are named after their pairings
             raise ValueError(f"pairings timed together need distinct names, got {names}")
+        empty = [pairing.name for pairing, _ in pairings if not pairing.pairs]
+        if empty:  # the unpaired model is timed anyway; a pairing without pairs has no ideal to measure
+            raise ValueError(f"pairing {empty[0]!r} has no pairs: give pairs to time against the unpaired model")
         ids = self.tokenizer(PROMPT, return_tensors="pt").input_ids.to(model.device).repeat(self.batch, 1)
         unpaired = unpaired_variant(self.inner, self.shared)
         own = [paired_variants(pairing, options, self.inner, self.shared) for pairing, options in pairings]
@@ -125,7 +128,8 @@ class SpeedBench:
                 variant.graph_gemms = [report.gemms for report in backend.reports]
                 layers_found[variant.name] = len(backend.reports[-1].layers)
 
-        with torch._dynamo.config.patch(automatic_dynamic_shapes=False, cache_size_limit=64):
+        # Decode-only copies: automatic dynamic shapes stay on (see decode_steps_through).
+        with torch._dynamo.config.patch(cache_size_limit=64):
             torch._dynamo.reset()
             # The generation that compiles, and with CUDA graphs one more (they record on the first
             # calls after the compile); each variant is then warm when its rounds start.

@@ -79,11 +79,18 @@ def generate(model: torch.nn.Module, ids: torch.Tensor, tokens: int) -> tuple[to
     return out, clock.decode_tokens_per_s()
 
 
-def static_graphs_per_variant() -> None:
-    """Dynamo settings for timing several compiled copies: each its own static graphs, and room for all."""
-    torch._dynamo.config.automatic_dynamic_shapes = False
+def room_for_variants() -> None:
+    """Dynamo's cache limits raised for several compiled copies of one model in a process."""
     torch._dynamo.config.cache_size_limit = 64
     torch._dynamo.config.accumulated_cache_size_limit = 1024
+
+
+def static_graphs_per_variant() -> None:
+    """Dynamo settings for timing several copies whose whole forward is compiled: each its own
+    static graphs (prefill and decode), and room for all. Not for decode-only copies
+    (:func:`decode_steps_through`), which need automatic dynamic shapes."""
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    room_for_variants()
 
 
 def compile_variant(model: torch.nn.Module, options: dict | None, cudagraphs: bool = False,
@@ -111,18 +118,16 @@ def decode_steps_through(compiled: Callable, eager: Callable) -> Callable:
     not the work of a decode step (``generate`` runs a fixed number of steps, the cache layout is
     the same), so the texts of such variants are not compared.
 
-    A decode step's tensors keep their shapes from step to step, but a cache may keep a Python int
-    that grows every step (Gemma 3's sliding-window layers count their tokens in one): with
-    :func:`static_graphs_per_variant`'s setting, each value would compile a graph of its own, so the
-    decode steps run with automatic dynamic shapes, which make such an int dynamic at its first change.
+    Compile such a forward with Dynamo's automatic dynamic shapes on (its default; not under
+    :func:`static_graphs_per_variant`): a decode step's tensors keep their shapes from step to step,
+    so nothing of them becomes dynamic, but a cache may keep a Python int that grows every step
+    (Gemma 3's sliding-window layers count their tokens in one), which becomes dynamic at its first
+    change instead of compiling a graph per step.
     """
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
-        if ids is None or ids.shape[-1] != 1:
-            return eager(*args, **kwargs)
-        with torch._dynamo.config.patch(automatic_dynamic_shapes=True):
-            return compiled(*args, **kwargs)
+        return (compiled if ids is not None and ids.shape[-1] == 1 else eager)(*args, **kwargs)
 
     return forward
 
