@@ -257,6 +257,7 @@ def test_layers_of_different_shapes_are_refused(tmp_path, bpe_dir):
     ("llama", ["lp"], {"dtype": "bf16"}, "dtype 'bf16': expected one of f32, f16, q8_0"),
     ("mistral", ["lp"], {}, "sliding-window attention"),
     ("gemma", ["lp"], {}, "model type 'gemma' has no GGUF writer here"),
+    ("gemma3", ["prune"], {}, r"scales attention scores by 1/sqrt\(256\), not 1/sqrt\(head size 16\)"),
     ("llama", ["lp"], {"tokenizer": None}, "no tokenizer to copy"),
     ("llama", ["prune"], {"fmt": "hf", "tokenizer": None}, "no tokenizer to copy: an hf export holds its model's"),
 ])
@@ -304,7 +305,7 @@ def test_gguf_of_wide_layers_is_deci_with_per_layer_widths(tmp_path, bpe_dir):
     assert json.loads(fields["lp_fx.pairing"]) == {"pairs": [[1, 2], [3, 4]], "modes": ["lp", "lp"]}
     assert json.loads(fields["lp_fx.layer_sources"]) == [[0], [1, 2], [3, 4], [5]]
     assert fields["lp_fx.source"] == "tiny-bpe"
-    expected = {"token_embd.weight": (64, BPE_VOCAB), "output.weight": (64, BPE_VOCAB), "output_norm.weight": (64,)}
+    expected = {"token_embd.weight": (64, BPE_VOCAB), "output_norm.weight": (64,)}  # tied: no output.weight
     for i, layer in enumerate(folded.layers):
         w = layer.heads // 4
         expected.update({f"blk.{i}.attn_norm.weight": (64,), f"blk.{i}.ffn_norm.weight": (64,),
@@ -315,7 +316,6 @@ def test_gguf_of_wide_layers_is_deci_with_per_layer_widths(tmp_path, bpe_dir):
     assert {name: tuple(int(d) for d in t.shape) for name, t in tensors.items()} == expected
     q = folded.tensors["model.layers.1.self_attn.q_proj.weight"]
     assert np.array_equal(tensors["blk.1.attn_q.weight"].data, gguf_writer.rotary_order(q, 8).numpy())
-    assert np.array_equal(tensors["output.weight"].data, tensors["token_embd.weight"].data)  # tied, written out
     assert np.all(tensors["blk.1.attn_norm.weight"].data == 1)
     tokens = fields["tokenizer.ggml.tokens"]
     assert len(tokens) == BPE_VOCAB and tokens[-1] == f"[PAD{BPE_VOCAB - 1}]" and tokens[0] == "<|endoftext|>"
@@ -324,16 +324,32 @@ def test_gguf_of_wide_layers_is_deci_with_per_layer_widths(tmp_path, bpe_dir):
 
 
 def test_gguf_of_prune_keeps_the_source_architecture(tmp_path, bpe_dir):
-    for arch, name, bias in (("llama", "llama", False), ("qwen2", "qwen2", True)):
+    for arch, name, bias in (("llama", "llama", False), ("qwen2", "qwen2", True), ("gemma3", "gemma3", False)):
         out = tmp_path / f"{arch}.gguf"
         folded = ex.export(bpe_model(arch), PAIRS, ["prune", "merge"], out, Source("tiny", bpe_dir))
         fields, tensors = read(out)
         assert fields["general.architecture"] == name
         assert fields[f"{name}.block_count"] == 4 and fields[f"{name}.attention.head_count"] == 4
-        assert ("blk.0.attn_q.bias" in tensors) == bias
+        assert ("blk.0.attn_q.bias" in tensors) == bias and "output.weight" in tensors  # untied head
         q = folded.tensors["model.layers.2.self_attn.q_proj.weight"]
-        permuted = gguf_writer.rotary_order(q, 4) if name == "llama" else q  # qwen2 rotates HF's halves
+        permuted = gguf_writer.rotary_order(q, 4) if name == "llama" else q  # qwen2, gemma3 rotate HF's halves
         assert np.array_equal(tensors["blk.2.attn_q.weight"].data, permuted.numpy())
+
+
+def test_gguf_of_gemma3_lists_each_kept_layers_attention_type_and_stores_norms_as_one_plus_w(tmp_path, bpe_dir):
+    out = tmp_path / "g.gguf"
+    folded = ex.export(bpe_model("gemma3", tied=True), PAIRS, ["prune", "merge"], out, Source("tiny", bpe_dir))
+    fields, tensors = read(out)
+    # layers 0, 1, 3, 5 kept: sliding, global, global, global (no period llama.cpp could assume)
+    assert fields["gemma3.attention.sliding_window_pattern"] == [True, False, False, False]
+    assert fields["gemma3.attention.sliding_window"] == 4
+    assert fields["gemma3.rope.freq_base"] == 1e6 and fields["gemma3.rope.freq_base_swa"] == 1e4
+    assert "output.weight" not in tensors  # tied
+    for hf, name in (("model.layers.1.pre_feedforward_layernorm.weight", "blk.1.ffn_norm.weight"),
+                     ("model.layers.1.post_attention_layernorm.weight", "blk.1.post_attention_norm.weight"),
+                     ("model.layers.1.self_attn.k_norm.weight", "blk.1.attn_k_norm.weight"),
+                     ("model.norm.weight", "output_norm.weight")):
+        assert np.array_equal(tensors[name].data, (folded.tensors[hf] + 1).numpy()), name
 
 
 @pytest.mark.parametrize(("dtype", "matrix_type", "tolerance"), [("f16", "F16", 2e-3), ("q8_0", "Q8_0", 2e-2)])

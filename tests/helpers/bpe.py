@@ -69,13 +69,17 @@ def save_bpe_tokenizer(path: Path) -> Path:
 
 
 def bpe_model(arch: str = "llama", layers: int = LAYERS, tied: bool = False) -> torch.nn.Module:
-    """A tiny model whose vocabulary fits the tiny BPE tokenizer."""
+    """A tiny model whose vocabulary fits the tiny BPE tokenizer; Gemma 3's sliding (window 4) and
+    global layers alternate, not in its real 5 : 1 period."""
     import transformers as tf
 
     torch.manual_seed(0)
     config_class, model_class = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
-                                 "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}[arch]
+                                 "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+                                 "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM)}[arch]
+    gemma3 = dict(sliding_window=4, query_pre_attn_scalar=16,
+                  layer_types=["sliding_attention", "full_attention"] * (layers // 2) + ["sliding_attention"] * (layers % 2))
     config = config_class(vocab_size=BPE_VOCAB, num_hidden_layers=layers, hidden_size=64, intermediate_size=128,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=tied,
-                          max_position_embeddings=256, rms_norm_eps=1e-5)
+                          max_position_embeddings=256, rms_norm_eps=1e-5, **(gemma3 if arch == "gemma3" else {}))
     return spread(model_class(config).eval())

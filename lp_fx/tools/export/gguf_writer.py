@@ -2,9 +2,13 @@
 
 Wide layers (``lp`` pairs) are written with llama.cpp's ``deci`` architecture, which takes a head
 count, KV-head count and FFN width per layer; a pairing without them (prune, merge, none) keeps the
-source's architecture (``llama`` for Llama and Mistral, ``qwen2``). q and k rows go in the order
-llama.cpp's rotary embedding expects for ``llama``/``deci`` (the permutation llama.cpp's
-``convert_hf_to_gguf.py`` applies); ``qwen2`` rotates Hugging Face's halves and keeps them. The
+source's architecture (``llama`` for Llama and Mistral, ``qwen2``, ``gemma3``). q and k rows go in the
+order llama.cpp's rotary embedding expects for ``llama``/``deci`` (the permutation llama.cpp's
+``convert_hf_to_gguf.py`` applies); ``qwen2`` and ``gemma3`` rotate Hugging Face's halves and keep
+them. ``gemma3`` layers keep their own attention type: the file lists which layers slide
+(``attention.sliding_window_pattern``, one flag per layer), since a pruned model no longer follows
+the 5 : 1 period llama.cpp assumes otherwise; its norms are stored as ``1 + w``, as llama.cpp's
+converter stores Gemma's. A tied output head is not written: llama.cpp reads ``token_embd``. The
 tokenizer is copied: the ``tokenizer.*`` fields of a source GGUF as they are, or a byte-level BPE
 ``tokenizer.json`` of a Hugging Face folder (tokens, merges, special ids, chat template).
 """
@@ -14,6 +18,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +31,7 @@ from lp_fx.tools.export.fold import ExportError, Folded, Source
 
 log = logging.getLogger(__name__)
 
-# model_type -> (architecture of a model with the source's layer shapes, q/k rows permuted for it)
-ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
-WIDE_ARCHITECTURE = "deci"  # rotary in llama's order: q/k rows permuted
-TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
-LAYER_NAMES = {
+LLAMA_LAYER_NAMES = {
     "input_layernorm": "attn_norm",
     "post_attention_layernorm": "ffn_norm",
     "self_attn.q_proj": "attn_q",
@@ -40,28 +42,63 @@ LAYER_NAMES = {
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
+GEMMA3_LAYER_NAMES = {
+    **LLAMA_LAYER_NAMES,
+    "post_attention_layernorm": "post_attention_norm",  # sandwich norms: the attention output's
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+}
+
+
+@dataclass(frozen=True)
+class GgufArchitecture:
+    """How llama.cpp's architecture ``name`` holds a model of one Hugging Face ``model_type``."""
+
+    name: str
+    permuted: bool  # q/k rows in llama's interleaved rotary order
+    layer_names: Mapping[str, str]
+    norm_offset: float = 0.0  # stored norm weight = offset + w (Gemma's norms compute rms(x) * (1 + w))
+    sliding: bool = False  # computes sliding-window layers, per-layer flags read from the file
+
+
+LLAMA = GgufArchitecture("llama", True, LLAMA_LAYER_NAMES)
+ARCHITECTURES = {
+    "llama": LLAMA,
+    "mistral": LLAMA,
+    "qwen2": GgufArchitecture("qwen2", False, LLAMA_LAYER_NAMES),
+    "gemma3_text": GgufArchitecture("gemma3", False, GEMMA3_LAYER_NAMES, norm_offset=1.0, sliding=True),
+}
+WIDE = GgufArchitecture("deci", True, LLAMA_LAYER_NAMES)  # per-layer widths; rotary in llama's order
+TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0"}
 
 
 # ------------------------------------------------------------------------------------- checks
 
 
-def check_gguf(config: Any, source: Source) -> None:
-    """Refuse a model this writer cannot express in llama.cpp, or a tokenizer it cannot copy."""
+def check_gguf(config: Any, source: Source, wide: bool = False) -> None:
+    """Refuse a model this writer cannot express in llama.cpp (with ``wide`` layers: in ``deci``), or
+    a tokenizer it cannot copy."""
     kind = getattr(config, "model_type", None)
     if kind not in ARCHITECTURES:
         raise ExportError(
             f"model type {kind!r} has no GGUF writer here; supported: {', '.join(ARCHITECTURES)} "
             "(other models: --format hf with prune/merge pairs)"
         )
-    if _sliding(config):
+    arch = WIDE if wide else ARCHITECTURES[kind]
+    if _sliding(config) and not arch.sliding:
         raise ExportError(
-            f"this {kind} model uses sliding-window attention, which llama.cpp's llama/deci architectures "
-            "do not compute: the GGUF would differ from the model on long inputs"
+            f"this {kind} model uses sliding-window attention, which llama.cpp's {arch.name} architecture "
+            "does not compute: the GGUF would differ from the model on long inputs"
         )
-    rope = _rope_parameters(config)
-    if rope.get("rope_type", "default") != "default":
-        raise ExportError(f"rope scaling {rope.get('rope_type')!r} is not written by this exporter (default RoPE only)")
+    for rope in _ropes(config).values():
+        if rope.get("rope_type", "default") != "default":
+            raise ExportError(f"rope scaling {rope.get('rope_type')!r} is not written by this exporter (default RoPE only)")
+    problem = _attention_problem(config)
+    if problem:
+        raise ExportError(f"this {kind} model {problem}, which llama.cpp's {arch.name} architecture does not compute")
     if source.tokenizer is None:
         raise ExportError("no tokenizer to copy: give the model as a GGUF file or a Hugging Face folder with tokenizer.json")
     tokens = _gguf_token_count(source.tokenizer) if source.tokenizer.suffix == ".gguf" else _hf_vocab(source.tokenizer).vocab_size
@@ -69,6 +106,19 @@ def check_gguf(config: Any, source: Source) -> None:
         raise ExportError(
             f"{source.tokenizer}: the tokenizer has {tokens} tokens, more than the model's vocabulary ({config.vocab_size})"
         )
+
+
+def _attention_problem(config: Any) -> str | None:
+    """What of the model's attention or head a GGUF here cannot say: llama.cpp scales scores by
+    1/sqrt(head size) and caps no logits."""
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    if scalar is not None and scalar != head_dim:
+        return f"scales attention scores by 1/sqrt({scalar}), not 1/sqrt(head size {head_dim})"
+    for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(config, name, None) is not None:
+            return f"caps logits ({name} = {getattr(config, name)})"
+    return None
 
 
 def _gguf_token_count(path: Path) -> int:
@@ -103,13 +153,17 @@ def _sliding(config: Any) -> bool:
     return config.model_type == "mistral" and getattr(config, "sliding_window", None) is not None
 
 
-def _rope_parameters(config: Any) -> dict:
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    return dict(rope)
+def _ropes(config: Any) -> dict[str, dict]:
+    """RoPE parameters by attention type (Gemma 3 gives its sliding and global layers their own
+    base); a model with one set gives it for ``full_attention``."""
+    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    if rope and all(isinstance(value, Mapping) for value in rope.values()):
+        return {kind: dict(value) for kind, value in rope.items()}
+    return {"full_attention": rope}
 
 
-def _rope_theta(config: Any) -> float:
-    return float(_rope_parameters(config).get("rope_theta") or getattr(config, "rope_theta"))
+def _rope_theta(config: Any, kind: str = "full_attention") -> float:
+    return float(_ropes(config).get(kind, {}).get("rope_theta") or getattr(config, "rope_theta"))
 
 
 def _hf_vocab(directory: Path) -> Any:
@@ -131,12 +185,11 @@ def write_gguf(folded: Folded, path: Path, dtype: str, source: Source) -> None:
     import gguf  # lazy: only a GGUF export needs gguf
 
     config = folded.config
-    arch, _ = ARCHITECTURES[config.model_type]
-    arch = WIDE_ARCHITECTURE if folded.wide else arch
+    arch = gguf_architecture(folded)
 
     def write(tmp: Path) -> None:
-        writer = gguf.GGUFWriter(tmp, arch)
-        _add_hyperparameters(writer, folded, dtype)
+        writer = gguf.GGUFWriter(tmp, arch.name)
+        _add_hyperparameters(writer, folded, dtype, arch)
         _add_metadata(writer, folded, source)
         _add_tokenizer(writer, source.tokenizer, config.vocab_size)
         for name, array, qtype in gguf_tensors(folded, dtype, arch):
@@ -149,7 +202,12 @@ def write_gguf(folded: Folded, path: Path, dtype: str, source: Source) -> None:
     atomic_write(path, write)
 
 
-def _add_hyperparameters(writer: Any, folded: Folded, dtype: str) -> None:
+def gguf_architecture(folded: Folded) -> GgufArchitecture:
+    """The llama.cpp architecture ``folded`` is written as."""
+    return WIDE if folded.wide else ARCHITECTURES[folded.config.model_type]
+
+
+def _add_hyperparameters(writer: Any, folded: Folded, dtype: str, arch: GgufArchitecture) -> None:
     import gguf  # lazy: only a GGUF export needs gguf
 
     config, layers = folded.config, folded.layers
@@ -166,6 +224,10 @@ def _add_hyperparameters(writer: Any, folded: Folded, dtype: str) -> None:
     writer.add_rope_dimension_count(folded.head_dim)
     writer.add_rope_freq_base(_rope_theta(config))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    if arch.sliding:
+        writer.add_sliding_window(int(config.sliding_window))
+        writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in config.layer_types])
+        writer.add_rope_freq_base_swa(_rope_theta(config, "sliding_attention"))
     writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[dtype]))
 
 
@@ -208,24 +270,28 @@ def _add_hf_tokenizer(writer: Any, directory: Path, vocab_size: int) -> None:
 # -------------------------------------------------------------------------------------- tensors
 
 
-def gguf_tensors(folded: Folded, dtype: str, arch: str) -> list[tuple[str, np.ndarray, Any]]:
-    """``(GGUF name, data, GGML type)`` for every tensor, q/k permuted where ``arch`` rotates in llama's order."""
-    permuted = arch == WIDE_ARCHITECTURE or ARCHITECTURES[folded.config.model_type][1]
+def gguf_tensors(folded: Folded, dtype: str, arch: GgufArchitecture) -> list[tuple[str, np.ndarray, Any]]:
+    """``(GGUF name, data, GGML type)`` for every tensor, q/k permuted where ``arch`` rotates in
+    llama's order, norm weights stored as ``arch`` reads them."""
     out = []
-    for name, tensor in _named_tensors(folded):
+    for name, tensor in _named_tensors(folded, arch):
         layer = int(name.split(".")[1]) if name.startswith("blk.") else None
-        if permuted and layer is not None and name.split(".")[-2] in ("attn_q", "attn_k"):
+        if name.endswith("norm.weight") and arch.norm_offset:
+            tensor = tensor + arch.norm_offset
+        if arch.permuted and layer is not None and name.split(".")[-2] in ("attn_q", "attn_k"):
             heads = folded.layers[layer].heads if name.split(".")[-2] == "attn_q" else folded.layers[layer].kv_heads
             tensor = rotary_order(tensor, heads)
         out.append((name, *_encode(tensor, dtype)))
     return out
 
 
-def _named_tensors(folded: Folded) -> list[tuple[str, torch.Tensor]]:
-    """The tensors under their GGUF names; tied embeddings are written out as ``output.weight``."""
+def _named_tensors(folded: Folded, arch: GgufArchitecture) -> list[tuple[str, torch.Tensor]]:
+    """The tensors under their GGUF names; a head tied to the embeddings is not written (llama.cpp
+    reads ``token_embd``, as for the files its converter writes)."""
     tensors = folded.tensors
     out = [(TOP_NAMES[name], tensors[name]) for name in TOP_NAMES]
-    out.append(("output.weight", tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"])))
+    if not getattr(folded.config, "tie_word_embeddings", False):
+        out.append(("output.weight", tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"])))
     prefix = folded.stack + "."
     for name, tensor in tensors.items():
         if not name.startswith(prefix):
@@ -234,9 +300,9 @@ def _named_tensors(folded: Folded) -> list[tuple[str, torch.Tensor]]:
             continue
         index, rest = name[len(prefix):].split(".", 1)
         module, kind = rest.rsplit(".", 1)
-        if module not in LAYER_NAMES:
-            raise ExportError(f"tensor {name} has no GGUF name here")
-        out.append((f"blk.{index}.{LAYER_NAMES[module]}.{kind}", tensor))
+        if module not in arch.layer_names:
+            raise ExportError(f"tensor {name} has no GGUF name in llama.cpp's {arch.name} architecture")
+        out.append((f"blk.{index}.{arch.layer_names[module]}.{kind}", tensor))
     return out
 
 

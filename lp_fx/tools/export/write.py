@@ -69,7 +69,7 @@ def export(
     check_foldable(model, pairs, modes)
     check_output("lp" in modes, fmt, dtype, out)
     if fmt == "gguf":
-        check_gguf(model.config, source)
+        check_gguf(model.config, source, wide="lp" in modes)
     else:
         tokenizer = source_tokenizer(source)
     if checkpoint is not None:
