@@ -43,7 +43,8 @@ def tokens(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def run_config(**overrides) -> ft.FinetuneConfig:
-    base = dict(pairs=((1, 2),), steps=2, lr=3e-3, batch=2, seq_len=32, warmup=0, save_every=1, eval_every=2)
+    base = dict(pairs=((1, 2),), steps=2, lr=3e-3, batch=2, seq_len=32, warmup=0, save_every=1, eval_every=2,
+                inner="eager")
     return ft.FinetuneConfig(**{**base, **overrides})
 
 
@@ -310,7 +311,7 @@ def _cli_finetune(model_dir: Path, data_dir: Path, out: Path, *extra: str) -> in
     train = out.parent / "train.txt"
     train.write_text(" ".join(["the cat sat on a mat and the dog ran far away"] * 40))
     return cli.main(["finetune", "--model", str(model_dir), "--data-dir", str(data_dir), "--window", "16",
-                     "--no-progress", "--pairs", "1:3", "--train-data", str(train), "--steps", "1", "--batch", "2",
+                     "--no-progress", "--inner", "eager", "--pairs", "1:3", "--train-data", str(train), "--steps", "1", "--batch", "2",
                      "--seq-len", "16", "--eval-windows", "1", "--out", str(out), *extra])
 
 

@@ -29,7 +29,8 @@ def tokens(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def config(**overrides) -> ft.FinetuneConfig:
-    base = dict(pairs=PAIRS, steps=20, lr=3e-3, batch=2, seq_len=32, warmup=2, save_every=5, eval_every=10)
+    base = dict(pairs=PAIRS, steps=20, lr=3e-3, batch=2, seq_len=32, warmup=2, save_every=5, eval_every=10,
+                inner="eager")  # the backward through AOTAutograd: tests/core/test_backward.py
     return ft.FinetuneConfig(**{**base, **overrides})
 
 
@@ -222,7 +223,7 @@ def test_cli_finetune_then_eval_with_the_checkpoint(model_dir, data_dir, tmp_pat
     train.write_text(" ".join(["the cat sat on a mat and the dog ran far away"] * 40))
     out = tmp_path / "new" / "ckpt"  # parents are created
     common = ["--model", str(model_dir), "--data-dir", str(data_dir), "--window", "16", "--no-progress"]
-    args = ["finetune", *common, "--pairs", "1:3", "--train-data", str(train), "--steps", "4", "--batch", "2",
+    args = ["finetune", *common, "--inner", "eager", "--pairs", "1:3", "--train-data", str(train), "--steps", "4", "--batch", "2",
             "--seq-len", "16", "--eval-windows", "2", "--eval-every", "2", "--out", str(out)]
     assert cli.main(args) == 0
     assert (out / "loss.png").stat().st_size > 0

@@ -34,7 +34,8 @@ def tokens(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def config(**overrides) -> ft.FinetuneConfig:
-    base = dict(pairs=PAIRS, steps=20, lr=1e-2, batch=2, seq_len=32, warmup=2, save_every=10, eval_every=10, lora_rank=4)
+    base = dict(pairs=PAIRS, steps=20, lr=1e-2, batch=2, seq_len=32, warmup=2, save_every=10, eval_every=10, lora_rank=4,
+                inner="eager")
     return ft.FinetuneConfig(**{**base, **overrides})
 
 
@@ -223,7 +224,7 @@ def _finetune_args(model_dir, data_dir, tmp_path, *extra: str) -> list[str]:
     train = tmp_path / "train.txt"
     train.write_text(" ".join(["the cat sat on a mat and the dog ran far away"] * 40))
     return ["finetune", "--model", str(model_dir), "--data-dir", str(data_dir), "--window", "16", "--no-progress",
-            "--pairs", "1:3", "--train-data", str(train), "--steps", "2", "--batch", "2", "--seq-len", "16",
+            "--inner", "eager", "--pairs", "1:3", "--train-data", str(train), "--steps", "2", "--batch", "2", "--seq-len", "16",
             "--eval-windows", "2", "--out", str(tmp_path / "ckpt"), *extra]
 
 
