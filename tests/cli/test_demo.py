@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo_smollm2.py"
+DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo.py"
 
 
 @pytest.mark.parametrize(
@@ -17,6 +17,7 @@ DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo_smollm2.py"
         (["--start", "3", "--end", "4"], "end - start = 1 is odd"),
         (["--rounds", "0"], "argument --rounds: 0 is not valid; give an integer >= 1"),
         (["--checkpoint", "/nonexistent/ckpt"], "--checkpoint /nonexistent/ckpt: no such directory"),
+        (["--model", "llama"], "argument --model: invalid choice: 'llama' (choose from 'smollm2', 'gemma3')"),
     ],
 )
 def test_the_demo_refuses_a_bad_argument_in_one_line(argv, message):

@@ -1,9 +1,11 @@
-"""SmolLM2-135M-Instruct three ways, each through ``torch.compile(..., backend=LayerParallel(...))``:
+"""A model three ways, each through ``torch.compile(..., backend=LayerParallel(...))``:
+SmolLM2-135M-Instruct (``--model smollm2``, the default) or Gemma 3 270M (``--model gemma3``).
 
-1. baseline: the unpaired model (30 layers);
-2. the paper's recipe, untuned: layers 14..27 in 7 contiguous ``lp`` pairs (Δ = 14, depth 23);
-3. what this project recommends for SmolLM2: the planner's 7 pairs with their LoRA adapter, both
-   committed in ``examples/smollm2_lora/`` (made by ``lp-fx plan --num-pairs 7`` and
+1. baseline: the unpaired model (SmolLM2: 30 layers; Gemma 3: 18);
+2. the paper's recipe, untuned: contiguous ``lp`` pairs (SmolLM2: layers 14..27, Δ = 14, depth 23;
+   Gemma 3: layers 6..13, Δ = 8, depth 14);
+3. what this project recommends: the planner's pairs with their LoRA adapter, committed in
+   ``examples/smollm2_lora/`` and ``examples/gemma3_lora/`` (made by ``lp-fx plan`` and
    ``lp-fx finetune --plan ... --lora 16``; the README gives the commands and their time).
 
 Rows 2 and 3 run fused (``fuse=True``: each pair's GEMMs as one), as one device serves them. The
@@ -15,10 +17,11 @@ has nothing to rewrite). For each row: WikiText-2 perplexity (first ``--tokens``
 test split, 512-token windows) and its ratio to the baseline; decode tokens/s of ``--new-tokens``
 greedy tokens (one over the median step time), timed in ``--rounds`` interleaved rounds, as the
 median per-round ratio to the baseline; and whether the greedy answer to "What is the capital of
-France?" names Paris.
+France?" names Paris (a model without a chat template, as this Gemma 3 GGUF, completes "The
+capital of France is").
 
-    python examples/demo_smollm2.py [--checkpoint DIR] [--start 14 --end 28] [--mode lp|block]
-                                    [--inner aot_eager|inductor] [--no-fuse] [--rounds 7]
+    python examples/demo.py [--model smollm2|gemma3] [--checkpoint DIR] [--start 14 --end 28]
+                            [--mode lp|block] [--inner aot_eager|inductor] [--no-fuse] [--rounds 7]
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ import lp_fx
 from lp_fx import LayerParallel
 from lp_fx.config import INNER_COMPILERS, PAIRING_MODES, check_range
 from lp_fx.tools.data import DataError, load_wikitext, resolve_data_dir
-from lp_fx.tools.evaluation.scoring import make_windows, perplexity
-from lp_fx.tools.models import load_model
+from lp_fx.tools.evaluation.scoring import make_windows, perplexity, text_prefix
+from lp_fx.tools.models import GEMMA3, SMOLLM2, load_model
 from lp_fx.tools.options import OneLineParser, int_at_least, non_negative_int, positive_int
 from lp_fx.tools.speed.timing import (
     decode_steps_through,
@@ -48,15 +51,35 @@ from lp_fx.tools.speed.timing import (
 )
 
 PROMPT = "What is the capital of France?"
-RECOMMENDED = Path(__file__).resolve().parent / "smollm2_lora"
+COMPLETION = "The capital of France is"  # the question, for a model without a chat template
+EXAMPLES = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    """A model the demo runs, with its rows' defaults."""
+
+    title: str
+    start: int  # the paper's contiguous range
+    end: int
+    checkpoint: Path  # the recommended row's planned pairing and LoRA adapter
+
+
+MODELS = {
+    SMOLLM2: DemoModel("SmolLM2-135M-Instruct", 14, 28, EXAMPLES / "smollm2_lora"),
+    GEMMA3: DemoModel("Gemma 3 270M", 6, 14, EXAMPLES / "gemma3_lora"),
+}
 
 
 def parse_args() -> argparse.Namespace:
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=str(RECOMMENDED), metavar="DIR",
-                   help="the recommended row's fine-tuned pairing (default: the committed examples/smollm2_lora)")
-    p.add_argument("--start", type=non_negative_int, default=14, help="the contiguous row's first paired layer")
-    p.add_argument("--end", type=positive_int, default=28, help="the contiguous row's end (exclusive)")
+    p.add_argument("--model", choices=MODELS, default=SMOLLM2, help="the model (gemma3: extra lp_fx[gemma3])")
+    p.add_argument("--checkpoint", default=None, metavar="DIR",
+                   help="the recommended row's fine-tuned pairing (default: the committed examples/MODEL_lora)")
+    p.add_argument("--start", type=non_negative_int, default=None,
+                   help="the contiguous row's first paired layer (default: 14 for smollm2, 6 for gemma3)")
+    p.add_argument("--end", type=positive_int, default=None,
+                   help="the contiguous row's end, exclusive (default: 28 for smollm2, 14 for gemma3)")
     p.add_argument("--mode", choices=PAIRING_MODES, default="lp", help="the contiguous row's mode")
     p.add_argument("--inner", choices=INNER_COMPILERS, default="inductor",
                    help="inner compiler of the decode steps (perplexity and the prompt: eager, quick to compile)")
@@ -66,7 +89,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--new-tokens", type=positive_int, default=24, help="greedy tokens per timed generation")
     p.add_argument("--rounds", type=positive_int, default=7, help="interleaved timing rounds")
     p.add_argument("--data-dir", default=None, help="evaluation data (default: ../shared/data)")
-    return p.parse_args()
+    args = p.parse_args()
+    model = MODELS[args.model]
+    args.start = model.start if args.start is None else args.start
+    args.end = model.end if args.end is None else args.end
+    args.checkpoint = str(model.checkpoint) if args.checkpoint is None else args.checkpoint
+    return args
 
 
 @dataclass
@@ -83,6 +111,9 @@ class Row:
 
 
 def prompt_ids(tokenizer) -> torch.Tensor:
+    """PROMPT through the chat template, or COMPLETION where the tokenizer has none."""
+    if tokenizer.chat_template is None:
+        return tokenizer(COMPLETION, return_tensors="pt").input_ids
     text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
     return tokenizer(text, return_tensors="pt").input_ids
 
@@ -131,17 +162,18 @@ def main() -> int:
             raise ValueError(f"--checkpoint {args.checkpoint}: no such directory (a checkpoint of `lp-fx finetune`)")
         demo(args, resolve_data_dir(args.data_dir))
     except (DataError, OSError, ValueError) as error:  # LayerParallelError is a ValueError
-        print(f"demo_smollm2: error: {error}", file=sys.stderr)
+        print(f"demo: error: {error}", file=sys.stderr)
         return 2
     return 0
 
 
 def demo(args: argparse.Namespace, data_dir: Path) -> None:
-    loaded = load_model("smollm2")
+    loaded = load_model(args.model)
+    title = MODELS[args.model].title
     if args.end > loaded.num_layers:
-        raise ValueError(f"--end {args.end} is past the last layer: SmolLM2-135M has {loaded.num_layers} layers")
+        raise ValueError(f"--end {args.end} is past the last layer: {title} has {loaded.num_layers} layers")
     ids = loaded.tokenizer.encode(load_wikitext(data_dir), add_special_tokens=False)[: args.tokens]
-    windows = make_windows(ids, 512)
+    windows = make_windows(ids, 512, text_prefix(loaded.tokenizer))  # Gemma's windows start with <bos>
     delta = args.end - args.start
     rows = [
         Row("baseline (unpaired)", {"pairs": []}),
@@ -155,14 +187,15 @@ def demo(args: argparse.Namespace, data_dir: Path) -> None:
     for row in rows[1:]:
         logging.info("%s: decode tok/s per round %s, against the baseline's %s", row.name,
                      [round(v, 1) for v in row.tokens_per_s], [round(v, 1) for v in rows[0].tokens_per_s])
-    print(report(rows, args, windows.shape[0], delta))
+    question = PROMPT if loaded.tokenizer.chat_template is not None else COMPLETION
+    print(report(rows, args, windows.shape[0], delta, title, question))
 
 
-def report(rows: list[Row], args: argparse.Namespace, windows: int, delta: int) -> str:
+def report(rows: list[Row], args: argparse.Namespace, windows: int, delta: int, title: str, question: str) -> str:
     """The table: depth, perplexity, decode speed (ratios to the first row), and the answer."""
     fuse = "pairs fused" if args.fuse else "pairs not fused"
     lines = [
-        f"\nSmolLM2-135M-Instruct on the CPU ({torch.get_num_threads()} threads), decode through {args.inner}, {fuse}; "
+        f"\n{title} on the CPU ({torch.get_num_threads()} threads), decode through {args.inner}, {fuse}; "
         f"Δ = {delta} in both paired rows.",
         f"WikiText-2 raw test: {windows} windows × 512 tokens. Decode: {args.new_tokens} greedy tokens, median of "
         f"{args.rounds} interleaved rounds.",
@@ -175,7 +208,7 @@ def report(rows: list[Row], args: argparse.Namespace, windows: int, delta: int) 
             f"{row.name:<44}{row.depth:>6}{row.ppl:>12.2f}{row.ppl / rows[0].ppl:>8.3f}{speed:>14.1f}"
             f"{ratio_to_first(row, rows[0]):>8.3f}  {'yes' if 'paris' in row.answer.lower() else 'no'}"
         )
-    lines += ["", f"{PROMPT}"] + [f"  {row.name:<44}{row.answer!r}" for row in rows]
+    lines += ["", question] + [f"  {row.name:<44}{row.answer!r}" for row in rows]
     return "\n".join(lines)
 
 
