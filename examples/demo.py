@@ -17,8 +17,8 @@ has nothing to rewrite). For each row: WikiText-2 perplexity (first ``--tokens``
 test split, 512-token windows) and its ratio to the baseline; decode tokens/s of ``--new-tokens``
 greedy tokens (one over the median step time), timed in ``--rounds`` interleaved rounds, as the
 median per-round ratio to the baseline; and whether the greedy answer to "What is the capital of
-France?" names Paris (a model without a chat template, as this Gemma 3 GGUF, completes "The
-capital of France is").
+France?" names Paris (a model without a chat template, as this Gemma 3 GGUF, is asked after one
+example question and answer; its answer is the first line it writes).
 
     python examples/demo.py [--model smollm2|gemma3] [--checkpoint DIR] [--start 14 --end 28]
                             [--mode lp|block] [--inner aot_eager|inductor] [--no-fuse] [--rounds 7]
@@ -51,7 +51,8 @@ from lp_fx.tools.speed.timing import (
 )
 
 PROMPT = "What is the capital of France?"
-COMPLETION = "The capital of France is"  # the question, for a model without a chat template
+# The question for a model without a chat template (a base model): one example, then the question
+COMPLETION = "Q: What is the capital of Italy?\nA: Rome\nQ: What is the capital of France?\nA:"
 EXAMPLES = Path(__file__).resolve().parent
 
 
@@ -125,7 +126,8 @@ def greedy_answer(model, tokenizer, new_tokens: int) -> str:
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, cache_implementation="static",
                              disable_compile=True, prefill_chunk_size=1)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    return answer if tokenizer.chat_template is not None else answer.split("\n")[0]  # then it asks on
 
 
 def compiled_row(loaded, row: Row, args: argparse.Namespace, windows: torch.Tensor) -> torch.nn.Module:
@@ -187,7 +189,7 @@ def demo(args: argparse.Namespace, data_dir: Path) -> None:
     for row in rows[1:]:
         logging.info("%s: decode tok/s per round %s, against the baseline's %s", row.name,
                      [round(v, 1) for v in row.tokens_per_s], [round(v, 1) for v in rows[0].tokens_per_s])
-    question = PROMPT if loaded.tokenizer.chat_template is not None else COMPLETION
+    question = PROMPT if loaded.tokenizer.chat_template is not None else f"{PROMPT} (after one example: Italy, Rome)"
     print(report(rows, args, windows.shape[0], delta, title, question))
 
 
