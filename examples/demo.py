@@ -130,14 +130,21 @@ def greedy_answer(model, tokenizer, new_tokens: int) -> str:
     return answer if tokenizer.chat_template is not None else answer.split("\n")[0]  # then it asks on
 
 
-def compiled_row(loaded, row: Row, args: argparse.Namespace, windows: torch.Tensor) -> torch.nn.Module:
-    """A copy of the model (with the row's checkpoint loaded) compiled for ``row``; its perplexity and
-    answer measured (which compiles its graphs)."""
-    started = time.perf_counter()
+def row_model(loaded, row: Row) -> torch.nn.Module:
+    """A copy of the model for ``row``, its checkpoint loaded (refused in one line if it is another
+    model's) and its pairing's options added to ``row.options``."""
     model = copy.deepcopy(loaded.model)
-    options = dict(row.options)
     if row.checkpoint is not None:
-        options.update(lp_fx.load_finetuned(model, row.checkpoint))  # merges the LoRA adapter into the weights
+        row.options.update(lp_fx.load_finetuned(model, row.checkpoint))  # merges the LoRA adapter into the weights
+    return model
+
+
+def compiled_row(loaded, model: torch.nn.Module, row: Row, args: argparse.Namespace,
+                 windows: torch.Tensor) -> torch.nn.Module:
+    """``model`` (:func:`row_model`) compiled for ``row``; its perplexity and answer measured (which
+    compiles its graphs)."""
+    started = time.perf_counter()
+    options = row.options
     fuse = args.fuse and options.get("pairs") != []
     scoring = LayerParallel(options, inner="eager", fuse=fuse)  # perplexity
     decode = LayerParallel(options, inner=args.inner, fuse=fuse)  # the decode steps: the answer's, and the ones timed
@@ -183,7 +190,8 @@ def demo(args: argparse.Namespace, data_dir: Path) -> None:
         Row(f"recommended: planned + LoRA ({Path(args.checkpoint).name})", {}, checkpoint=args.checkpoint),
     ]
     room_for_variants()  # decode-only copies: automatic dynamic shapes stay on (decode_steps_through)
-    compiled = {row.name: compiled_row(loaded, row, args, windows) for row in rows}
+    models = {row.name: row_model(loaded, row) for row in rows}  # every checkpoint checked before any compile
+    compiled = {row.name: compiled_row(loaded, models[row.name], row, args, windows) for row in rows}
     prompt = prompt_ids(loaded.tokenizer)  # decode graphs compiled by the answers above; its prefill uncompiled
     time_interleaved(compiled, rows, prompt, args.new_tokens, args.rounds)
     for row in rows[1:]:

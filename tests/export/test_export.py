@@ -581,3 +581,9 @@ def test_pass_greedy_takes_the_argmax_even_when_it_is_the_end_of_sequence_token(
         expected.append(int(logits(model, torch.cat([tokens, torch.tensor([expected], dtype=torch.long)], 1))[0, -1].argmax()))
     model.generation_config.eos_token_id = expected[1]
     assert pass_greedy(model, BASELINE, tokens, 6) == expected
+
+
+def test_gemma3_without_a_rope_base_for_its_sliding_layers_is_refused(tmp_path, bpe_dir):
+    model = bpe_model("gemma3")
+    model.config.rope_parameters = {"full_attention": {"rope_type": "default", "rope_theta": 1e6}}
+    refused(tmp_path, model, [(1, 2)], ["prune"], r"gives its sliding layers no RoPE base", tokenizer=bpe_dir)

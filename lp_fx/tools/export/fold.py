@@ -100,7 +100,12 @@ class Folded:
 
     @property
     def head_dim(self) -> int:
-        return int(getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads)
+        return config_head_dim(self.config)
+
+
+def config_head_dim(config: Any) -> int:
+    """The attention head size a config gives (``head_dim``, else hidden size / heads)."""
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
 
 # ------------------------------------------------------------------------------------- checks

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from lp_fx.files import atomic_write
-from lp_fx.tools.export.fold import ExportError, Folded, Source
+from lp_fx.tools.export.fold import ExportError, Folded, Source, config_head_dim
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +93,13 @@ def check_gguf(config: Any, source: Source, wide: bool = False) -> None:
             f"this {kind} model uses sliding-window attention, which llama.cpp's {arch.name} architecture "
             "does not compute: the GGUF would differ from the model on long inputs"
         )
-    for rope in _ropes(config).values():
+    ropes = _ropes(config)
+    for rope in ropes.values():
         if rope.get("rope_type", "default") != "default":
             raise ExportError(f"rope scaling {rope.get('rope_type')!r} is not written by this exporter (default RoPE only)")
+    if arch.sliding and _sliding(config) and "rope_theta" not in ropes.get("sliding_attention", {}):
+        raise ExportError(f"this {kind} model's config gives its sliding layers no RoPE base "
+                          "(rope_parameters['sliding_attention']['rope_theta']): the GGUF would rotate them wrongly")
     problem = _attention_problem(config)
     if problem:
         raise ExportError(f"this {kind} model {problem}, which llama.cpp's {arch.name} architecture does not compute")
@@ -112,7 +116,7 @@ def _attention_problem(config: Any) -> str | None:
     """What of the model's attention or head a GGUF here cannot say: llama.cpp scales scores by
     1/sqrt(head size) and caps no logits."""
     scalar = getattr(config, "query_pre_attn_scalar", None)
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    head_dim = config_head_dim(config)
     if scalar is not None and scalar != head_dim:
         return f"scales attention scores by 1/sqrt({scalar}), not 1/sqrt(head size {head_dim})"
     for name in ("attn_logit_softcapping", "final_logit_softcapping"):
