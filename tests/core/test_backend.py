@@ -133,7 +133,8 @@ def test_a_range_overlapping_the_shuffle_is_refused():
 
 
 def test_torch_compile_mode_pairs_nothing_and_says_so(lp_warnings):
-    model = tiny_hand_written("nanogpt")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2)).eval()  # mode= leaves the inner compiler Inductor: the smallest graph
     ids = random_ids(9)
     compiled = torch.compile(model, backend="layer_parallel", mode="block")
     with torch.no_grad():
@@ -158,10 +159,10 @@ class BreakInMLP(nn.Module):
 
 
 def test_a_graph_break_inside_a_layer_names_itself_as_the_reason_nothing_is_paired(lp_warnings):
-    model = hf_model("llama", layers=6)
-    layer_list(model)[3].mlp = BreakInMLP(layer_list(model)[3].mlp)
+    model = hf_model("llama", layers=4)
+    layer_list(model)[1].mlp = BreakInMLP(layer_list(model)[1].mlp)
     ids = random_ids(10)
-    lp = LayerParallel(pairs=[(0, 1), (2, 3), (4, 5)], inner="eager")
+    lp = LayerParallel(pairs=[(0, 1), (2, 3)], inner="eager")
     with torch.no_grad():
         got = logits(torch.compile(model, backend=lp), ids)
         plain = logits(model, ids)

@@ -20,7 +20,8 @@ def loss_and_grads(model, ids, run=None):
 
 @pytest.mark.parametrize(
     ("arch", "mode", "inner"),
-    [("llama", "lp", "aot_eager"), ("nanogpt", "block", "aot_eager"), ("llama", "lp", "inductor")],
+    # Inductor on the hand-written model: its smaller graph halves the cold compile (50 s for the Llama)
+    [("llama", "lp", "aot_eager"), ("nanogpt", "block", "aot_eager"), ("nanogpt", "lp", "inductor")],
 )
 def test_gradients_match_eager_reference(arch, mode, inner):
     model = hf_model(arch) if arch == "llama" else tiny_hand_written(arch)

@@ -1,14 +1,13 @@
 """The gated graph (GatedLayerParallel): one compile in which every pair (i, i+1) is switched off,
-lp or block at run time. Off equals the uncompiled model; on equals the plain compiled pairing."""
-
-import json
+lp or block at run time. Off equals the uncompiled model; on equals the eager reference of the pairing."""
 
 import pytest
 import torch
 
-from lp_fx import GatedLayerParallel, LayerParallel, LayerParallelError
+from lp_fx import GatedLayerParallel, LayerParallelError
 
 from tests.helpers.models import VOCAB, hf_model, tiny_hand_written
+from tests.helpers.reference import eager_pairing
 
 ARCHS = ["llama", "nanogpt"]
 
@@ -38,17 +37,10 @@ def gated_logits(model, settings, inner="aot_eager", modes=("lp", "block")):
     return out, backend
 
 
-def plain_logits(model, pairs, modes, tmp_path, inner="eager"):
-    """The pairing compiled plainly, per-pair modes through a plan file as a user gives them (``eager``
-    behind it: the rewrite is what is compared, and tests/core/test_rewrite.py checks it through AOTAutograd)."""
-    torch._dynamo.reset()
-    plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"num_layers": 4, "pairs": [list(p) for p in pairs], "modes": list(modes)}))
-    backend = LayerParallel(plan=str(plan), inner=inner, strict=True)
-    with torch.no_grad():
-        out = logits(torch.compile(model, backend=backend), ids())
-    assert [p for p, _ in backend.reports[0].pairs_rewritten] == list(pairs)
-    return out
+def reference_logits(model, pairs, modes):
+    """The pairing run eagerly (:func:`eager_pairing`, no FX): what each gate setting must equal."""
+    with torch.no_grad(), eager_pairing(model, pairs, modes):
+        return logits(model, ids())
 
 
 @pytest.mark.parametrize("inner", ["eager", "aot_eager"])
@@ -66,25 +58,25 @@ def test_all_gates_off_equal_the_uncompiled_model(arch, inner):
 
 @pytest.mark.parametrize("mode", ["lp", "block"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_each_single_gate_equals_the_plain_compiled_pairing(arch, mode, tmp_path):
+def test_each_single_gate_equals_the_eager_reference_of_its_pairing(arch, mode):
     model = make(arch)
     pairs = [(0, 1), (1, 2), (2, 3)]
     with torch.no_grad():
         unpaired = logits(model, ids())
     got, _ = gated_logits(model, [([pair], [mode]) for pair in pairs])
     for pair, gated in zip(pairs, got):
-        expected = plain_logits(model, [pair], [mode], tmp_path)
+        expected = reference_logits(model, [pair], [mode])
         assert (gated - expected).abs().max().item() <= 1e-5, pair
         assert (expected - unpaired).abs().max().item() > 1e-3, pair  # the pairing changed the model
 
 
 @pytest.mark.parametrize("modes", [("lp", "lp"), ("lp", "block"), ("block", "lp"), ("block", "block")], ids=str)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_disjoint_gates_together_equal_the_plain_pairing_of_the_set(arch, modes, tmp_path):
+def test_disjoint_gates_together_equal_the_eager_reference_of_the_set(arch, modes):
     model = make(arch)
     pairs = [(0, 1), (2, 3)]  # adjacent: the second pair reads the first pair's output
     (got,), _ = gated_logits(model, [(pairs, modes)])
-    expected = plain_logits(model, pairs, modes, tmp_path)
+    expected = reference_logits(model, pairs, modes)
     assert (got - expected).abs().max().item() <= 1e-5
 
 
@@ -104,10 +96,10 @@ def test_changing_gates_compiles_nothing():
         assert (a - b).abs().max().item() > 1e-3  # each setting computed another pairing
 
 
-def test_block_gates_on_a_post_norm_model_and_lp_refused(tmp_path):
+def test_block_gates_on_a_post_norm_model_and_lp_refused():
     model = tiny_hand_written("postnorm")
     (got,), _ = gated_logits(model, [([(1, 2)], ["block"])], modes=("block",))
-    assert (got - plain_logits(model, [(1, 2)], ["block"], tmp_path)).abs().max().item() <= 1e-5
+    assert (got - reference_logits(model, [(1, 2)], ["block"])).abs().max().item() <= 1e-5
     torch._dynamo.reset()
     with pytest.raises(Exception, match="cannot be gated in mode 'lp'.*post-norm"):
         gated_logits(model, [((), ())], modes=("lp",))

@@ -11,7 +11,7 @@ import torch
 
 from lp_fx.tools import cli, models
 from lp_fx.tools.evaluation import scoring as evaluate
-from lp_fx.tools.evaluation.compiled import compile_pairing
+from lp_fx.tools.evaluation.compiled import eager_logits
 from lp_fx.tools.frontier import run as frontier
 from lp_fx.tools.frontier import report as frontier_report
 from lp_fx.tools.cli import frontier as frontier_command
@@ -26,6 +26,7 @@ from lp_fx.tools.planning.options import SearchOptions
 from tests.helpers.words import WORDS
 from tests.helpers.models import hf_model
 from tests.helpers.bpe import PAIRS, bpe_model
+from tests.helpers.reference import eager_pairing
 
 
 @pytest.fixture(scope="module")
@@ -86,32 +87,37 @@ def test_frontier_measures_every_variant_and_writes_table_and_plot(
     assert contiguous["tasks"]["winogrande"]["n"] == 3 and "acc_stderr" in contiguous["tasks"]["winogrande"]
     assert finetuned["finetune"]["args"]["steps"] == 1 and finetuned["speed"]["measured_for"] == "planned"
     assert finetuned["finetune"]["args"]["train"] == "all" and result["options"]["finetune_train"] == "all"
+    assert finetuned["finetune"]["args"]["inner"] == "eager"  # trained through the run's --inner compiler
     assert finetuned["pairing"]["pairs"] == planned["pairing"]["pairs"]
     assert finetuned["ppl"]["wikitext"]["ppl"] != planned["ppl"]["wikitext"]["ppl"]  # it trained
     calib = result["plans"]["4"]["calibration"]
     assert calib["plan_ppl_plain"] == pytest.approx(calib["plan_ppl"], rel=1e-3)  # gated graph = plain compile
-    _check_against_plain_compiles(six_layers, frontier_data, result, [base, contiguous, planned])
+    _check_against_eager_references(six_layers, frontier_data, result, [base, contiguous, planned])
     assert base["ppl"]["wikitext"]["windows"] == 2 and base["ppl"]["lambada_text"]["windows"] == 2
     table = out.with_suffix(".md").read_text()
     assert table.count("\n") == 2 + 4 and "| 4 | 4 | 1.500× | planned |" in table and "±" in table
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _check_against_plain_compiles(model_dir: Path, data: Path, result: dict, points: list[dict]) -> None:
-    """The perplexities of points scored on the gated graph equal each pairing's own plain compile."""
+def _check_against_eager_references(model_dir: Path, data: Path, result: dict, points: list[dict]) -> None:
+    """The perplexities of points scored on the gated graph equal each pairing's eager reference."""
     loaded = models.load_model(str(model_dir), progress=False)
     runner = frontier.Frontier(loaded.model, loaded.tokenizer, loaded.name, data, FrontierOptions.from_json(result["options"]),
                                Path("unused.json"), result, progress=False)
     for point in points:
-        pairing = Pairing("plain", tuple(map(tuple, point["pairing"]["pairs"])),
-                                   tuple(point["pairing"].get("modes", ())))
-        plain = compile_pairing(loaded.model, pairing)
+        pairing = Pairing("eager", tuple(map(tuple, point["pairing"]["pairs"])), tuple(point["pairing"].get("modes", ())))
         for text, windows in runner.windows.items():
-            expected = evaluate.perplexity(plain, windows, progress=False).ppl
-            assert point["ppl"][text]["ppl"] == pytest.approx(expected, rel=1e-5), (point["variant"], text)
+            assert point["ppl"][text]["ppl"] == pytest.approx(_eager_ppl(loaded.model, pairing, windows), rel=1e-5), \
+                (point["variant"], text)
         check = point["ppl_check"]
         assert check["windows"] == "calib" and check["gated_ppl"] == pytest.approx(check["plain_ppl"], rel=1e-5)
         assert point["seconds"] >= check["seconds"] > 0  # a point's time counts its scoring on the gated graph
+
+
+def _eager_ppl(model: torch.nn.Module, pairing: Pairing, windows: torch.Tensor) -> float:
+    """The perplexity of ``pairing`` run eagerly (:func:`eager_pairing`, no compile)."""
+    with eager_pairing(model, pairing.pairs, pairing.modes_or("lp")):
+        return evaluate.perplexity(eager_logits(model), windows, progress=False).ppl
 
 
 def test_json_after_every_point_resume_measures_the_rest_and_one_gated_graph_plans_every_budget(
@@ -181,11 +187,11 @@ def test_pairings_the_gated_graph_does_not_gate_are_scored_by_their_plain_compil
                           "--finetune-steps", "0", "--speed-rounds", "0")) == 0
     base, contiguous, planned = json.loads(out.read_text())["points"]
     assert "ppl_check" in base and "ppl_check" in planned and "ppl_check" not in contiguous
-    _check_against_plain_compiles(six_layers, frontier_data, json.loads(out.read_text()), [base, planned])
+    _check_against_eager_references(six_layers, frontier_data, json.loads(out.read_text()), [base, planned])
     loaded = models.load_model(str(six_layers), progress=False)
-    plain = compile_pairing(loaded.model, Pairing.contiguous(0, 0 + 2, "lp"))
     windows = evaluate.wikitext_windows(loaded.tokenizer, frontier_data, 16, "heldout", 2, "wikitext")
-    assert contiguous["ppl"]["wikitext"]["ppl"] == pytest.approx(evaluate.perplexity(plain, windows, progress=False).ppl)
+    assert contiguous["ppl"]["wikitext"]["ppl"] == pytest.approx(
+        _eager_ppl(loaded.model, Pairing.contiguous(0, 0 + 2, "lp"), windows), rel=1e-5)
 
 
 def test_a_gated_graph_that_disagrees_with_the_plain_compile_stops_the_run() -> None:

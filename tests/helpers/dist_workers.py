@@ -22,6 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lp_fx.backend import LayerParallel
 from lp_fx.config import LayerParallelError
+from lp_fx.tools.evaluation.reference import eager_pairing
 from lp_fx.weights import resident_bytes
 
 
@@ -98,14 +99,23 @@ def logits_case(mesh, make_model: Callable[[], nn.Module], pairs, mode: str, tp:
 
 @functools.cache
 def single_device_logits(make_model: Callable[[], nn.Module], pairs: tuple, mode: str) -> torch.Tensor:
-    """The single-device reference, computed once per process for cases that share it."""
-    return compiled_logits(make_model(), LayerParallel(pairs=list(pairs), mode=mode, inner="eager"))
+    """The single-device reference, computed once per process for cases that share it: the Llama's
+    pairing run eagerly (:func:`eager_pairing`, no compile); the hand-written model's, whose layer
+    the eager reference has no sub-blocks for, through the single-device backend."""
+    model = make_model()
+    if isinstance(model, TinyGPT):
+        return compiled_logits(model, LayerParallel(pairs=list(pairs), mode=mode, inner="eager"))
+    with torch.no_grad(), eager_pairing(model, pairs, mode):
+        return model(PROMPT, use_cache=False).logits
 
 
 @functools.cache
 def single_device_tokens(make_model: Callable[[], nn.Module] = tiny_llama) -> list[int]:
-    """Greedy tokens of the single-device pairing of ``LLAMA_PAIR`` (static cache), computed once per process."""
-    return greedy_tokens(LayerParallel(pairs=[LLAMA_PAIR], inner="eager"), make_model)[0]
+    """Greedy tokens of ``LLAMA_PAIR`` run eagerly (static cache), computed once per process."""
+    model = make_model()
+    with torch.no_grad(), eager_pairing(model, [LLAMA_PAIR], "lp"):
+        out = model.generate(PROMPT, max_new_tokens=8, do_sample=False, cache_implementation="static")
+    return out[0].tolist()
 
 
 def placed_case(mesh, make_model: Callable[[], nn.Module], pairs, mode: str, tp: bool, inner: str = "eager") -> dict:

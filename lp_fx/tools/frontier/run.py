@@ -275,22 +275,22 @@ class Frontier:
             self._train_ids = self.tokenizer.encode(text, add_special_tokens=False)
         folder = self.out.with_name(f"{self.out.stem}_checkpoints") / f"delta_{delta}"
         return finetuned_weights(self.model, self._train_ids, pairing, self.options.finetune_steps, folder, point,
-                                 self.progress, self.options.finetune_train)
+                                 self.progress, self.options.finetune_train, self.options.inner)
 
 
 @contextlib.contextmanager
 def finetuned_weights(
     model: torch.nn.Module, train_ids: Sequence[int], pairing: Pairing, steps: int, folder: Path, point: dict,
-    progress: bool = True, train: str = "paired",
+    progress: bool = True, train: str = "paired", inner: str = finetune.FinetuneConfig.inner,
 ) -> Iterator[None]:
     """``model`` with ``pairing`` fine-tuned for ``steps`` (:func:`lp_fx.tools.training.finetune.finetune`,
     its defaults: distillation from the unpaired model; ``train``: only the paired layers, or all
-    parameters; checkpoint in ``folder``); the training record goes to ``point["finetune"]``. The
+    parameters; ``inner``: the compiler behind the backend; checkpoint in ``folder``); the training record goes to ``point["finetune"]``. The
     original weights and ``requires_grad`` are put back afterwards."""
     original = {name: p.detach().clone() for name, p in model.named_parameters()}
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     config = finetune.FinetuneConfig(pairs=pairing.pairs, modes=pairing.modes, train=train, steps=steps,
-                                     eval_every=steps, save_every=steps)
+                                     eval_every=steps, save_every=steps, inner=inner)
     try:
         record = finetune.finetune(model, train_ids, config, folder, progress=progress)
         point["finetune"] = {"checkpoint": str(folder), "args": record["args"], "wall_s": record["wall_s"],
