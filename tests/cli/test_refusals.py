@@ -342,9 +342,10 @@ def test_lp_fx_data_that_is_not_a_directory_is_named(
 # ------------------------------------------------------------------------------ third-party noise
 
 
-def _stderr_of(code: str) -> str:
+def _stderr_of(*argv: str) -> str:
+    """The standard error of ``python *argv``, which must succeed."""
     env = {k: v for k, v in os.environ.items() if k != "TORCH_LOGS"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
     return done.stderr
 
@@ -353,6 +354,7 @@ def test_loading_a_model_as_the_demo_does_prints_no_import_noise(model_dir: Path
     """The demo logs at INFO: torchao's "Failed to load …_C_mxfp8" lines and torch's pytree
     deprecation warnings (both logged when transformers imports torchao) must not show."""
     err = _stderr_of(
+        "-c",
         "import logging; logging.basicConfig(level=logging.INFO)\n"
         f"from lp_fx.tools.models import load_model; load_model({str(model_dir)!r})\n"
         "logging.getLogger('torchao').warning('a later torchao warning')\n"
@@ -365,5 +367,5 @@ def test_the_cli_run_as_a_module_prints_no_import_noise_even_verbose(model_dir: 
     """transformers imports torchao, which logs "Failed to load ….so" lines on a CPU build; ``-v``
     (INFO) shows everything the default (WARNING) shows and more."""
     args = ["eval", *_common(model_dir, data_dir), "--tasks", "wikitext", "-v", "--out", str(tmp_path / "e.json")]
-    err = _stderr_of(f"import runpy, sys; sys.argv = ['lp-fx', *{args!r}]; runpy.run_module('lp_fx.tools.cli', run_name='__main__')")
+    err = _stderr_of("-m", "lp_fx.tools.cli", *args)
     assert not [line for line in err.splitlines() if any(noise in line for noise in NOISE)], err

@@ -113,9 +113,8 @@ def single_device_logits(make_model: Callable[[], nn.Module], pairs: tuple, mode
 def single_device_tokens(make_model: Callable[[], nn.Module] = tiny_llama) -> list[int]:
     """Greedy tokens of ``LLAMA_PAIR`` run eagerly (static cache), computed once per process."""
     model = make_model()
-    with torch.no_grad(), eager_pairing(model, [LLAMA_PAIR], "lp"):
-        out = model.generate(PROMPT, max_new_tokens=8, do_sample=False, cache_implementation="static")
-    return out[0].tolist()
+    with eager_pairing(model, [LLAMA_PAIR], "lp"):
+        return greedy(model)
 
 
 def placed_case(mesh, make_model: Callable[[], nn.Module], pairs, mode: str, tp: bool, inner: str = "eager") -> dict:
@@ -143,9 +142,13 @@ def greedy_tokens(backend: LayerParallel, make_model: Callable[[], nn.Module] = 
     torch._dynamo.reset()
     model = make_model()
     model.forward = torch.compile(model.forward, backend=backend)
+    return greedy(model), model
+
+
+def greedy(model: nn.Module) -> list[int]:
+    """8 greedy tokens after ``PROMPT``, with a static cache."""
     with torch.no_grad():
-        out = model.generate(PROMPT, max_new_tokens=8, do_sample=False, cache_implementation="static")
-    return out[0].tolist(), model
+        return model.generate(PROMPT, max_new_tokens=8, do_sample=False, cache_implementation="static")[0].tolist()
 
 
 def generate_case(mesh) -> dict:

@@ -285,8 +285,8 @@ def finetuned_weights(
 ) -> Iterator[None]:
     """``model`` with ``pairing`` fine-tuned for ``steps`` (:func:`lp_fx.tools.training.finetune.finetune`,
     its defaults: distillation from the unpaired model; ``train``: only the paired layers, or all
-    parameters; ``inner``: the compiler behind the backend; checkpoint in ``folder``); the training record goes to ``point["finetune"]``. The
-    original weights and ``requires_grad`` are put back afterwards."""
+    parameters; ``inner``: the compiler behind the backend; checkpoint in ``folder``); the training
+    record goes to ``point["finetune"]``. The original weights and ``requires_grad`` are put back afterwards."""
     original = {name: p.detach().clone() for name, p in model.named_parameters()}
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     config = finetune.FinetuneConfig(pairs=pairing.pairs, modes=pairing.modes, train=train, steps=steps,
