@@ -84,18 +84,31 @@ def read_adapter_config(folder: Path, record: Mapping[str, Any]) -> dict[str, An
     return config
 
 
+def adapted_modules(model: nn.Module, names: list[str]) -> list[str]:
+    """The paths of the modules an adapter's ``names`` stand for, as peft matches them: a path is
+    itself; a shortened name (peft writes ``down_proj`` for a long list that covers every layer)
+    is every module whose path ends with it. A name that matches nothing is kept, to be refused."""
+    paths = [path for path, _ in model.named_modules()]
+    found = []
+    for name in names:
+        found += [path for path in paths if path == name or path.endswith(f".{name}")] or [name]
+    return sorted(set(found))
+
+
 def check_adapter_fits(model: nn.Module, tensors: Mapping[str, torch.Tensor], record: Mapping[str, Any], where: Path) -> None:
     """Every adapted module is a linear layer of ``model`` and the tensors are exactly its two
     factors, of rank ``record['rank']`` and the module's sizes."""
-    expected = {factor_name(module, factor) for module in record["modules"] for factor in FACTORS}
+    modules = adapted_modules(model, record["modules"])
+    expected = {factor_name(module, factor) for module in modules for factor in FACTORS}
     extra = sorted(set(tensors) - expected)
     missing = sorted(expected - set(tensors))
     if extra or missing:
-        problem = f"has tensor {extra[0]!r}, which" if extra else f"lacks tensor {missing[0]!r}, which"
-        raise AdapterError(f"{where} {problem} the adapter's module list implies: the adapter is damaged")
+        problem = (f"has tensor {extra[0]!r}, which no module in the adapter's list accounts for" if extra
+                   else f"lacks tensor {missing[0]!r}, which the adapter's module list implies")
+        raise AdapterError(f"{where} {problem}: the adapter is damaged")
     weights = model.state_dict()
     rank = record["rank"]
-    for module in record["modules"]:
+    for module in modules:
         weight = weights.get(f"{module}.weight")
         if weight is None or weight.dim() != 2:
             raise AdapterError(
@@ -115,7 +128,7 @@ def merge_adapter(model: nn.Module, tensors: Mapping[str, torch.Tensor], record:
     :func:`check_adapter_fits`); computed in float32, stored in the weight's dtype."""
     scale = record["alpha"] / record["rank"]
     weights = model.state_dict()
-    for module in record["modules"]:
+    for module in adapted_modules(model, record["modules"]):
         weight = weights[f"{module}.weight"]
         down, up = (tensors[factor_name(module, factor)].float() for factor in FACTORS)
         weight.copy_(weight.float() + scale * (up @ down).to(weight.device))

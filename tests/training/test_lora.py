@@ -111,6 +111,33 @@ def test_adapter_targets_can_be_narrowed(tmp_path):
     assert sorted(m.rpartition(".")[2] for m in modules) == ["q_proj", "q_proj", "v_proj", "v_proj"]
 
 
+def test_adapters_on_every_layer_load_back_as_peft_merges_them(tmp_path):
+    """peft shortens a list of 20 or more targets to their last names when those cover every layer
+    (``down_proj``, ...); the checkpoint still names each adapted module by its path, so it loads."""
+    from peft import PeftModel
+
+    model = hf_model("llama")
+    ft.finetune(model, tokens(64), config(steps=2, warmup=0, train="all"), tmp_path, progress=False)
+    modules = json.loads((tmp_path / PAIRING).read_text())["adapter"]["modules"]
+    every_linear = sorted(n for n, m in hf_model("llama").named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n)
+    assert modules == every_linear and len(modules) >= 20
+    ours = hf_model("llama")
+    load_finetuned(ours, tmp_path)
+    theirs = PeftModel.from_pretrained(hf_model("llama"), tmp_path).merge_and_unload().state_dict()
+    assert max((t - theirs[n]).abs().max().item() for n, t in ours.state_dict().items()) < 1e-6
+    assert not torch.equal(ours.state_dict()["model.layers.0.mlp.down_proj.weight"],
+                           hf_model("llama").state_dict()["model.layers.0.mlp.down_proj.weight"])
+    # as written before the fix (and as peft writes it): the last names only; loading resolves them as peft does
+    short = sorted({m.rpartition(".")[2] for m in modules})
+    for name, path in ((ADAPTER_CONFIG, ("target_modules",)), (PAIRING, ("adapter", "modules"))):
+        record = json.loads((tmp_path / name).read_text())
+        (record[path[0]] if len(path) == 2 else record)[path[-1]] = short
+        (tmp_path / name).write_text(json.dumps(record))
+    again = hf_model("llama")
+    load_finetuned(again, tmp_path)
+    assert all(torch.equal(t, again.state_dict()[n]) for n, t in ours.state_dict().items())
+
+
 # ------------------------------------------------------------------------------------ bad input
 
 

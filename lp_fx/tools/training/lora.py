@@ -60,7 +60,9 @@ def add_adapters(model: nn.Module, targets: Sequence[str], rank: int, alpha: flo
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none",
                         task_type="CAUSAL_LM")
     inject_adapter_in_model(config, model)
-    return json.loads(json.dumps(config.to_dict(), default=_jsonable))
+    # peft shortens 20 or more targets to their last names where those match the same modules (every
+    # layer adapted: ``down_proj``, ...); the record keeps each path, which loading checks tensor by tensor
+    return {**json.loads(json.dumps(config.to_dict(), default=_jsonable)), "target_modules": sorted(targets)}
 
 
 def _jsonable(value: Any) -> Any:
