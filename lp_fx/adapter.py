@@ -98,8 +98,7 @@ def adapted_modules(model: nn.Module, names: list[str]) -> list[str]:
 def check_adapter_fits(model: nn.Module, tensors: Mapping[str, torch.Tensor], record: Mapping[str, Any], where: Path) -> None:
     """Every adapted module is a linear layer of ``model`` and the tensors are exactly its two
     factors, of rank ``record['rank']`` and the module's sizes."""
-    modules = adapted_modules(model, record["modules"])
-    expected = {factor_name(module, factor) for module in modules for factor in FACTORS}
+    expected = {factor_name(module, factor) for module in record["modules"] for factor in FACTORS}
     extra = sorted(set(tensors) - expected)
     missing = sorted(expected - set(tensors))
     if extra or missing:
@@ -108,7 +107,7 @@ def check_adapter_fits(model: nn.Module, tensors: Mapping[str, torch.Tensor], re
         raise AdapterError(f"{where} {problem}: the adapter is damaged")
     weights = model.state_dict()
     rank = record["rank"]
-    for module in modules:
+    for module in record["modules"]:
         weight = weights.get(f"{module}.weight")
         if weight is None or weight.dim() != 2:
             raise AdapterError(
@@ -128,7 +127,7 @@ def merge_adapter(model: nn.Module, tensors: Mapping[str, torch.Tensor], record:
     :func:`check_adapter_fits`); computed in float32, stored in the weight's dtype."""
     scale = record["alpha"] / record["rank"]
     weights = model.state_dict()
-    for module in adapted_modules(model, record["modules"]):
+    for module in record["modules"]:
         weight = weights[f"{module}.weight"]
         down, up = (tensors[factor_name(module, factor)].float() for factor in FACTORS)
         weight.copy_(weight.float() + scale * (up @ down).to(weight.device))

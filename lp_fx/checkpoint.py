@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lp_fx.adapter import check_adapter_fits, checked_record, merge_adapter, read_adapter_config
+from lp_fx.adapter import adapted_modules, check_adapter_fits, checked_record, merge_adapter, read_adapter_config
 from lp_fx.config import PAIRING_MODES, LayerParallelError, config_from_options
 from lp_fx.find_layers import layer_lists
 from lp_fx.checkpoint_files import (
@@ -270,6 +270,7 @@ def load_finetuned(model: nn.Module, directory: str | Path) -> dict[str, Any]:
         read_adapter_config(folder, adapter)
     tensors = read_tensors(folder, pairing)
     if adapter is not None:
+        adapter = {**adapter, "modules": adapted_modules(model, adapter["modules"])}  # peft's short names as paths
         check_adapter_fits(model, tensors, adapter, folder)
         merge_adapter(model, tensors, adapter)
         return finetuned_options(pairing)

@@ -129,10 +129,10 @@ def test_adapters_on_every_layer_load_back_as_peft_merges_them(tmp_path):
                            hf_model("llama").state_dict()["model.layers.0.mlp.down_proj.weight"])
     # as written before the fix (and as peft writes it): the last names only; loading resolves them as peft does
     short = sorted({m.rpartition(".")[2] for m in modules})
-    for name, path in ((ADAPTER_CONFIG, ("target_modules",)), (PAIRING, ("adapter", "modules"))):
-        record = json.loads((tmp_path / name).read_text())
-        (record[path[0]] if len(path) == 2 else record)[path[-1]] = short
-        (tmp_path / name).write_text(json.dumps(record))
+    peft_config = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps({**peft_config, "target_modules": short}))
+    pairing = json.loads((tmp_path / PAIRING).read_text())
+    (tmp_path / PAIRING).write_text(json.dumps({**pairing, "adapter": {**pairing["adapter"], "modules": short}}))
     again = hf_model("llama")
     load_finetuned(again, tmp_path)
     assert all(torch.equal(t, again.state_dict()[n]) for n, t in ours.state_dict().items())
